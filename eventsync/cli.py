@@ -1,0 +1,318 @@
+"""The `eventsync` command: builds every object from settings and runs one command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from eventsync import __version__
+from eventsync.bookstack.client import BookStackClient
+from eventsync.config import Settings, load_settings
+from eventsync.errors import (
+    AuthError,
+    BookStackError,
+    ConfigError,
+    EventsyncError,
+    ForbiddenError,
+    NotFound,
+    Unavailable,
+)
+from eventsync.logging import configure_logging
+from eventsync.reconcile import Reconciler, SyncSummary
+from eventsync.store.sqlite import KINDS, Store, StoreError
+
+EXIT_OK = 0
+EXIT_INCONSISTENT = 1
+EXIT_USAGE = 2
+
+Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+def make_client(settings: Settings, **overrides: Any) -> BookStackClient:
+    settings.require("bookstack_url", "bookstack_token_id", "bookstack_token_secret")
+    assert settings.bookstack_token_secret is not None
+    options: dict[str, Any] = {
+        "requests_per_minute": settings.requests_per_minute,
+        "timeout": settings.http_timeout,
+    }
+    options.update(overrides)
+    return BookStackClient(
+        settings.base_url,
+        settings.bookstack_token_id or "",
+        settings.bookstack_token_secret.get_secret_value(),
+        **options,
+    )
+
+
+def _secrets(settings: Settings) -> list[str]:
+    out = []
+    for value in (settings.bookstack_token_secret, settings.webhook_secret):
+        if value is not None:
+            out.append(value.get_secret_value())
+    return out
+
+
+# ---- reconcile -------------------------------------------------------------------------------
+
+
+class _ProgressBar:
+    """A tqdm bar on a terminal; nothing otherwise (the log has the figures)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def plan(self, total: int) -> None:
+        if self.enabled and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="req", desc="syncing", file=sys.stderr)
+
+    def step(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_summary(summary: SyncSummary) -> str:
+    lines = [f"{'':12}{'created':>9}{'updated':>9}{'deleted':>9}{'unchanged':>11}"]
+    for kind, t in summary.kinds.items():
+        lines.append(f"{kind:12}{t.created:>9}{t.updated:>9}{t.deleted:>9}{t.unchanged:>11}")
+    p = summary.permissions
+    lines.append(f"{'permissions':12}{'':>9}{p.updated:>9}{'':>9}{p.unchanged:>11}")
+    lines.append(f"memberships changed: {summary.memberships_changed}")
+    lines.append(f"API requests: {summary.requests}   time: {summary.seconds:.1f} s")
+    if summary.complete:
+        lines.append("mirror is consistent with BookStack")
+    else:
+        lines.append(f"mirror is NOT consistent: {len(summary.problems)} problem(s):")
+        lines.extend(f"  - {p}" for p in summary.problems[:20])
+        if len(summary.problems) > 20:
+            lines.append(f"  … and {len(summary.problems) - 20} more (see the log)")
+    return "\n".join(lines)
+
+
+async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    bar = _ProgressBar(sys.stderr.isatty() and not args.json)
+    async with make_client(settings) as client, await Store.open(settings.database) as store:
+        reconciler = Reconciler(
+            client,
+            store,
+            concurrency=settings.fetch_concurrency,
+            on_plan=bar.plan,
+            on_progress=bar.step,
+        )
+        try:
+            summary = await reconciler.full_sync()
+        finally:
+            bar.close()
+    if args.json:
+        print(json.dumps(summary.as_dict(), indent=2))
+    else:
+        print(format_summary(summary))
+    return EXIT_OK if summary.complete else EXIT_INCONSISTENT
+
+
+# ---- export / status ---------------------------------------------------------------------------
+
+
+async def _open_existing(settings: Settings) -> Store:
+    if not settings.database.exists():
+        raise ConfigError(
+            f"database {settings.database} does not exist yet: run `eventsync reconcile` first "
+            "(or set EVENTSYNC_DATABASE)"
+        )
+    return await Store.open(settings.database)
+
+
+async def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    async with await _open_existing(settings) as store:
+        doc = await store.export()
+    json.dump(doc, sys.stdout, ensure_ascii=False, indent=args.indent)
+    sys.stdout.write("\n")
+    return EXIT_OK
+
+
+async def status_data(store: Store) -> dict[str, Any]:
+    states = await store.states()
+    return {
+        "database": str(store.path),
+        "audit_cursor": int(states["audit_cursor"]) if "audit_cursor" in states else None,
+        "audit_access": states.get("audit_access") == "1" if "audit_access" in states else None,
+        "last_full_sync_at": states.get("last_full_sync_at"),
+        "last_full_sync_requests": _int(states.get("last_full_sync_requests")),
+        "last_full_sync_seconds": _float(states.get("last_full_sync_seconds")),
+        "last_change_seq": await store.last_seq(),
+        "counts": await store.counts(),
+    }
+
+
+def _int(v: str | None) -> int | None:
+    return None if v is None else int(v)
+
+
+def _float(v: str | None) -> float | None:
+    return None if v is None else float(v)
+
+
+async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    async with await _open_existing(settings) as store:
+        data = await status_data(store)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    print(f"database:        {data['database']}")
+    print(f"audit cursor:    {data['audit_cursor']}")
+    access = {True: "yes", False: "NO (token lacks audit-log access)", None: "unknown"}
+    print(f"audit access:    {access[data['audit_access']]}")
+    print(f"last full sync:  {data['last_full_sync_at'] or 'never'}")
+    if data["last_full_sync_requests"] is not None:
+        print(
+            f"                 {data['last_full_sync_requests']} requests, "
+            f"{data['last_full_sync_seconds']} s"
+        )
+    print(f"change feed seq: {data['last_change_seq']}")
+    counts = data["counts"]
+    print("mirror:          " + ", ".join(f"{counts[k]} {k}s" for k in (*KINDS, "permissions")))
+    return EXIT_OK
+
+
+# ---- check ---------------------------------------------------------------------------------------
+
+
+async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
+    """Each prerequisite of a working sync, with what to fix when it fails."""
+    failures = 0
+
+    def report(ok: bool, what: str, detail: str = "") -> None:
+        nonlocal failures
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'}  {what}{': ' + detail if detail else ''}")
+
+    async with make_client(settings, max_attempts=2, backoff_cap=1.0, timeout=10.0) as client:
+        try:
+            await client.get("/api/books", {"count": 1})
+        except Unavailable as exc:
+            report(
+                False,
+                f"reach BookStack at {settings.base_url}",
+                f"{exc} — check EVENTSYNC_BOOKSTACK_URL and that BookStack is up",
+            )
+            return EXIT_INCONSISTENT
+        except AuthError as exc:
+            report(True, f"reach BookStack at {settings.base_url}")
+            report(
+                False,
+                "API token accepted",
+                f"{exc} — check EVENTSYNC_BOOKSTACK_TOKEN_ID and _TOKEN_SECRET",
+            )
+            return EXIT_INCONSISTENT
+        except ForbiddenError as exc:
+            report(True, f"reach BookStack at {settings.base_url}")
+            report(
+                False,
+                "API access",
+                f"{exc} — give the token's user a role with 'Access system API', "
+                "or renew an expired token",
+            )
+            return EXIT_INCONSISTENT
+        except NotFound:
+            report(
+                False,
+                f"reach BookStack at {settings.base_url}",
+                "no BookStack API there (404) — EVENTSYNC_BOOKSTACK_URL should be the "
+                "wiki's base URL, without /api",
+            )
+            return EXIT_INCONSISTENT
+        except BookStackError as exc:
+            report(False, f"reach BookStack at {settings.base_url}", str(exc))
+            return EXIT_INCONSISTENT
+        report(True, f"reach BookStack at {settings.base_url}")
+        report(True, "API token accepted, API access allowed")
+        probes = [
+            (
+                "/api/audit-log",
+                "audit-log access",
+                "the token's role needs 'Manage app settings' and 'Manage users'; without it "
+                "eventsync relies on webhooks and periodic diff syncs only",
+            ),
+            ("/api/users", "user listing", "the token's role needs 'Manage users'"),
+            ("/api/roles", "role listing", "the token's role needs 'Manage roles & permissions'"),
+            ("/api/pages", "page listing", ""),
+        ]
+        for path, what, fix in probes:
+            try:
+                await client.get(path, {"count": 1})
+                report(True, what)
+            except ForbiddenError as exc:
+                report(False, what, f"{exc} — {fix}" if fix else str(exc))
+            except BookStackError as exc:
+                report(False, what, str(exc))
+    return EXIT_OK if failures == 0 else EXIT_INCONSISTENT
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eventsync",
+        description="Keep a local mirror of a BookStack wiki in sync.",
+    )
+    parser.add_argument("--version", action="version", version=f"eventsync {__version__}")
+    parser.add_argument("--config", type=Path, help="TOML settings file (keys as in DESIGN.md)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("reconcile", help="diff-sync the mirror with BookStack, print a summary")
+    p.add_argument("--full", action="store_true", help="diff-sync everything")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser("export", help="the whole mirror as one canonical JSON document")
+    p.add_argument("--indent", type=int, default=None, help="pretty-print with this indent")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("status", help="cursor, last sync, counts")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("check", help="verify URL, token, API and audit-log access")
+    p.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"eventsync: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(settings.log_format, settings.log_level, secrets=_secrets(settings))
+    func: Command = args.func
+    try:
+        return asyncio.run(func(settings, args))
+    except (ConfigError, StoreError) as exc:
+        print(f"eventsync: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except AuthError as exc:
+        print(
+            f"eventsync: BookStack rejected the API token: {exc} "
+            "(check EVENTSYNC_BOOKSTACK_TOKEN_ID / EVENTSYNC_BOOKSTACK_TOKEN_SECRET)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    except EventsyncError as exc:
+        print(f"eventsync: {exc}", file=sys.stderr)
+        return EXIT_INCONSISTENT
+    except KeyboardInterrupt:
+        return 130

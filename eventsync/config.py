@@ -1,0 +1,115 @@
+"""Typed settings, read once at the edge (CLI) from env, `.env` and an optional TOML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from eventsync.errors import ConfigError
+
+ENV_PREFIX = "EVENTSYNC_"
+
+
+class Settings(BaseSettings):
+    """Every eventsync setting. Immutable once built."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    bookstack_url: AnyHttpUrl | None = None
+    bookstack_token_id: str | None = None
+    bookstack_token_secret: SecretStr | None = None
+    webhook_secret: SecretStr | None = None
+    database: Path = Path("./eventsync.db")
+    listen: str = "127.0.0.1:8780"
+    requests_per_minute: float = Field(150.0, gt=0, le=100_000)
+    poll_interval: float = Field(30.0, gt=0)
+    reconcile_interval: float = Field(3600.0, gt=0)
+    sweep_share: float = Field(0.1, ge=0, le=1)
+    log_format: Literal["auto", "console", "json"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Parallel detail fetches: the rate limiter sets the pace, this only hides latency.
+    fetch_concurrency: int = Field(8, ge=1, le=64)
+    http_timeout: float = Field(30.0, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8780")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # The secret is the only thing protecting the endpoint (BookStack cannot sign).
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (it is the endpoint's only guard)")
+        return value
+
+    @property
+    def base_url(self) -> str:
+        return str(self.bookstack_url).rstrip("/") if self.bookstack_url else ""
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    def require(self, *names: str) -> None:
+        """Fail with one line naming the first required setting that is missing."""
+        for name in names:
+            if getattr(self, name) in (None, ""):
+                raise ConfigError(
+                    f"setting {ENV_PREFIX}{name.upper()} is required "
+                    "(set it in the environment, a .env file or the --config TOML file)"
+                )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        if settings_cls.model_config.get("toml_file"):
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return (*sources, file_secret_settings)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings; any problem becomes one ConfigError line naming the setting."""
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file {config_file} does not exist")
+    cls: type[Settings] = Settings
+    if config_file is not None:
+        config = SettingsConfigDict(**{**Settings.model_config, "toml_file": config_file})
+        cls = type("FileSettings", (Settings,), {"model_config": config})
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        raise ConfigError(f"setting {ENV_PREFIX}{field.upper()} is invalid: {err['msg']}") from None
+    except ValueError as exc:  # e.g. a TOML syntax error
+        raise ConfigError(f"cannot read settings: {exc}") from None

@@ -1,0 +1,63 @@
+"""One exception hierarchy for everything eventsync raises on purpose."""
+
+from __future__ import annotations
+
+
+class EventsyncError(Exception):
+    """An eventsync error."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigError(EventsyncError):
+    """A setting is missing or invalid."""
+
+
+class RetryLater(EventsyncError):
+    """A transient failure: try again after `delay` seconds."""
+
+    def __init__(self, message: str | None = None, *, delay: float = 1.0) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class BookStackError(EventsyncError):
+    """BookStack answered with an error."""
+
+    def __init__(
+        self, message: str | None = None, *, status: int | None = None, path: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.path = path
+
+
+class AuthError(BookStackError):
+    """BookStack rejected the API token (401)."""
+
+
+class ForbiddenError(BookStackError):
+    """The API token's user lacks a permission this call needs (403)."""
+
+
+class NotFound(BookStackError):
+    """The item does not exist, or the sync user cannot see it (404)."""
+
+
+class InvalidRequest(BookStackError):
+    """BookStack refused the request as invalid (422 or another 4xx)."""
+
+
+class Unavailable(BookStackError, RetryLater):
+    """BookStack stayed unreachable or kept failing (5xx, timeouts) after every retry."""
+
+    def __init__(
+        self, message: str | None = None, *, status: int | None = None, path: str = ""
+    ) -> None:
+        BookStackError.__init__(self, message, status=status, path=path)
+        self.delay = 30.0
+
+
+class IncompleteListing(BookStackError):
+    """A listing came back shorter than its `total` said: nothing may be removed from it."""

@@ -1,0 +1,347 @@
+"""Diff sync: compare BookStack's listings with the mirror, read only what changed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from eventsync.bookstack import models as m
+from eventsync.bookstack.client import BookStackClient
+from eventsync.errors import AuthError, BookStackError, ForbiddenError, NotFound
+from eventsync.logging import get_logger
+from eventsync.records import (
+    COMPLETE_FROM_LISTING,
+    ENDPOINTS,
+    LISTED_FIELDS,
+    listed,
+    parse_time,
+    permissions_row,
+    to_row,
+)
+from eventsync.store.sqlite import CONTENT_TYPES, KINDS, Store
+
+log = get_logger("eventsync.reconcile")
+
+# A row whose updated_at is this close to our last read of it may have changed again within
+# the same second after the read: BookStack's timestamps have one-second resolution, so the
+# listing could not show that change. Such rows are re-read on the next diff sync.
+RACE_WINDOW = 2.0
+
+# Sync-state keys (see store/SCHEMA.md).
+AUDIT_CURSOR = "audit_cursor"
+AUDIT_ACCESS = "audit_access"
+LAST_FULL_SYNC = "last_full_sync_at"
+LAST_FULL_SYNC_STARTED = "last_full_sync_started_at"
+LAST_FULL_SYNC_AUDIT_ID = "last_full_sync_audit_id"
+LAST_FULL_SYNC_REQUESTS = "last_full_sync_requests"
+LAST_FULL_SYNC_SECONDS = "last_full_sync_seconds"
+
+
+@dataclass
+class Tally:
+    created: int = 0
+    updated: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+
+    def add(self, outcome: str) -> None:
+        setattr(self, outcome, getattr(self, outcome) + 1)
+
+
+@dataclass
+class SyncSummary:
+    kinds: dict[str, Tally] = field(default_factory=lambda: {k: Tally() for k in KINDS})
+    permissions: Tally = field(default_factory=Tally)
+    memberships_changed: int = 0
+    requests: int = 0
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+    audit_id: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "complete": self.complete,
+            "kinds": {k: vars(t) for k, t in self.kinds.items()},
+            "permissions": vars(self.permissions),
+            "memberships_changed": self.memberships_changed,
+            "requests": self.requests,
+            "seconds": round(self.seconds, 3),
+            "problems": self.problems,
+            "audit_id": self.audit_id,
+        }
+
+
+Progress = Callable[[int], None]
+
+
+class Reconciler:
+    """Runs diff syncs of one BookStack source into one store."""
+
+    def __init__(
+        self,
+        client: BookStackClient,
+        store: Store,
+        *,
+        concurrency: int = 8,
+        on_plan: Callable[[int], None] | None = None,
+        on_progress: Progress | None = None,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.concurrency = concurrency
+        self._on_plan = on_plan
+        self._on_progress = on_progress
+
+    async def full_sync(self, *, all_permissions: bool | None = None) -> SyncSummary:
+        """Diff-sync everything. Records a sync point only when every step succeeded."""
+        started = time.monotonic()
+        requests_before = self.client.stats.requests
+        summary = SyncSummary()
+        started_at = _now_iso()
+        first = await self.store.get_state(LAST_FULL_SYNC) is None
+        if all_permissions is None:
+            all_permissions = first
+
+        audit_id, audit_access = await self._audit_head(summary)
+        summary.audit_id = audit_id
+
+        listings = await self._listings(summary)
+        await self._remove_missing(listings, summary)
+        jobs = await self._plan(listings, summary)
+        permission_jobs = await self._plan_permissions(listings, all_permissions)
+        total = len(jobs) + len(permission_jobs)
+        if self._on_plan:
+            self._on_plan(total)
+        log.info(
+            "diff sync planned",
+            reads=len(jobs),
+            permission_reads=len(permission_jobs),
+            first_sync=first,
+        )
+        await self._run(
+            [*jobs, *(self._permission_job(ct, cid, summary) for ct, cid in permission_jobs)]
+        )
+
+        summary.requests = self.client.stats.requests - requests_before
+        summary.seconds = time.monotonic() - started
+        async with self.store.transaction() as tx:
+            await tx.set_state(AUDIT_ACCESS, int(audit_access))
+            if summary.complete:
+                await tx.set_state(LAST_FULL_SYNC, _now_iso())
+                await tx.set_state(LAST_FULL_SYNC_STARTED, started_at)
+                await tx.set_state(LAST_FULL_SYNC_REQUESTS, summary.requests)
+                await tx.set_state(LAST_FULL_SYNC_SECONDS, round(summary.seconds, 3))
+                if audit_id is not None:
+                    # Everything logged up to audit_id is reflected in the mirror now.
+                    await tx.set_state(LAST_FULL_SYNC_AUDIT_ID, audit_id)
+                    await tx.set_state(AUDIT_CURSOR, audit_id)
+        log.info("diff sync finished", **summary.as_dict())
+        return summary
+
+    # ---- steps ------------------------------------------------------------------------------
+
+    async def _audit_head(self, summary: SyncSummary) -> tuple[int | None, bool]:
+        try:
+            latest = await self.client.latest_audit_id()
+        except AuthError:
+            raise
+        except ForbiddenError:
+            log.warning(
+                "the API token cannot read the audit log; events can only come from webhooks "
+                "and periodic diff syncs (give the token's role settings-manage + users-manage)"
+            )
+            return None, False
+        except BookStackError as exc:
+            summary.problems.append(f"audit log: {exc}")
+            return None, True
+        return latest or 0, True
+
+    async def _listings(self, summary: SyncSummary) -> dict[str, list[dict[str, Any]] | None]:
+        """Every listing; None for one that failed or came back short (it removes nothing)."""
+
+        async def one(kind: str) -> tuple[str, list[dict[str, Any]] | None]:
+            endpoint = ENDPOINTS[kind][0]
+            filters = {"draft": 0} if kind == "page" else None
+            try:
+                return kind, await self.client.list_all(endpoint, filters=filters)
+            except AuthError:
+                raise
+            except ForbiddenError as exc:
+                if kind in CONTENT_TYPES:
+                    # Any API user may list content: a 403 here means no API access at all.
+                    raise
+                summary.problems.append(f"{endpoint}: the token may not list it ({exc})")
+            except BookStackError as exc:
+                summary.problems.append(f"{endpoint}: {exc}")
+            log.warning("listing failed: nothing of this kind is removed", kind=kind)
+            return kind, None
+
+        return dict(await asyncio.gather(*(one(k) for k in KINDS)))
+
+    async def _remove_missing(
+        self, listings: dict[str, list[dict[str, Any]] | None], summary: SyncSummary
+    ) -> None:
+        for kind in KINDS:
+            rows = listings[kind]
+            if rows is None:
+                continue
+            gone = await self.store.ids(kind) - {r["id"] for r in rows}
+            if not gone:
+                continue
+            async with self.store.transaction() as tx:
+                for entity_id in sorted(gone):
+                    if await self.store.get(kind, entity_id) is not None:
+                        await tx.delete(kind, entity_id)
+                        summary.kinds[kind].add("deleted")
+
+    async def _plan(
+        self, listings: dict[str, list[dict[str, Any]] | None], summary: SyncSummary
+    ) -> list[Awaitable[None]]:
+        jobs: list[Awaitable[None]] = []
+        now = time.time()
+        for kind in KINDS:
+            rows = listings[kind]
+            if rows is None:
+                continue
+            fields = LISTED_FIELDS[kind]
+            mirror = await self.store.index(kind, fields)
+            if kind in COMPLETE_FROM_LISTING:
+                await self._write_listed(kind, rows, mirror, summary)
+                continue
+            for raw in rows:
+                current = mirror.get(raw["id"])
+                wanted = listed(kind, raw)
+                # Roles are few and their membership changes move no timestamp: always read.
+                if (
+                    kind == "role"
+                    or current is None
+                    or _differs(current, wanted)
+                    or _racy(current, now)
+                ):
+                    jobs.append(self._read_job(kind, raw["id"], summary))
+                else:
+                    summary.kinds[kind].add("unchanged")
+        return jobs
+
+    async def _write_listed(
+        self,
+        kind: str,
+        rows: list[dict[str, Any]],
+        mirror: dict[int, dict[str, Any]],
+        summary: SyncSummary,
+    ) -> None:
+        model = ENDPOINTS[kind][1]
+        changed = [
+            r for r in rows if r["id"] not in mirror or _differs(mirror[r["id"]], listed(kind, r))
+        ]
+        summary.kinds[kind].unchanged += len(rows) - len(changed)
+        if not changed:
+            return
+        async with self.store.transaction() as tx:
+            for raw in changed:
+                summary.kinds[kind].add(
+                    await tx.upsert(kind, to_row(kind, model.model_validate(raw)))
+                )
+
+    async def _plan_permissions(
+        self, listings: dict[str, list[dict[str, Any]] | None], all_permissions: bool
+    ) -> list[tuple[str, int]]:
+        known = set() if all_permissions else await self.store.permission_keys()
+        wanted = []
+        for kind, content_type in CONTENT_TYPES.items():
+            for raw in listings[kind] or ():
+                if (content_type, raw["id"]) not in known:
+                    wanted.append((content_type, raw["id"]))
+        return wanted
+
+    async def _run(self, jobs: Iterable[Awaitable[None]]) -> None:
+        queue = list(jobs)
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def guarded(job: Awaitable[None]) -> None:
+            async with gate:
+                await job
+            if self._on_progress:
+                self._on_progress(1)
+
+        # Coroutines are created up front but only run under the semaphore.
+        await asyncio.gather(*(guarded(j) for j in queue))
+
+    # ---- reads ------------------------------------------------------------------------------
+
+    async def _read_job(self, kind: str, entity_id: int, summary: SyncSummary) -> None:
+        endpoint, _, read_model = ENDPOINTS[kind]
+        try:
+            raw = await self.client.get(f"{endpoint}/{entity_id}")
+        except NotFound:
+            # Gone (or hidden from the sync user) since the listing: remove it.
+            async with self.store.transaction() as tx:
+                if await tx.delete(kind, entity_id):
+                    summary.kinds[kind].add("deleted")
+            return
+        except BookStackError as exc:
+            summary.problems.append(f"{endpoint}/{entity_id}: {exc}")
+            return
+        model = read_model.model_validate(raw)
+        await self.write(kind, model, summary)
+
+    async def write(self, kind: str, model: Any, summary: SyncSummary | None = None) -> str:
+        """Write one read entity with its relations in one transaction."""
+        async with self.store.transaction() as tx:
+            outcome = await tx.upsert(kind, to_row(kind, model))
+            changed = 0
+            if kind == "shelf":
+                changed += await tx.set_shelf_books(model.id, [b.id for b in model.books])
+            elif kind == "role":
+                changed += await tx.set_role_users(model.id, [u.id for u in model.users])
+            elif kind == "user" and isinstance(model, m.User):
+                changed += await tx.set_user_roles(model.id, [r.id for r in model.roles])
+        if summary is not None:
+            summary.kinds[kind].add(outcome)
+            summary.memberships_changed += changed
+        return outcome
+
+    def _permission_job(
+        self, content_type: str, content_id: int, summary: SyncSummary
+    ) -> Awaitable[None]:
+        async def run() -> None:
+            path = f"/api/content-permissions/{content_type}/{content_id}"
+            try:
+                raw = await self.client.get(path)
+            except NotFound:
+                return  # the item went away; its own deletion handles the mirror
+            except BookStackError as exc:
+                summary.problems.append(f"{path}: {exc}")
+                return
+            perms = permissions_row(m.ContentPermissions.model_validate(raw))
+            async with self.store.transaction() as tx:
+                changed = await tx.set_permissions(content_type, content_id, perms)
+            summary.permissions.add("updated" if changed else "unchanged")
+
+        return run()
+
+
+def _differs(current: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    return any(current.get(k) != v for k, v in wanted.items() if k != "updated_at") or (
+        wanted.get("updated_at") is not None and current.get("updated_at") != wanted["updated_at"]
+    )
+
+
+def _racy(current: dict[str, Any], now: float) -> bool:
+    updated = parse_time(current.get("updated_at"))
+    fetched = current.get("fetched_at")
+    if updated is None or fetched is None:
+        return False
+    return updated >= fetched - RACE_WINDOW and now - fetched < 86400
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,774 @@
+"""The mirror in SQLite: schema migrations, transactional writes with the change feed, export."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from eventsync.errors import EventsyncError
+
+KINDS = ("shelf", "book", "chapter", "page", "attachment", "user", "role")
+# BookStack's name for each kind in content-permission URLs and audit-log morph types.
+CONTENT_TYPES = {"shelf": "bookshelf", "book": "book", "chapter": "chapter", "page": "page"}
+KIND_OF_CONTENT_TYPE = {v: k for k, v in CONTENT_TYPES.items()}
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    columns: tuple[str, ...]  # every column but id and fetched_at
+    json_columns: tuple[str, ...] = ()
+
+
+TABLES: dict[str, Table] = {
+    "shelf": Table(
+        "shelves",
+        (
+            "name",
+            "slug",
+            "description",
+            "description_html",
+            "created_at",
+            "updated_at",
+            "created_by",
+            "updated_by",
+            "owned_by",
+            "tags",
+        ),
+        ("tags",),
+    ),
+    "book": Table(
+        "books",
+        (
+            "name",
+            "slug",
+            "description",
+            "description_html",
+            "default_template_id",
+            "created_at",
+            "updated_at",
+            "created_by",
+            "updated_by",
+            "owned_by",
+            "tags",
+        ),
+        ("tags",),
+    ),
+    "chapter": Table(
+        "chapters",
+        (
+            "book_id",
+            "name",
+            "slug",
+            "description",
+            "description_html",
+            "priority",
+            "default_template_id",
+            "created_at",
+            "updated_at",
+            "created_by",
+            "updated_by",
+            "owned_by",
+            "tags",
+        ),
+        ("tags",),
+    ),
+    "page": Table(
+        "pages",
+        (
+            "book_id",
+            "chapter_id",
+            "name",
+            "slug",
+            "priority",
+            "draft",
+            "template",
+            "revision_count",
+            "editor",
+            "raw_html",
+            "html",
+            "markdown",
+            "created_at",
+            "updated_at",
+            "created_by",
+            "updated_by",
+            "owned_by",
+            "tags",
+        ),
+        ("tags",),
+    ),
+    "attachment": Table(
+        "attachments",
+        (
+            "name",
+            "extension",
+            "uploaded_to",
+            "external",
+            "order",
+            "created_at",
+            "updated_at",
+            "created_by",
+            "updated_by",
+        ),
+    ),
+    "user": Table(
+        "users", ("name", "slug", "email", "external_auth_id", "created_at", "updated_at")
+    ),
+    "role": Table(
+        "roles",
+        (
+            "display_name",
+            "description",
+            "system_name",
+            "external_auth_id",
+            "mfa_enforced",
+            "permissions",
+            "created_at",
+            "updated_at",
+        ),
+        ("permissions",),
+    ),
+}
+
+SCHEMA_VERSION_KEY = "user_version"
+
+
+class StoreError(EventsyncError):
+    """The mirror database cannot be used."""
+
+
+def _q(column: str) -> str:
+    return f'"{column}"'
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _migrations() -> list[tuple[int, str]]:
+    folder = resources.files("eventsync.store") / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def _create_private_file(path: Path) -> None:
+    """Create the database file readable by its owner only, before SQLite opens it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    os.close(fd)
+
+
+class Store:
+    """One SQLite database: the mirror, the sync state, the change feed (and later the queue)."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+        self._closed = False
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path | str) -> Store:
+        path = Path(path)
+        if str(path) != ":memory:":
+            if path.exists() and path.is_dir():
+                raise StoreError(f"database path {path} is a directory")
+            _create_private_file(path)
+        try:
+            db = await aiosqlite.connect(str(path), isolation_level=None)
+        except Exception as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from None
+        db.row_factory = aiosqlite.Row
+        store = cls(db, path)
+        try:
+            await store._setup()
+        except aiosqlite.DatabaseError as exc:
+            await db.close()
+            raise StoreError(f"cannot use database {path}: {exc}") from None
+        return store
+
+    async def _setup(self) -> None:
+        db = self._db
+        await db.execute("PRAGMA busy_timeout = 30000")
+        await db.execute("PRAGMA journal_mode = WAL")
+        # NORMAL in WAL mode is durable against process crashes (kill -9); only an OS crash
+        # can lose the last commits, and the audit log replays those.
+        await db.execute("PRAGMA synchronous = NORMAL")
+        await db.execute("PRAGMA foreign_keys = ON")
+        async with self._write() as tx:
+            current = (await (await tx.execute("PRAGMA user_version")).fetchone())[0]
+            for version, sql in _migrations():
+                if version > current:
+                    await tx.executescript_in_tx(sql)
+                    await tx.execute(f"PRAGMA user_version = {int(version)}")
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._db.close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- transactions -------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[Tx]:
+        await self._db.execute("BEGIN IMMEDIATE")
+        tx = Tx(self._db)
+        try:
+            yield tx
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+        else:
+            await self._db.execute("COMMIT")
+
+    def transaction(self) -> Any:
+        """`async with store.transaction() as tx:` one BEGIN IMMEDIATE write transaction."""
+        return _Serialised(self)
+
+    # ---- reads ----------------------------------------------------------------------------
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        async with self._db.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
+        async with self._db.execute(sql, params) as cur:
+            return await cur.fetchone()
+
+    async def get_state(self, key: str) -> str | None:
+        row = await self.fetchone("SELECT value FROM sync_state WHERE key = ?", (key,))
+        return None if row is None else str(row[0])
+
+    async def states(self) -> dict[str, str]:
+        return {r[0]: r[1] for r in await self.fetchall("SELECT key, value FROM sync_state")}
+
+    async def get(self, kind: str, entity_id: int) -> dict[str, Any] | None:
+        table = TABLES[kind]
+        row = await self.fetchone(f"SELECT * FROM {table.name} WHERE id = ?", (entity_id,))
+        return None if row is None else dict(row)
+
+    async def ids(self, kind: str) -> set[int]:
+        return {r[0] for r in await self.fetchall(f"SELECT id FROM {TABLES[kind].name}")}
+
+    async def index(self, kind: str, columns: Sequence[str]) -> dict[int, dict[str, Any]]:
+        """What a diff sync compares against a listing: id → the given columns + fetched_at."""
+        table = TABLES[kind]
+        computed = {
+            "users_count": "(SELECT count(*) FROM user_roles ur WHERE ur.role_id = roles.id)",
+            "permissions_count": "json_array_length(permissions)",
+        }
+        select = ", ".join(
+            f"{computed[c]} AS {c}" if c in computed else _q(c) for c in ("id", *columns)
+        )
+        rows = await self.fetchall(f"SELECT {select}, fetched_at FROM {table.name}")
+        return {r["id"]: dict(r) for r in rows}
+
+    async def permission_keys(self) -> set[tuple[str, int]]:
+        rows = await self.fetchall("SELECT content_type, content_id FROM content_permissions")
+        return {(r[0], r[1]) for r in rows}
+
+    async def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for kind, table in TABLES.items():
+            row = await self.fetchone(f"SELECT count(*) FROM {table.name}")
+            out[kind] = int(row[0]) if row else 0
+        row = await self.fetchone(
+            "SELECT count(*) FROM content_permissions cp WHERE inheriting = 0 OR EXISTS "
+            "(SELECT 1 FROM content_role_permissions r WHERE r.content_type = cp.content_type "
+            "AND r.content_id = cp.content_id)"
+        )
+        out["permissions"] = int(row[0]) if row else 0
+        return out
+
+    async def changes(self, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        rows = await self.fetchall(
+            "SELECT seq, changed_at, op, entity, entity_id, content_type, data FROM changes "
+            "WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        )
+        out = []
+        for r in rows:
+            item = dict(r)
+            item["data"] = json.loads(item["data"]) if item["data"] else None
+            if item["content_type"] is None:
+                del item["content_type"]
+            out.append(item)
+        return out
+
+    async def last_seq(self) -> int:
+        row = await self.fetchone("SELECT max(seq) FROM changes")
+        return int(row[0] or 0) if row else 0
+
+    async def export(self) -> dict[str, Any]:
+        """The canonical export document of DESIGN.md, every list sorted by id."""
+        shelf_books: dict[int, list[int]] = {}
+        for r in await self.fetchall(
+            "SELECT shelf_id, book_id FROM shelf_books ORDER BY shelf_id, position"
+        ):
+            shelf_books.setdefault(r[0], []).append(r[1])
+        user_roles: dict[int, list[int]] = {}
+        role_users: dict[int, list[int]] = {}
+        for r in await self.fetchall("SELECT user_id, role_id FROM user_roles ORDER BY 1, 2"):
+            user_roles.setdefault(r[0], []).append(r[1])
+            role_users.setdefault(r[1], []).append(r[0])
+        for members in role_users.values():
+            members.sort()
+
+        def tags(raw: str | None) -> list[dict[str, Any]]:
+            return [
+                {"name": t.get("name"), "value": t.get("value")} for t in json.loads(raw or "[]")
+            ]
+
+        doc: dict[str, Any] = {}
+        doc["shelves"] = [
+            {
+                "id": r["id"],
+                "name": r["name"],
+                "slug": r["slug"],
+                "description": r["description"],
+                "books": shelf_books.get(r["id"], []),
+                "tags": tags(r["tags"]),
+            }
+            for r in await self.fetchall("SELECT * FROM shelves ORDER BY id")
+        ]
+        doc["books"] = [
+            {
+                "id": r["id"],
+                "name": r["name"],
+                "slug": r["slug"],
+                "description": r["description"],
+                "tags": tags(r["tags"]),
+            }
+            for r in await self.fetchall("SELECT * FROM books ORDER BY id")
+        ]
+        doc["chapters"] = [
+            {
+                "id": r["id"],
+                "book_id": r["book_id"],
+                "name": r["name"],
+                "slug": r["slug"],
+                "description": r["description"],
+                "priority": r["priority"],
+                "tags": tags(r["tags"]),
+            }
+            for r in await self.fetchall("SELECT * FROM chapters ORDER BY id")
+        ]
+        doc["pages"] = [
+            {
+                "id": r["id"],
+                "book_id": r["book_id"],
+                "chapter_id": r["chapter_id"],
+                "name": r["name"],
+                "slug": r["slug"],
+                "priority": r["priority"],
+                "draft": bool(r["draft"]),
+                "template": bool(r["template"]),
+                "revision_count": r["revision_count"],
+                "raw_html": r["raw_html"],
+                "html": r["html"],
+                "markdown": r["markdown"],
+                "updated_at": r["updated_at"],
+                "tags": tags(r["tags"]),
+            }
+            for r in await self.fetchall("SELECT * FROM pages ORDER BY id")
+        ]
+        doc["attachments"] = [
+            {
+                "id": r["id"],
+                "name": r["name"],
+                "extension": r["extension"],
+                "uploaded_to": r["uploaded_to"],
+                "external": bool(r["external"]),
+                "order": r["order"],
+                "updated_at": r["updated_at"],
+            }
+            for r in await self.fetchall("SELECT * FROM attachments ORDER BY id")
+        ]
+        doc["users"] = [
+            {
+                "id": r["id"],
+                "name": r["name"],
+                "slug": r["slug"],
+                "email": r["email"],
+                "roles": user_roles.get(r["id"], []),
+            }
+            for r in await self.fetchall("SELECT * FROM users ORDER BY id")
+        ]
+        doc["roles"] = [
+            {
+                "id": r["id"],
+                "display_name": r["display_name"],
+                "description": r["description"],
+                "permissions": json.loads(r["permissions"]),
+                "users": role_users.get(r["id"], []),
+            }
+            for r in await self.fetchall("SELECT * FROM roles ORDER BY id")
+        ]
+        role_rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for r in await self.fetchall(
+            "SELECT * FROM content_role_permissions ORDER BY content_type, content_id, role_id"
+        ):
+            role_rows.setdefault((r["content_type"], r["content_id"]), []).append(
+                {
+                    "role_id": r["role_id"],
+                    "view": bool(r["view"]),
+                    "create": bool(r["create"]),
+                    "update": bool(r["update"]),
+                    "delete": bool(r["delete"]),
+                }
+            )
+
+        def flag(value: int | None) -> bool | None:
+            return None if value is None else bool(value)
+
+        perms = []
+        for r in await self.fetchall("SELECT * FROM content_permissions"):
+            key = (r["content_type"], r["content_id"])
+            if r["inheriting"] and not role_rows.get(key):
+                continue
+            perms.append(
+                {
+                    "content_type": r["content_type"],
+                    "content_id": r["content_id"],
+                    "owner_id": r["owner_id"],
+                    "inheriting": bool(r["inheriting"]),
+                    "fallback": {
+                        "view": flag(r["fallback_view"]),
+                        "create": flag(r["fallback_create"]),
+                        "update": flag(r["fallback_update"]),
+                        "delete": flag(r["fallback_delete"]),
+                    },
+                    "role_permissions": role_rows.get(key, []),
+                }
+            )
+        # DESIGN: every list sorted by id; for permissions the id is (content_id, type).
+        perms.sort(key=lambda p: (p["content_id"], p["content_type"]))
+        doc["permissions"] = perms
+        return doc
+
+
+class _Serialised:
+    """Serialises writers inside one process; BEGIN IMMEDIATE serialises across processes."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._cm: Any = None
+
+    async def __aenter__(self) -> Tx:
+        lock = self._store._lock
+        await lock.acquire()
+        try:
+            self._cm = self._store._write()
+            return await self._cm.__aenter__()
+        except BaseException:
+            lock.release()
+            raise
+
+    async def __aexit__(self, *exc: Any) -> None:
+        try:
+            await self._cm.__aexit__(*exc)
+        finally:
+            self._store._lock.release()
+
+
+class Tx:
+    """Writes inside one transaction. Every mirror change appends to the change feed here."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        self._now = _now_iso()
+        self.changed = 0
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Cursor:
+        return await self._db.execute(sql, params)
+
+    async def executescript_in_tx(self, script: str) -> None:
+        # executescript() would COMMIT first; run statement by statement to stay atomic.
+        for statement in _split_sql(script):
+            await self._db.execute(statement)
+
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        async with self._db.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    async def change(
+        self,
+        op: str,
+        entity: str,
+        entity_id: int,
+        *,
+        content_type: str | None = None,
+        data: Any = None,
+    ) -> None:
+        self.changed += 1
+        await self._db.execute(
+            "INSERT INTO changes (changed_at, op, entity, entity_id, content_type, data) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                self._now,
+                op,
+                entity,
+                entity_id,
+                content_type,
+                None if data is None else json.dumps(data, sort_keys=True),
+            ),
+        )
+
+    async def set_state(self, key: str, value: str | int | float) -> None:
+        await self._db.execute(
+            "INSERT INTO sync_state (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, str(value)),
+        )
+
+    async def delete_state(self, key: str) -> None:
+        await self._db.execute("DELETE FROM sync_state WHERE key = ?", (key,))
+
+    # ---- entities ---------------------------------------------------------------------------
+
+    async def upsert(self, kind: str, row: dict[str, Any]) -> str:
+        """Write one entity; returns 'created', 'updated' or 'unchanged'."""
+        table = TABLES[kind]
+        values = {c: row.get(c) for c in table.columns}
+        for c in table.json_columns:
+            if not isinstance(values[c], str):
+                values[c] = json.dumps(values[c] if values[c] is not None else [])
+        for c, v in values.items():
+            if isinstance(v, bool):
+                values[c] = int(v)
+        existing = await self._rows(
+            f"SELECT {', '.join(_q(c) for c in table.columns)} FROM {table.name} WHERE id = ?",
+            (row["id"],),
+        )
+        fetched_at = time.time()
+        if existing and dict(existing[0]) == values:
+            await self._db.execute(
+                f"UPDATE {table.name} SET fetched_at = ? WHERE id = ?", (fetched_at, row["id"])
+            )
+            return "unchanged"
+        cols = ("id", *table.columns, "fetched_at")
+        await self._db.execute(
+            f"INSERT INTO {table.name} ({', '.join(_q(c) for c in cols)}) "
+            f"VALUES ({', '.join('?' for _ in cols)}) ON CONFLICT (id) DO UPDATE SET "
+            + ", ".join(f"{_q(c)} = excluded.{_q(c)}" for c in cols[1:]),
+            (row["id"], *values.values(), fetched_at),
+        )
+        await self.change("upsert", kind, row["id"])
+        return "updated" if existing else "created"
+
+    async def touch(self, kind: str, entity_id: int) -> None:
+        await self._db.execute(
+            f"UPDATE {TABLES[kind].name} SET fetched_at = ? WHERE id = ?",
+            (time.time(), entity_id),
+        )
+
+    async def delete(self, kind: str, entity_id: int) -> int:
+        """Remove an entity and what BookStack hides with it; returns entities removed."""
+        table = TABLES[kind]
+        removed = 0
+        if kind == "book":
+            for (chapter_id,) in await self._rows(
+                "SELECT id FROM chapters WHERE book_id = ?", (entity_id,)
+            ):
+                removed += await self.delete("chapter", chapter_id)
+            for (page_id,) in await self._rows(
+                "SELECT id FROM pages WHERE book_id = ?", (entity_id,)
+            ):
+                removed += await self.delete("page", page_id)
+            for (shelf_id,) in await self._rows(
+                "SELECT shelf_id FROM shelf_books WHERE book_id = ?", (entity_id,)
+            ):
+                books = [b for b in await self._shelf_book_ids(shelf_id) if b != entity_id]
+                await self.set_shelf_books(shelf_id, books)
+        elif kind == "chapter":
+            for (page_id,) in await self._rows(
+                "SELECT id FROM pages WHERE chapter_id = ?", (entity_id,)
+            ):
+                removed += await self.delete("page", page_id)
+        elif kind == "page":
+            for (attachment_id,) in await self._rows(
+                "SELECT id FROM attachments WHERE uploaded_to = ?", (entity_id,)
+            ):
+                removed += await self.delete("attachment", attachment_id)
+        elif kind == "shelf":
+            await self._db.execute("DELETE FROM shelf_books WHERE shelf_id = ?", (entity_id,))
+        elif kind == "user":
+            await self.set_user_roles(entity_id, [])
+        elif kind == "role":
+            await self.set_role_users(entity_id, [])
+            for r in await self._rows(
+                "SELECT content_type, content_id FROM content_role_permissions WHERE role_id = ?",
+                (entity_id,),
+            ):
+                await self._db.execute(
+                    "DELETE FROM content_role_permissions WHERE content_type = ? AND "
+                    "content_id = ? AND role_id = ?",
+                    (r[0], r[1], entity_id),
+                )
+                await self.change("upsert", "permissions", r[1], content_type=r[0])
+        if kind in CONTENT_TYPES:
+            await self.delete_permissions(CONTENT_TYPES[kind], entity_id)
+        cur = await self._db.execute(f"DELETE FROM {table.name} WHERE id = ?", (entity_id,))
+        if cur.rowcount:
+            removed += 1
+            await self.change("delete", kind, entity_id)
+        return removed
+
+    # ---- relations --------------------------------------------------------------------------
+
+    async def _shelf_book_ids(self, shelf_id: int) -> list[int]:
+        rows = await self._rows(
+            "SELECT book_id FROM shelf_books WHERE shelf_id = ? ORDER BY position", (shelf_id,)
+        )
+        return [r[0] for r in rows]
+
+    async def set_shelf_books(self, shelf_id: int, book_ids: Sequence[int]) -> bool:
+        book_ids = list(dict.fromkeys(book_ids))
+        if await self._shelf_book_ids(shelf_id) == book_ids:
+            return False
+        await self._db.execute("DELETE FROM shelf_books WHERE shelf_id = ?", (shelf_id,))
+        await self._db.executemany(
+            "INSERT INTO shelf_books (shelf_id, book_id, position) VALUES (?, ?, ?)",
+            [(shelf_id, b, i) for i, b in enumerate(book_ids)],
+        )
+        await self.change("upsert", "shelf_books", shelf_id, data={"books": book_ids})
+        return True
+
+    async def _membership(self, column: str, key: int) -> set[int]:
+        other = "role_id" if column == "user_id" else "user_id"
+        rows = await self._rows(f"SELECT {other} FROM user_roles WHERE {column} = ?", (key,))
+        return {r[0] for r in rows}
+
+    async def _set_membership(self, column: str, key: int, wanted: Iterable[int]) -> bool:
+        wanted_set = set(wanted)
+        current = await self._membership(column, key)
+        for other in sorted(current - wanted_set):
+            user, role = (key, other) if column == "user_id" else (other, key)
+            await self._db.execute(
+                "DELETE FROM user_roles WHERE user_id = ? AND role_id = ?", (user, role)
+            )
+            await self.change("delete", "user_role", user, data={"role_id": role})
+        for other in sorted(wanted_set - current):
+            user, role = (key, other) if column == "user_id" else (other, key)
+            await self._db.execute(
+                "INSERT INTO user_roles (user_id, role_id) VALUES (?, ?)", (user, role)
+            )
+            await self.change("upsert", "user_role", user, data={"role_id": role})
+        return current != wanted_set
+
+    async def set_user_roles(self, user_id: int, role_ids: Iterable[int]) -> bool:
+        return await self._set_membership("user_id", user_id, role_ids)
+
+    async def set_role_users(self, role_id: int, user_ids: Iterable[int]) -> bool:
+        return await self._set_membership("role_id", role_id, user_ids)
+
+    # ---- content permissions ----------------------------------------------------------------
+
+    async def set_permissions(
+        self, content_type: str, content_id: int, perms: dict[str, Any]
+    ) -> bool:
+        """perms: owner_id, inheriting, fallback {view,create,update,delete}, role_permissions."""
+        fb = perms.get("fallback") or {}
+
+        def flag(v: Any) -> int | None:
+            return None if v is None else int(bool(v))
+
+        head = (
+            perms.get("owner_id"),
+            int(bool(perms.get("inheriting"))),
+            flag(fb.get("view")),
+            flag(fb.get("create")),
+            flag(fb.get("update")),
+            flag(fb.get("delete")),
+        )
+        roles = sorted(
+            (
+                int(r["role_id"]),
+                int(bool(r["view"])),
+                int(bool(r["create"])),
+                int(bool(r["update"])),
+                int(bool(r["delete"])),
+            )
+            for r in perms.get("role_permissions") or []
+        )
+        old_head = await self._rows(
+            "SELECT owner_id, inheriting, fallback_view, fallback_create, fallback_update, "
+            "fallback_delete FROM content_permissions WHERE content_type = ? AND content_id = ?",
+            (content_type, content_id),
+        )
+        old_roles = [
+            tuple(r)
+            for r in await self._rows(
+                'SELECT role_id, "view", "create", "update", "delete" FROM '
+                "content_role_permissions WHERE content_type = ? AND content_id = ? "
+                "ORDER BY role_id",
+                (content_type, content_id),
+            )
+        ]
+        now = time.time()
+        if old_head and tuple(old_head[0]) == head and old_roles == roles:
+            await self._db.execute(
+                "UPDATE content_permissions SET fetched_at = ? WHERE content_type = ? "
+                "AND content_id = ?",
+                (now, content_type, content_id),
+            )
+            return False
+        await self._db.execute(
+            "INSERT INTO content_permissions (content_type, content_id, owner_id, inheriting, "
+            "fallback_view, fallback_create, fallback_update, fallback_delete, fetched_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (content_type, content_id) DO UPDATE "
+            "SET owner_id = excluded.owner_id, inheriting = excluded.inheriting, "
+            "fallback_view = excluded.fallback_view, fallback_create = excluded.fallback_create, "
+            "fallback_update = excluded.fallback_update, fallback_delete = "
+            "excluded.fallback_delete, fetched_at = excluded.fetched_at",
+            (content_type, content_id, *head, now),
+        )
+        await self._db.execute(
+            "DELETE FROM content_role_permissions WHERE content_type = ? AND content_id = ?",
+            (content_type, content_id),
+        )
+        await self._db.executemany(
+            'INSERT INTO content_role_permissions (content_type, content_id, role_id, "view", '
+            '"create", "update", "delete") VALUES (?, ?, ?, ?, ?, ?, ?)',
+            [(content_type, content_id, *r) for r in roles],
+        )
+        await self.change("upsert", "permissions", content_id, content_type=content_type)
+        return True
+
+    async def delete_permissions(self, content_type: str, content_id: int) -> None:
+        await self._db.execute(
+            "DELETE FROM content_role_permissions WHERE content_type = ? AND content_id = ?",
+            (content_type, content_id),
+        )
+        cur = await self._db.execute(
+            "DELETE FROM content_permissions WHERE content_type = ? AND content_id = ?",
+            (content_type, content_id),
+        )
+        if cur.rowcount:
+            await self.change("delete", "permissions", content_id, content_type=content_type)
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements (our migrations keep ';' out of literals)."""
+    lines = [ln for ln in script.splitlines() if not ln.strip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
