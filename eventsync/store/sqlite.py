@@ -461,8 +461,8 @@ class Store:
                     "role_permissions": role_rows.get(key, []),
                 }
             )
-        # DESIGN: every list sorted by id; for permissions the id is (content_id, type).
-        perms.sort(key=lambda p: (p["content_id"], p["content_type"]))
+        # DESIGN: every list sorted by id; a permission's id is (content_type, content_id).
+        perms.sort(key=lambda p: (p["content_type"], p["content_id"]))
         doc["permissions"] = perms
         return doc
 
@@ -510,6 +510,8 @@ class Tx:
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
         async with self._db.execute(sql, params) as cur:
             return list(await cur.fetchall())
+
+    fetchall = _rows
 
     async def change(
         self,
@@ -769,6 +771,6 @@ class Tx:
 
 
 def _split_sql(script: str) -> list[str]:
-    """Split a migration into statements (our migrations keep ';' out of literals)."""
-    lines = [ln for ln in script.splitlines() if not ln.strip().startswith("--")]
+    """Split a migration into statements (our migrations keep ';' and '--' out of literals)."""
+    lines = [ln.split("--", 1)[0] for ln in script.splitlines()]
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

@@ -1,0 +1,477 @@
+"""Route handlers of the fake BookStack REST API (FACTS §4, §5)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from eventsync.testing import shapes
+from eventsync.testing.listing import LISTING_FIELDS, apply_listing
+from eventsync.testing.models import Entity, Page, Perm
+from eventsync.testing.mutations import NotFoundError
+
+if TYPE_CHECKING:
+    from eventsync.testing.server import FakeBookStack
+
+FAKE_KEY: web.AppKey[Any] = web.AppKey("fake", object)
+USER_KEY: web.RequestKey[int] = web.RequestKey("user_id", int)
+TOKEN_KEY: web.RequestKey[str] = web.RequestKey("token_id", str)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+NO_PERMISSION = "You do not have permission to perform the requested action."
+CONTENT_TYPES = {"page", "chapter", "book", "bookshelf"}
+ENTITY_ROUTES = {"pages": "page", "chapters": "chapter", "books": "book", "shelves": "bookshelf"}
+
+
+class ApiError(Exception):
+    """An error BookStack renders as {"error": {"message", "code"}}."""
+
+    def __init__(
+        self, status: int, message: str, *, validation: dict[str, list[str]] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.validation = validation
+
+
+def error_response(status: int, message: str, **extra: Any) -> web.Response:
+    body: dict[str, Any] = {"message": message, **extra, "code": status}
+    return web.json_response({"error": body}, status=status)
+
+
+def _fake(request: web.Request) -> FakeBookStack:
+    return request.app[FAKE_KEY]  # type: ignore[no-any-return]
+
+
+def _user_id(request: web.Request) -> int:
+    return request[USER_KEY]
+
+
+def _require(request: web.Request, *permissions: str) -> None:
+    state = _fake(request).state
+    if not all(state.user_can(_user_id(request), p) for p in permissions):
+        raise ApiError(403, NO_PERMISSION)
+
+
+def _id(request: web.Request) -> int:
+    return int(request.match_info["id"])
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "Invalid JSON body") from exc
+    if not isinstance(data, dict):
+        raise ApiError(422, "The given data was invalid.")
+    return data
+
+
+def _invalid(field: str, message: str) -> ApiError:
+    return ApiError(422, "The given data was invalid.", validation={field: [message]})
+
+
+def _listing(request: web.Request, route: str, rows: list[dict[str, Any]]) -> web.Response:
+    data, total = apply_listing(rows, LISTING_FIELDS[route], request.query)
+    if route in _fake(request).faults.short_listings and data:
+        data = data[:-1]  # a listing page that lost a row on the way; total still says it all
+    return web.json_response({"data": data, "total": total})
+
+
+# ------------------------------------------------------------------ content
+def _visible_entity(request: web.Request, entity_type: str, entity_id: int) -> Entity:
+    state = _fake(request).state
+    entity = state.entity(entity_type, entity_id)
+    if entity is None or not state.can_view(_user_id(request), entity):
+        label = {"bookshelf": "Bookshelf"}.get(entity_type, entity_type.capitalize())
+        raise ApiError(404, f"{label} not found")
+    return entity
+
+
+async def list_content(request: web.Request) -> web.Response:
+    route = request.match_info.route.resource.canonical  # type: ignore[union-attr]
+    entity_type = ENTITY_ROUTES[route.rsplit("/", 1)[1]]
+    state = _fake(request).state
+    table = {
+        "page": (state.pages, shapes.page_item),
+        "chapter": (state.chapters, shapes.chapter_item),
+        "book": (state.books, shapes.book_item),
+        "bookshelf": (state.shelves, shapes.shelf_item),
+    }
+    items, formatter = table[entity_type]
+    visible = state.visible(_user_id(request), (items[i] for i in sorted(items)))
+    rows = [formatter(state, e) for e in visible]  # type: ignore[operator]
+    return _listing(request, route, rows)
+
+
+async def read_content(request: web.Request) -> web.Response:
+    route = request.match_info.route.resource.canonical  # type: ignore[union-attr]
+    entity_type = ENTITY_ROUTES[route.split("/")[2]]
+    entity = _visible_entity(request, entity_type, _id(request))
+    return web.json_response(_read_shape(request, entity))
+
+
+def _read_shape(request: web.Request, entity: Entity) -> dict[str, Any]:
+    state, viewer = _fake(request).state, _user_id(request)
+    if entity.TYPE == "page":
+        return shapes.page_read(state, entity, viewer)  # type: ignore[arg-type]
+    if entity.TYPE == "chapter":
+        return shapes.chapter_read(state, entity, viewer)  # type: ignore[arg-type]
+    if entity.TYPE == "book":
+        return shapes.book_read(state, entity, viewer)  # type: ignore[arg-type]
+    return shapes.shelf_read(state, entity, viewer)  # type: ignore[arg-type]
+
+
+def _write_shape(request: web.Request, entity: Entity) -> dict[str, Any]:
+    """Create/update responses: the read shape without children, users as ints."""
+    if isinstance(entity, Page):
+        return _read_shape(request, entity)
+    shape = _read_shape(request, entity)
+    for key in ("contents", "pages"):
+        shape.pop(key, None)
+    for key in ("created_by", "updated_by", "owned_by"):
+        shape[key] = getattr(entity, key)
+    return shape
+
+
+def _check_can(request: web.Request, action: str, entity: Entity) -> None:
+    state = _fake(request).state
+    user_id = _user_id(request)
+    if not (state.is_admin(user_id) or state.can(user_id, action, entity)):
+        raise ApiError(403, NO_PERMISSION)
+
+
+def _name(data: dict[str, Any], *, required: bool) -> str | None:
+    name = data.get("name")
+    if name is None and not required:
+        return None
+    if not isinstance(name, str) or not name.strip():
+        raise _invalid("name", "The name field is required.")
+    if len(name) > 255:
+        raise _invalid("name", "The name may not be greater than 255 characters.")
+    return name
+
+
+def _visible_parent(request: web.Request, entity_type: str, raw: Any) -> Entity:
+    try:
+        parent_id = int(raw)
+    except (TypeError, ValueError) as exc:
+        raise _invalid(f"{entity_type}_id", f"The {entity_type} id must be an integer.") from exc
+    return _visible_entity(request, entity_type, parent_id)
+
+
+async def create_content(request: web.Request) -> web.Response:
+    fake = _fake(request)
+    route = request.match_info.route.resource.canonical  # type: ignore[union-attr]
+    entity_type = ENTITY_ROUTES[route.rsplit("/", 1)[1]]
+    data = await _json_body(request)
+    user_id = _user_id(request)
+    name = _name(data, required=True)
+    assert name is not None
+    tags = data.get("tags") or []
+    if entity_type == "page":
+        if data.get("chapter_id"):
+            parent = _visible_parent(request, "chapter", data["chapter_id"])
+        elif "book_id" in data:
+            parent = _visible_parent(request, "book", data["book_id"])
+        else:
+            raise _invalid(
+                "book_id", "The book id field is required when chapter id is not present."
+            )
+        if "html" not in data and "markdown" not in data:
+            raise _invalid("html", "The html field is required when markdown is not present.")
+        _check_can(request, "create", parent)
+        new_id = await fake.create_page(
+            book_id=parent.id if parent.TYPE == "book" else None,
+            chapter_id=parent.id if parent.TYPE == "chapter" else None,
+            name=name,
+            html=data.get("html"),
+            markdown=data.get("markdown"),
+            tags=tags,
+            acting_user_id=user_id,
+        )
+    elif entity_type == "chapter":
+        parent = _visible_parent(request, "book", data.get("book_id"))
+        _check_can(request, "create", parent)
+        new_id = await fake.create_chapter(
+            parent.id, name, data.get("description") or "", tags, acting_user_id=user_id
+        )
+    elif entity_type == "book":
+        _require(request, "book-create-all")
+        new_id = await fake.create_book(
+            name, data.get("description") or "", tags, acting_user_id=user_id
+        )
+    else:
+        _require(request, "bookshelf-create-all")
+        new_id = await fake.create_shelf(
+            name,
+            [int(b) for b in data.get("books") or []],
+            data.get("description") or "",
+            tags,
+            acting_user_id=user_id,
+        )
+    entity = fake.state.entity(entity_type, new_id)
+    assert entity is not None
+    return web.json_response(_write_shape(request, entity))
+
+
+async def update_content(request: web.Request) -> web.Response:
+    fake = _fake(request)
+    route = request.match_info.route.resource.canonical  # type: ignore[union-attr]
+    entity_type = ENTITY_ROUTES[route.split("/")[2]]
+    entity = _visible_entity(request, entity_type, _id(request))
+    _check_can(request, "update", entity)
+    data = await _json_body(request)
+    user_id = _user_id(request)
+    name = _name(data, required=False)
+    tags = data.get("tags")
+    description = data.get("description")
+    if entity_type == "page":
+        assert isinstance(entity, Page)
+        parent: Entity | None = None
+        if data.get("chapter_id"):
+            parent = _visible_parent(request, "chapter", data["chapter_id"])
+        elif data.get("book_id"):
+            parent = _visible_parent(request, "book", data["book_id"])
+        current = fake.state.parent_of(entity)
+        if parent is not None and (
+            current is None
+            or (parent.TYPE, parent.id)
+            != (
+                current.TYPE,
+                current.id,
+            )
+        ):
+            # PageApiController::update: move (page_move), then always update (page_update).
+            _check_can(request, "delete", entity)
+            await fake.move_page(
+                entity.id,
+                book_id=parent.id if parent.TYPE == "book" else None,
+                chapter_id=parent.id if parent.TYPE == "chapter" else None,
+                acting_user_id=user_id,
+            )
+        await fake.update_page(
+            entity.id,
+            name=name,
+            html=data.get("html"),
+            markdown=data.get("markdown"),
+            tags=tags,
+            summary=data.get("summary"),
+            acting_user_id=user_id,
+        )
+    elif entity_type == "chapter":
+        if data.get("book_id") and int(data["book_id"]) != entity.book_id:  # type: ignore[attr-defined]
+            book = _visible_parent(request, "book", data["book_id"])
+            _check_can(request, "delete", entity)
+            await fake.move_chapter(entity.id, book.id, acting_user_id=user_id)
+        await fake.update_chapter(
+            entity.id, name=name, description=description, tags=tags, acting_user_id=user_id
+        )
+    elif entity_type == "book":
+        await fake.update_book(
+            entity.id, name=name, description=description, tags=tags, acting_user_id=user_id
+        )
+    else:
+        books = data.get("books")
+        await fake.update_shelf(
+            entity.id,
+            name=name,
+            description=description,
+            tags=tags,
+            books=[int(b) for b in books] if books is not None else None,
+            acting_user_id=user_id,
+        )
+    return web.json_response(_write_shape(request, entity))
+
+
+async def delete_content(request: web.Request) -> web.Response:
+    fake = _fake(request)
+    route = request.match_info.route.resource.canonical  # type: ignore[union-attr]
+    entity_type = ENTITY_ROUTES[route.split("/")[2]]
+    entity = _visible_entity(request, entity_type, _id(request))
+    _check_can(request, "delete", entity)
+    deleters = {
+        "page": fake.delete_page,
+        "chapter": fake.delete_chapter,
+        "book": fake.delete_book,
+        "bookshelf": fake.delete_shelf,
+    }
+    await deleters[entity_type](entity.id, acting_user_id=_user_id(request))
+    return web.Response(status=204)
+
+
+# -------------------------------------------------------------- attachments
+async def list_attachments(request: web.Request) -> web.Response:
+    state = _fake(request).state
+    attachments = sorted(state.visible_attachments(_user_id(request)), key=lambda a: a.id)
+    rows = [shapes.attachment_item(state, a) for a in attachments]
+    return _listing(request, "/api/attachments", rows)
+
+
+async def read_attachment(request: web.Request) -> web.Response:
+    state = _fake(request).state
+    attachment = state.attachments.get(_id(request))
+    page = state.pages.get(attachment.uploaded_to) if attachment else None
+    if attachment is None or page is None or not state.can_view(_user_id(request), page):
+        raise ApiError(404, "Attachment not found")
+    return web.json_response(shapes.attachment_read(state, attachment))
+
+
+# ------------------------------------------------------------ users, roles
+async def list_users(request: web.Request) -> web.Response:
+    _require(request, "users-manage")
+    state = _fake(request).state
+    last: dict[int, Any] = {}
+    for activity in state.activities:
+        if activity.committed and activity.user_id is not None:
+            last[activity.user_id] = activity.created_at
+    users = [state.users[i] for i in sorted(state.users) if state.users[i].committed]
+    rows = [shapes.user_item(state, u, last.get(u.id)) for u in users]
+    return _listing(request, "/api/users", rows)
+
+
+async def read_user(request: web.Request) -> web.Response:
+    _require(request, "users-manage")
+    state = _fake(request).state
+    user = state.users.get(_id(request))
+    if user is None or not user.committed:
+        raise ApiError(404, "User not found")
+    return web.json_response(shapes.user_read(state, user))
+
+
+async def list_roles(request: web.Request) -> web.Response:
+    _require(request, "user-roles-manage")
+    state = _fake(request).state
+    roles = [state.roles[i] for i in sorted(state.roles) if state.roles[i].committed]
+    return _listing(request, "/api/roles", [shapes.role_item(state, r) for r in roles])
+
+
+async def read_role(request: web.Request) -> web.Response:
+    _require(request, "user-roles-manage")
+    state = _fake(request).state
+    role = state.roles.get(_id(request))
+    if role is None or not role.committed:
+        raise ApiError(404, "Role not found")
+    return web.json_response(shapes.role_read(state, role))
+
+
+# -------------------------------------------------------- audit, recycle bin
+async def list_audit_log(request: web.Request) -> web.Response:
+    _require(request, "settings-manage", "users-manage")
+    state = _fake(request).state
+    # Rows logged inside a still-open transaction are not visible yet, ids notwithstanding.
+    rows = [shapes.activity_row(state, a) for a in state.activities if a.committed]
+    return _listing(request, "/api/audit-log", rows)
+
+
+async def list_recycle_bin(request: web.Request) -> web.Response:
+    _require(request, "settings-manage", "restrictions-manage-all")
+    state = _fake(request).state
+    rows = [shapes.deletion_row(state, state.deletions[i]) for i in sorted(state.deletions)]
+    return _listing(request, "/api/recycle-bin", rows)
+
+
+async def restore_recycle_bin(request: web.Request) -> web.Response:
+    _require(request, "settings-manage", "restrictions-manage-all")
+    fake = _fake(request)
+    try:
+        count = await fake.recycle_bin_restore(_id(request), acting_user_id=_user_id(request))
+    except NotFoundError as exc:
+        raise ApiError(404, "Deletion not found") from exc
+    return web.json_response({"restore_count": count})
+
+
+async def destroy_recycle_bin(request: web.Request) -> web.Response:
+    _require(request, "settings-manage", "restrictions-manage-all")
+    fake = _fake(request)
+    try:
+        count = await fake.recycle_bin_destroy(_id(request), acting_user_id=_user_id(request))
+    except NotFoundError as exc:
+        raise ApiError(404, "Deletion not found") from exc
+    return web.json_response({"delete_count": count})
+
+
+# ------------------------------------------------------- content permissions
+def _permissions_target(request: web.Request) -> Entity:
+    entity_type = request.match_info["type"]
+    if entity_type not in CONTENT_TYPES:
+        raise ApiError(404, "Not found")
+    entity = _visible_entity(request, entity_type, _id(request))
+    state, user_id = _fake(request).state, _user_id(request)
+    # checkOwnableUserAccess('restrictions-manage'): all, or own for the owner.
+    allowed = state.user_can(user_id, "restrictions-manage-all") or (
+        state.user_can(user_id, "restrictions-manage-own") and entity.owned_by == user_id
+    )
+    if not allowed:
+        raise ApiError(403, NO_PERMISSION)
+    return entity
+
+
+async def read_permissions(request: web.Request) -> web.Response:
+    entity = _permissions_target(request)
+    return web.json_response(shapes.content_permissions(_fake(request).state, entity))
+
+
+async def update_permissions(request: web.Request) -> web.Response:
+    """PermissionsUpdater::updateFromApiRequestData: each part replaced only when given."""
+    fake = _fake(request)
+    entity = _permissions_target(request)
+    data = await _json_body(request)
+    rows = dict(fake.state.entity_permissions.get((entity.TYPE, entity.id), {}))
+    role_rows: Iterable[dict[str, Any]] = [
+        {"role_id": r, **p.as_dict()} for r, p in rows.items() if r != 0
+    ]
+    if isinstance(data.get("role_permissions"), list):
+        role_rows = [r for r in data["role_permissions"] if isinstance(r, dict)]
+    fallback: dict[str, Any] | None = rows[0].as_dict() if 0 in rows else None
+    if "fallback_permissions" in data:
+        given = data["fallback_permissions"] or {}
+        inheriting = given.get("inheriting")
+        fallback = dict(given) if inheriting is not None and inheriting is not True else None
+    owner_id = data.get("owner_id")
+    if owner_id is not None and int(owner_id) not in fake.state.users:
+        raise _invalid("owner_id", "The selected owner id is invalid.")
+    for row in role_rows:
+        Perm.of(row)  # shape check; bad rows would be a 422 in BookStack
+    await fake.set_permissions(
+        entity.TYPE,
+        entity.id,
+        owner_id=int(owner_id) if owner_id is not None else None,
+        fallback=fallback,
+        role_permissions=role_rows,
+        acting_user_id=_user_id(request),
+    )
+    return web.json_response(shapes.content_permissions(fake.state, entity))
+
+
+def routes() -> list[tuple[str, str, Handler]]:
+    table: list[tuple[str, str, Handler]] = []
+    for name in ENTITY_ROUTES:
+        table += [
+            ("GET", f"/api/{name}", list_content),
+            ("POST", f"/api/{name}", create_content),
+            ("GET", f"/api/{name}/{{id:\\d+}}", read_content),
+            ("PUT", f"/api/{name}/{{id:\\d+}}", update_content),
+            ("DELETE", f"/api/{name}/{{id:\\d+}}", delete_content),
+        ]
+    table += [
+        ("GET", "/api/attachments", list_attachments),
+        ("GET", "/api/attachments/{id:\\d+}", read_attachment),
+        ("GET", "/api/users", list_users),
+        ("GET", "/api/users/{id:\\d+}", read_user),
+        ("GET", "/api/roles", list_roles),
+        ("GET", "/api/roles/{id:\\d+}", read_role),
+        ("GET", "/api/audit-log", list_audit_log),
+        ("GET", "/api/recycle-bin", list_recycle_bin),
+        ("PUT", "/api/recycle-bin/{id:\\d+}", restore_recycle_bin),
+        ("DELETE", "/api/recycle-bin/{id:\\d+}", destroy_recycle_bin),
+        ("GET", "/api/content-permissions/{type}/{id:\\d+}", read_permissions),
+        ("PUT", "/api/content-permissions/{type}/{id:\\d+}", update_permissions),
+    ]
+    return table

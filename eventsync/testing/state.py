@@ -1,0 +1,644 @@
+"""The fake BookStack's in-memory wiki: storage, hierarchy, visibility, audit log and truth."""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from eventsync.testing import shapes
+from eventsync.testing.models import (
+    ADMIN_REQUIRED_PERMISSIONS,
+    ALL_PERMISSIONS,
+    CONTENT_PERMISSIONS,
+    Activity,
+    ApiToken,
+    Attachment,
+    Book,
+    Chapter,
+    Deletion,
+    Entity,
+    Page,
+    Perm,
+    Revision,
+    Role,
+    Shelf,
+    User,
+    Webhook,
+    slugify,
+)
+from eventsync.testing.truth import build_truth
+
+Clock = Callable[[], datetime]
+ADMIN_USER_ID = 1
+GUEST_USER_ID = 2
+ADMIN_ROLE_ID = 1
+PUBLIC_ROLE_ID = 4
+
+# PermissionStatus (app/Permissions/PermissionStatus.php).
+IMPLICIT_DENY, IMPLICIT_ALLOW, EXPLICIT_DENY, EXPLICIT_ALLOW = 0, 1, 2, 3
+
+# PageContent's include tag: {{@123}} or {{@123#section}}.
+INCLUDE_TAG = re.compile(r"\{\{@\s?([0-9][^}]*?)\}\}")
+_SLUG_SUFFIX_CHARS = string.ascii_letters + string.digits
+
+
+@dataclass
+class Outgoing:
+    """A webhook body built at logging time, waiting to be POSTed."""
+
+    webhook: Webhook
+    body: dict[str, Any]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class WikiState:
+    """Everything the fake BookStack stores. Mutations here are silent building blocks."""
+
+    def __init__(
+        self,
+        *,
+        clock: Clock | None = None,
+        recycle_bin_lifetime: int = 30,
+        app_url: str = "http://localhost",
+    ) -> None:
+        self._clock: Clock = clock or _utc_now
+        self.recycle_bin_lifetime = recycle_bin_lifetime
+        self.app_url = app_url
+        # BookStack's email confirmation setting: unconfirmed users get 401 on the API.
+        self.email_confirmation_required = False
+        self._ids: dict[str, int] = {}
+        # Str::random(3) slug suffixes, made deterministic.
+        self._slug_rng = random.Random(0)
+
+        self.shelves: dict[int, Shelf] = {}
+        self.books: dict[int, Book] = {}
+        self.chapters: dict[int, Chapter] = {}
+        self.pages: dict[int, Page] = {}
+        self.attachments: dict[int, Attachment] = {}
+        self.users: dict[int, User] = {}
+        self.roles: dict[int, Role] = {}
+        self.tokens: dict[str, ApiToken] = {}
+        self.webhooks: dict[int, Webhook] = {}
+        self.deletions: dict[int, Deletion] = {}
+        self.activities: list[Activity] = []
+        # (entity type, id) -> {role id (0 = everyone else): flags}
+        self.entity_permissions: dict[tuple[str, int], dict[int, Perm]] = {}
+        self.outbox: list[Outgoing] = []
+
+        # Hierarchy indexes, trashed rows included (BookStack's withTrashed relations need them).
+        self._book_pages: dict[int, set[int]] = {}
+        self._book_chapters: dict[int, set[int]] = {}
+        self._chapter_pages: dict[int, set[int]] = {}
+        self._activities_by_entity: dict[tuple[str, int], list[Activity]] = {}
+        self._deletion_by_entity: dict[tuple[str, int], int] = {}
+        self._install_defaults()
+
+    # ----------------------------------------------------------------- basics
+    def now(self) -> datetime:
+        # MySQL timestamp columns hold whole seconds.
+        return self._clock().astimezone(UTC).replace(microsecond=0)
+
+    def next_id(self, table: str) -> int:
+        value = self._ids.get(table, 0) + 1
+        self._ids[table] = value
+        return value
+
+    def _install_defaults(self) -> None:
+        """The rows of a fresh BookStack install: Admin, Guest and the four default roles."""
+        now = self.now()
+        view_all = {p for p in CONTENT_PERMISSIONS if p.endswith("-view-all")}
+        editor = set(CONTENT_PERMISSIONS)
+        editor |= {
+            p for p in ALL_PERMISSIONS if p.startswith(("image-", "attachment-", "comment-"))
+        }
+        editor |= {"content-export", "editor-change", "receive-notifications"}
+        defaults = [
+            ("Admin", "Administrator of the whole application", set(ALL_PERMISSIONS), "admin"),
+            ("Editor", "User can edit content", editor, ""),
+            ("Viewer", "User can view books & their content behind authentication", view_all, ""),
+            ("Public", "The role given to public visitors if allowed", view_all, "public"),
+        ]
+        for name, description, perms, system_name in defaults:
+            role_id = self.next_id("roles")
+            self.roles[role_id] = Role(
+                id=role_id,
+                display_name=name,
+                description=description,
+                permissions=set(perms),
+                system_name=system_name,
+                created_at=now,
+                updated_at=now,
+            )
+        for name, email, role_id, system_name in (
+            ("Admin", "admin@admin.com", ADMIN_ROLE_ID, None),
+            ("Guest", "guest@example.com", PUBLIC_ROLE_ID, "public"),
+        ):
+            user_id = self.next_id("users")
+            self.users[user_id] = User(
+                id=user_id,
+                name=name,
+                slug=slugify(name),
+                email=email,
+                roles={role_id},
+                system_name=system_name,
+                created_at=now,
+                updated_at=now,
+            )
+
+    # ------------------------------------------------------------- lookups
+    def entity(self, entity_type: str, entity_id: int) -> Entity | None:
+        table: dict[int, Any] = {
+            "page": self.pages,
+            "chapter": self.chapters,
+            "book": self.books,
+            "bookshelf": self.shelves,
+        }[entity_type]
+        return table.get(entity_id)
+
+    def book_pages(self, book_id: int) -> list[Page]:
+        return [self.pages[i] for i in sorted(self._book_pages.get(book_id, ()))]
+
+    def book_chapters(self, book_id: int) -> list[Chapter]:
+        return [self.chapters[i] for i in sorted(self._book_chapters.get(book_id, ()))]
+
+    def chapter_pages(self, chapter_id: int) -> list[Page]:
+        return [self.pages[i] for i in sorted(self._chapter_pages.get(chapter_id, ()))]
+
+    def parent_of(self, entity: Entity) -> Entity | None:
+        """Entity::getParent, trashed parents included."""
+        if isinstance(entity, Page):
+            if entity.chapter_id and entity.chapter_id in self.chapters:
+                return self.chapters[entity.chapter_id]
+            return self.books.get(entity.book_id)
+        if isinstance(entity, Chapter):
+            return self.books.get(entity.book_id)
+        return None
+
+    def user_ref(self, user_id: int | None) -> dict[str, Any] | None:
+        user = self.users.get(user_id) if user_id is not None else None
+        if user is None:
+            return None
+        return {"id": user.id, "name": user.name, "slug": user.slug}
+
+    # ---------------------------------------------------------- hierarchy
+    def place_page(self, page: Page, book_id: int, chapter_id: int) -> None:
+        self._book_pages.get(page.book_id, set()).discard(page.id)
+        if page.chapter_id:
+            self._chapter_pages.get(page.chapter_id, set()).discard(page.id)
+        page.book_id, page.chapter_id = book_id, chapter_id
+        self._book_pages.setdefault(book_id, set()).add(page.id)
+        if chapter_id:
+            self._chapter_pages.setdefault(chapter_id, set()).add(page.id)
+
+    def place_chapter(self, chapter: Chapter, book_id: int) -> None:
+        self._book_chapters.get(chapter.book_id, set()).discard(chapter.id)
+        chapter.book_id = book_id
+        self._book_chapters.setdefault(book_id, set()).add(chapter.id)
+
+    def book_last_priority(self, book_id: int) -> int:
+        """BookContents::getLastPriority: never below 1, so the first item gets 2."""
+        pages = [
+            p.priority
+            for p in self.book_pages(book_id)
+            if not p.chapter_id and not p.draft and not p.trashed
+        ]
+        chapters = [c.priority for c in self.book_chapters(book_id) if not c.trashed]
+        return max([*pages, *chapters, 1])
+
+    def new_page_priority(self, page: Page) -> int:
+        """PageRepo::getNewPriority: after the chapter's last page, else at the book's end."""
+        if page.chapter_id:
+            siblings = [
+                p.priority
+                for p in self.chapter_pages(page.chapter_id)
+                if p.id != page.id and not p.trashed and not p.draft
+            ]
+            if siblings:
+                return max(siblings) + 1
+        return self.book_last_priority(page.book_id) + 1
+
+    # -------------------------------------------------------------- slugs/urls
+    def unique_slug(self, entity: Entity | User, name: str) -> str:
+        """SlugGenerator::generate: unique per table, and per book for pages and chapters."""
+        slug = slugify(name) or "".join(self._slug_rng.choices("0123456789abcdef", k=5))
+        while self._slug_in_use(entity, slug):
+            slug += "-" + "".join(self._slug_rng.choices(_SLUG_SUFFIX_CHARS, k=3))
+        return slug
+
+    def _slug_in_use(self, entity: Entity | User, slug: str) -> bool:
+        others: Iterable[Entity | User]
+        if isinstance(entity, Page):
+            others = (self.pages[i] for i in self._book_pages.get(entity.book_id, ()))
+        elif isinstance(entity, Chapter):
+            others = (self.chapters[i] for i in self._book_chapters.get(entity.book_id, ()))
+        elif isinstance(entity, Book):
+            others = self.books.values()
+        elif isinstance(entity, Shelf):
+            others = self.shelves.values()
+        else:
+            others = self.users.values()
+        return any(
+            o.slug == slug and o.id != entity.id and not getattr(o, "trashed", False)
+            for o in others
+        )
+
+    def path_of(self, entity: Entity) -> str:
+        if isinstance(entity, Shelf):
+            return f"/shelves/{entity.slug}"
+        if isinstance(entity, Book):
+            return f"/books/{entity.slug}"
+        book = self.books.get(entity.book_id)  # type: ignore[attr-defined]
+        book_slug = book.slug if book else ""
+        if isinstance(entity, Chapter):
+            return f"/books/{book_slug}/chapter/{entity.slug}"
+        assert isinstance(entity, Page)
+        if entity.draft:
+            return f"/books/{book_slug}/draft/{entity.id}"
+        return f"/books/{book_slug}/page/{entity.slug}"
+
+    def url(self, path: str) -> str:
+        # Laravel's url() trims trailing slashes.
+        return (self.app_url.rstrip("/") + path).rstrip("/")
+
+    def url_of(self, entity: Entity) -> str:
+        return self.url(self.path_of(entity))
+
+    def update_references(self, old_path: str, new_path: str, *, skip: int | None = None) -> None:
+        """ReferenceUpdater: rewrite links to a moved/renamed item in every other live page.
+
+        Silent, as in BookStack: html and markdown change, revision_count and updated_at move,
+        and a revision is stored, but no activity is logged.
+        """
+        if old_path == new_path:
+            return
+        # A link is to the item (or, for a book, to one of its children) when the path is
+        # followed by something that cannot continue a slug.
+        pattern = re.compile(re.escape(old_path) + r"(?![\w-])")
+        now = self.now()
+        for page in self.pages.values():
+            if page.trashed or page.draft or page.id == skip:
+                continue
+            if old_path not in page.html and old_path not in page.markdown:
+                continue
+            html = pattern.sub(new_path, page.html)
+            markdown = pattern.sub(new_path, page.markdown)
+            if html == page.html and markdown == page.markdown:
+                continue
+            page.html, page.markdown = html, markdown
+            page.revision_count += 1
+            page.updated_at = now
+            self.store_revision(page, "System auto-update of internal links", page.updated_by)
+
+    def store_revision(self, page: Page, summary: str | None, user_id: int | None) -> Revision:
+        book = self.books.get(page.book_id)
+        revision = Revision(
+            id=self.next_id("page_revisions"),
+            page_id=page.id,
+            name=page.name,
+            slug=page.slug,
+            book_slug=book.slug if book else "",
+            html=page.html,
+            markdown=page.markdown,
+            created_by=user_id,
+            created_at=self.now(),
+            summary=summary,
+            revision_number=page.revision_count,
+        )
+        page.revisions.append(revision)
+        return revision
+
+    def change_book(self, child: Page | Chapter, book_id: int) -> None:
+        """BookChild::changeBook: new book, refreshed slug, references; a chapter's pages follow."""
+        old_path = self.path_of(child)
+        if isinstance(child, Page):
+            self.place_page(child, book_id, child.chapter_id)
+        else:
+            self.place_chapter(child, book_id)
+        child.slug = self.unique_slug(child, child.name)
+        child.updated_at = self.now()
+        skip = child.id if isinstance(child, Page) else None
+        self.update_references(old_path, self.path_of(child), skip=skip)
+        if isinstance(child, Chapter):
+            for page in self.chapter_pages(child.id):
+                self.change_book(page, book_id)
+
+    # ------------------------------------------------------------ rendering
+    def render_html(self, page: Page, viewer_id: int, depth: int = 0) -> str:
+        """Page::forJsonDisplay html: include tags replaced by the included page's content."""
+        if "{{@" not in page.html:
+            return page.html
+
+        def include(match: re.Match[str]) -> str:
+            ref = match.group(1).split("#", 1)[0].strip()
+            target = self.pages.get(int(ref)) if ref.isdigit() else None
+            # PageIncludeParser gives up after a few levels so self-includes terminate.
+            if target is None or depth >= 3 or not self.can_view(viewer_id, target):
+                return ""
+            return self.render_html(target, viewer_id, depth + 1)
+
+        return INCLUDE_TAG.sub(include, page.html)
+
+    # ----------------------------------------------------------- visibility
+    def user_roles(self, user_id: int) -> list[Role]:
+        user = self.users.get(user_id)
+        if user is None:
+            return []
+        return [self.roles[r] for r in sorted(user.roles) if r in self.roles]
+
+    def user_can(self, user_id: int, permission: str) -> bool:
+        """User::can for role-level permissions (access-api, settings-manage...)."""
+        return any(permission in role.permissions for role in self.user_roles(user_id))
+
+    def is_admin(self, user_id: int) -> bool:
+        return any(role.system_name == "admin" for role in self.user_roles(user_id))
+
+    def _chain(self, entity: Entity) -> list[Entity]:
+        chain: list[Entity] = [entity]
+        if isinstance(entity, Page):
+            if entity.chapter_id and entity.chapter_id in self.chapters:
+                chain.append(self.chapters[entity.chapter_id])
+            if entity.book_id in self.books:
+                chain.append(self.books[entity.book_id])
+        elif isinstance(entity, Chapter) and entity.book_id in self.books:
+            chain.append(self.books[entity.book_id])
+        return chain
+
+    def _role_status(self, role: Role, entity: Entity, action: str) -> tuple[int, int | None]:
+        """JointPermissionBuilder for one role: (status, owner id) for `action` on `entity`."""
+        if role.system_name == "admin":
+            return EXPLICIT_ALLOW, None
+        role_value: bool | None = None
+        fallback: bool | None = None
+        for level in self._chain(entity):
+            rows = self.entity_permissions.get((level.TYPE, level.id))
+            if not rows:
+                continue
+            if role_value is None and role.id in rows:
+                role_value = getattr(rows[role.id], action)
+            if 0 in rows:
+                fallback = getattr(rows[0], action)
+                break
+        if role_value is not None:
+            status = EXPLICIT_ALLOW if role_value else EXPLICIT_DENY
+        elif fallback is not None:
+            status = IMPLICIT_ALLOW if fallback else IMPLICIT_DENY
+        else:
+            allowed = f"{entity.TYPE}-{action}-all" in role.permissions
+            status = IMPLICIT_ALLOW if allowed else IMPLICIT_DENY
+        owner = None
+        if (
+            f"{entity.TYPE}-{action}-own" in role.permissions
+            and status != EXPLICIT_DENY
+            and entity.owned_by
+        ):
+            owner = entity.owned_by
+        return status, owner
+
+    def can(self, user_id: int, action: str, entity: Entity) -> bool:
+        """The effective content permission (FACTS §6): max status over the user's roles."""
+        roles = self.user_roles(user_id)
+        if not roles:
+            return False
+        statuses = [self._role_status(role, entity, action) for role in roles]
+        status = max(s for s, _ in statuses)
+        owner = max((o for _, o in statuses if o is not None), default=None)
+        return status in (IMPLICIT_ALLOW, EXPLICIT_ALLOW) or (
+            owner == user_id and status != EXPLICIT_DENY
+        )
+
+    def can_view(self, user_id: int, entity: Entity) -> bool:
+        if entity.trashed:
+            return False
+        # restrictDraftsOnPageQuery: nobody, admins included, sees another user's draft.
+        if isinstance(entity, Page) and entity.draft and entity.owned_by != user_id:
+            return False
+        if self.is_admin(user_id):
+            return True
+        return self.can(user_id, "view", entity)
+
+    def visible(self, user_id: int, entities: Iterable[Entity]) -> Iterator[Entity]:
+        admin = self.is_admin(user_id)
+        for entity in entities:
+            if entity.trashed:
+                continue
+            if isinstance(entity, Page) and entity.draft and entity.owned_by != user_id:
+                continue
+            if admin or self.can(user_id, "view", entity):
+                yield entity
+
+    def visible_attachments(self, user_id: int) -> Iterator[Attachment]:
+        seen: dict[int, bool] = {}
+        for attachment in self.attachments.values():
+            page_id = attachment.uploaded_to
+            if page_id not in seen:
+                page = self.pages.get(page_id)
+                seen[page_id] = page is not None and self.can_view(user_id, page)
+            if seen[page_id]:
+                yield attachment
+
+    # --------------------------------------------------------- audit log
+    def log(
+        self,
+        type_: str,
+        detail: object,
+        *,
+        user_id: int,
+        ip: str = "127.0.0.1",
+        committed: bool = True,
+    ) -> Activity:
+        """ActivityLogger::add: store the row, then build a webhook body per matching hook."""
+        if isinstance(detail, str):
+            descriptor = detail
+        elif isinstance(detail, Deletion):
+            descriptor = self.deletion_descriptor(detail)
+        else:
+            descriptor = detail.descriptor()  # type: ignore[attr-defined]
+        loggable = detail if isinstance(detail, Entity) else None
+        activity = Activity(
+            id=self.next_id("activities"),
+            type=type_.lower(),
+            detail=descriptor,
+            user_id=user_id,
+            loggable_id=loggable.id if loggable else None,
+            loggable_type=loggable.TYPE if loggable else None,
+            ip=ip,
+            created_at=self.now(),
+            committed=committed,
+        )
+        self.activities.append(activity)
+        if loggable is not None:
+            self._activities_by_entity.setdefault((loggable.TYPE, loggable.id), []).append(activity)
+        initiator = self.users.get(user_id) or self.users[GUEST_USER_ID]
+        for webhook in self.webhooks.values():
+            if webhook.active and ("all" in webhook.events or type_ in webhook.events):
+                body = shapes.webhook_body(self, type_, webhook, detail, initiator)
+                self.outbox.append(Outgoing(webhook, body))
+        return activity
+
+    def anonymise_activities(self, entity: Entity) -> None:
+        """ActivityLogger::removeEntity: rows keep only the bare name."""
+        for activity in self._activities_by_entity.pop((entity.TYPE, entity.id), []):
+            activity.detail = entity.name
+            activity.loggable_id = None
+            activity.loggable_type = None
+
+    def clear_activity(self) -> None:
+        """bookstack:clear-activity: TRUNCATE, so ids restart at 1."""
+        self.activities.clear()
+        self._activities_by_entity.clear()
+        self._ids["activities"] = 0
+
+    def deletion_descriptor(self, deletion: Deletion) -> str:
+        entity = self.entity(deletion.deletable_type, deletion.deletable_id)
+        if entity is None:
+            return f"Deletion ({deletion.id})"
+        return (
+            f"Deletion ({deletion.id}) for {deletion.deletable_type} "
+            f"({deletion.deletable_id}) {entity.name}"
+        )
+
+    # ------------------------------------------------------------ recycle bin
+    def soft_delete(self, entity: Entity, user_id: int, *, record: bool = True) -> None:
+        """TrashCan::softDestroy*: one Deletion for the item, children trashed silently."""
+        now = self.now()
+        if record:
+            deletion = Deletion(
+                id=self.next_id("deletions"),
+                deleted_by=user_id,
+                deletable_type=entity.TYPE,
+                deletable_id=entity.id,
+                created_at=now,
+                updated_at=now,
+            )
+            self.deletions[deletion.id] = deletion
+            self._deletion_by_entity[(entity.TYPE, entity.id)] = deletion.id
+        if isinstance(entity, Book):
+            for page in self.book_pages(entity.id):
+                if not page.trashed:
+                    self.soft_delete(page, user_id, record=False)
+            for chapter in self.book_chapters(entity.id):
+                if not chapter.trashed:
+                    self.soft_delete(chapter, user_id, record=False)
+        elif isinstance(entity, Chapter):
+            for page in self.chapter_pages(entity.id):
+                if not page.trashed:
+                    self.soft_delete(page, user_id, record=False)
+        entity.deleted_at = now
+        entity.updated_at = now
+
+    def _drop_deletion_of(self, entity: Entity) -> None:
+        deletion_id = self._deletion_by_entity.pop((entity.TYPE, entity.id), None)
+        if deletion_id is not None:
+            self.deletions.pop(deletion_id, None)
+
+    def restore_deletion(self, deletion: Deletion) -> int:
+        """TrashCan::restoreFromDeletion: nothing restored when the parent is still trashed."""
+        entity = self.entity(deletion.deletable_type, deletion.deletable_id)
+        count = 0
+        parent = self.parent_of(entity) if entity is not None else None
+        if entity is not None and not (parent is not None and parent.trashed):
+            count = self._restore_entity(entity)
+        self.deletions.pop(deletion.id, None)
+        self._deletion_by_entity.pop((deletion.deletable_type, deletion.deletable_id), None)
+        return count
+
+    def _restore_entity(self, entity: Entity) -> int:
+        entity.deleted_at = None
+        count = 1
+        children: list[Entity] = []
+        if isinstance(entity, Book | Chapter):
+            children += (
+                self.book_pages(entity.id)
+                if isinstance(entity, Book)
+                else self.chapter_pages(entity.id)
+            )
+        if isinstance(entity, Book):
+            children += self.book_chapters(entity.id)
+        for child in children:
+            self._drop_deletion_of(child)
+            child.deleted_at = None
+            count += 1
+        return count
+
+    def destroy(self, entity: Entity) -> int:
+        """TrashCan::destroyEntity: permanent, children included, history anonymised."""
+        count = 0
+        if isinstance(entity, Book):
+            for page in self.book_pages(entity.id):
+                count += self.destroy(page)
+            for chapter in self.book_chapters(entity.id):
+                count += self.destroy(chapter)
+            for shelf in self.shelves.values():
+                if entity.id in shelf.books:
+                    shelf.books.remove(entity.id)
+            self._book_pages.pop(entity.id, None)
+            self._book_chapters.pop(entity.id, None)
+            del self.books[entity.id]
+        elif isinstance(entity, Chapter):
+            for page in self.chapter_pages(entity.id):
+                count += self.destroy(page)
+            self._book_chapters.get(entity.book_id, set()).discard(entity.id)
+            self._chapter_pages.pop(entity.id, None)
+            del self.chapters[entity.id]
+        elif isinstance(entity, Page):
+            for attachment_id in [
+                a.id for a in self.attachments.values() if a.uploaded_to == entity.id
+            ]:
+                del self.attachments[attachment_id]
+            for holder in [*self.books.values(), *self.chapters.values()]:
+                if holder.default_template_id == entity.id:
+                    holder.default_template_id = None
+            self._book_pages.get(entity.book_id, set()).discard(entity.id)
+            if entity.chapter_id:
+                self._chapter_pages.get(entity.chapter_id, set()).discard(entity.id)
+            del self.pages[entity.id]
+        elif isinstance(entity, Shelf):
+            del self.shelves[entity.id]
+        self.anonymise_activities(entity)
+        self.entity_permissions.pop((entity.TYPE, entity.id), None)
+        self._drop_deletion_of(entity)
+        return count + 1
+
+    def destroy_deletion(self, deletion: Deletion) -> int:
+        entity = self.entity(deletion.deletable_type, deletion.deletable_id)
+        count = self.destroy(entity) if entity is not None else 0
+        self.deletions.pop(deletion.id, None)
+        return count
+
+    def auto_clear(self) -> None:
+        """TrashCan::autoClearOld (silent). The 10 s slack makes lifetime 0 clear at once."""
+        if self.recycle_bin_lifetime < 0:
+            return
+        before = self.now() + timedelta(seconds=10) - timedelta(days=self.recycle_bin_lifetime)
+        for deletion in [d for d in self.deletions.values() if d.created_at < before]:
+            if deletion.id in self.deletions:
+                self.destroy_deletion(deletion)
+
+    # --------------------------------------------------------- permissions
+    def has_permissions(self, entity: Entity) -> bool:
+        return bool(self.entity_permissions.get((entity.TYPE, entity.id)))
+
+    def copy_permissions(self, source: Entity, target: Entity) -> None:
+        rows = self.entity_permissions.get((source.TYPE, source.id))
+        if rows:
+            self.entity_permissions[(target.TYPE, target.id)] = dict(rows)
+        else:
+            self.entity_permissions.pop((target.TYPE, target.id), None)
+
+    # --------------------------------------------------------------- truth
+    def truth(self, user_id: int = ADMIN_USER_ID) -> dict[str, Any]:
+        """What a correct mirror holds: DESIGN.md's `eventsync export` document."""
+        return build_truth(self, user_id)
+
+
+def admin_permissions(permissions: Iterable[str]) -> set[str]:
+    """Role permissions as PermissionsRepo stores them for the admin role."""
+    return set(permissions) | ADMIN_REQUIRED_PERMISSIONS

@@ -1,0 +1,827 @@
+"""Tests of the fake BookStack itself, over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from eventsync.testing import FakeBookStack, Faults
+
+pytestmark = pytest.mark.timeout(30)
+
+Json = dict[str, Any]
+FakeFactory = Callable[..., Awaitable[FakeBookStack]]
+
+
+# ------------------------------------------------------------------ fixtures
+@pytest.fixture
+async def make_fake() -> AsyncIterator[FakeFactory]:
+    fakes: list[FakeBookStack] = []
+
+    async def make(**kwargs: Any) -> FakeBookStack:
+        fake = FakeBookStack(**kwargs)
+        await fake.start()
+        fakes.append(fake)
+        return fake
+
+    yield make
+    for fake in fakes:
+        await fake.stop()
+
+
+@pytest.fixture
+async def fake(make_fake: FakeFactory) -> FakeBookStack:
+    return await make_fake()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def auth(fake: FakeBookStack, token_id: str | None = None, secret: str | None = None) -> Json:
+    return {"Authorization": f"Token {token_id or fake.token_id}:{secret or fake.token_secret}"}
+
+
+async def get(
+    http: aiohttp.ClientSession, fake: FakeBookStack, path: str, headers: Json | None = None
+) -> tuple[int, Any, Any]:
+    async with http.get(fake.url + path, headers=headers or auth(fake)) as response:
+        return response.status, await response.json(), response.headers
+
+
+class Receiver:
+    """A tiny webhook endpoint that keeps every body and can run a hook on arrival."""
+
+    def __init__(self) -> None:
+        self.bodies: list[Json] = []
+        self.on_body: Callable[[Json], Awaitable[None]] | None = None
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.bodies.append(body)
+        if self.on_body is not None:
+            await self.on_body(body)
+        return web.Response(text="ok")
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}/hook"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def events(self) -> list[str]:
+        return [b["event"] for b in self.bodies]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    receiver = Receiver()
+    await receiver.start()
+    yield receiver
+    await receiver.stop()
+
+
+def activities_after(fake: FakeBookStack, after: int) -> list[str]:
+    return [a.type for a in fake.state.activities if a.id > after]
+
+
+def last_activity_id(fake: FakeBookStack) -> int:
+    return fake.state.activities[-1].id if fake.state.activities else 0
+
+
+async def api_user(fake: FakeBookStack, permissions: set[str], token: str) -> int:
+    role_id = await fake.create_role(f"role {token}", permissions)
+    user_id = await fake.create_user(f"user {token}", f"{token}@example.com", [role_id])
+    fake.add_token(user_id, token, "secret")
+    return user_id
+
+
+# ----------------------------------------------------------------------- auth
+async def test_auth_matrix(fake: FakeBookStack, http: aiohttp.ClientSession) -> None:
+    no_api = await fake.create_user("No API", "noapi@example.com", [3])
+    fake.add_token(no_api, "noapi", "secret")
+    fake.add_token(1, "expired", "secret", expires_at=datetime.now(UTC) - timedelta(days=1))
+    unconfirmed = await api_user(fake, {"access-api"}, "unconfirmed")
+    fake.state.users[unconfirmed].email_confirmed = False
+    fake.state.email_confirmation_required = True
+
+    cases = [
+        ({}, 401, "No authorization token found on the request"),
+        (
+            {"Authorization": "Bearer abc"},
+            401,
+            "An authorization token was found on the request but the format appeared incorrect",
+        ),
+        (
+            auth(fake, "nope", "x"),
+            401,
+            "No matching API token was found for the provided authorization token",
+        ),
+        (
+            auth(fake, fake.token_id, "wrong"),
+            401,
+            "The secret provided for the given used API token is incorrect",
+        ),
+        (auth(fake, "expired", "secret"), 403, "The authorization token used has expired"),
+        (
+            auth(fake, "noapi", "secret"),
+            403,
+            "The owner of the used API token does not have permission to make API calls",
+        ),
+        (
+            auth(fake, "unconfirmed", "secret"),
+            401,
+            "The email address for the account in use needs to be confirmed",
+        ),
+    ]
+    for headers, status, message in cases:
+        async with http.get(fake.url + "/api/books", headers=headers) as response:
+            body = await response.json()
+            assert (response.status, body) == (
+                status,
+                {"error": {"message": message, "code": status}},
+            ), headers
+            assert "X-RateLimit-Remaining" in response.headers
+    status, _, _ = await get(http, fake, "/api/books")
+    assert status == 200
+
+
+async def test_permission_gates(fake: FakeBookStack, http: aiohttp.ClientSession) -> None:
+    await api_user(fake, {"access-api", "settings-manage"}, "limited")
+    headers = auth(fake, "limited", "secret")
+    for path in ("/api/audit-log", "/api/users", "/api/roles", "/api/recycle-bin"):
+        status, body, _ = await get(http, fake, path, headers)
+        assert status == 403, path
+        assert body["error"]["message"] == (
+            "You do not have permission to perform the requested action."
+        )
+    status, _, _ = await get(http, fake, "/api/books", headers)
+    assert status == 200
+
+
+async def test_unknown_route_is_json_404(fake: FakeBookStack, http: aiohttp.ClientSession) -> None:
+    status, body, _ = await get(http, fake, "/api/nothing-here")
+    assert status == 404
+    assert body["error"]["code"] == 404
+    status, body, _ = await get(http, fake, "/api/pages/999")
+    assert (status, body["error"]["code"]) == (404, 404)
+
+
+# ------------------------------------------------------------------- listings
+async def test_listing_semantics(make_fake: FakeFactory, http: aiohttp.ClientSession) -> None:
+    fake = await make_fake(requests_per_minute=1000)
+    fake.seed(pages=600, books=4, shelves=1, attachments=0, permission_share=0)
+
+    status, body, _ = await get(http, fake, "/api/pages")
+    assert status == 200
+    assert (len(body["data"]), body["total"]) == (100, 600)
+    assert set(body["data"][0]) >= {"revision_count", "editor", "book_slug", "chapter_id"}
+    assert "html" not in body["data"][0]
+
+    _, body, _ = await get(http, fake, "/api/pages?count=0")
+    assert len(body["data"]) == 1
+    _, body, _ = await get(http, fake, "/api/pages?count=5000")
+    assert len(body["data"]) == 500
+    _, body, _ = await get(http, fake, "/api/pages?count=10&offset=595")
+    assert [p["id"] for p in body["data"]] == list(range(596, 601))
+    assert body["total"] == 600
+
+    _, body, _ = await get(http, fake, "/api/pages?sort=-nonsense&count=3")
+    assert [p["id"] for p in body["data"]] == [600, 599, 598]
+    _, body, _ = await get(http, fake, "/api/pages?sort=+nonsense&count=3")
+    assert [p["id"] for p in body["data"]] == [1, 2, 3]
+    _, body, _ = await get(http, fake, "/api/pages?sort=-name&count=2")
+    names = sorted((p.name.casefold() for p in fake.state.pages.values()), reverse=True)
+    assert [p["name"].casefold() for p in body["data"]] == names[:2]
+
+    _, body, _ = await get(http, fake, "/api/pages?filter[nonsense]=1&count=1")
+    assert body["total"] == 600
+    _, body, _ = await get(http, fake, "/api/pages?filter[id:gt]=590&count=500")
+    assert body["total"] == 10
+    _, body, _ = await get(http, fake, "/api/pages?filter[id:lte]=5&filter[id:ne]=3")
+    assert [p["id"] for p in body["data"]] == [1, 2, 4, 5]
+    _, body, _ = await get(http, fake, "/api/pages?filter[id:bogus]=7")
+    assert [p["id"] for p in body["data"]] == [7]
+    _, body, _ = await get(http, fake, "/api/pages?filter[name:like]=page 1__ %25&count=500")
+    assert body["total"] == 100  # ids 100..199
+    _, body, _ = await get(http, fake, "/api/pages?filter[draft]=1")
+    assert body["total"] == 0
+    _, body, _ = await get(http, fake, "/api/pages?filter[draft]=0&count=1")
+    assert body["total"] == 600
+
+    # /api/roles lists no id: sorting by it falls back to display_name, filtering is ignored.
+    _, body, _ = await get(http, fake, "/api/roles?sort=id")
+    names = [r["display_name"] for r in body["data"]]
+    assert names == sorted(names, key=str.casefold)
+    assert {"users_count", "permissions_count", "system_name", "id"} <= set(body["data"][0])
+    _, body, _ = await get(http, fake, "/api/roles?filter[id]=1")
+    assert body["total"] == len(fake.state.roles)
+    _, body, _ = await get(http, fake, "/api/users")
+    assert "roles" not in body["data"][0]
+
+
+async def test_listing_of_2000_pages_is_fast(
+    fake: FakeBookStack, http: aiohttp.ClientSession
+) -> None:
+    started = time.perf_counter()
+    fake.seed(pages=2000, books=20, shelves=4, attachments=100)
+    seeded = time.perf_counter()
+    for offset in range(0, 2000, 500):
+        status, body, _ = await get(http, fake, f"/api/pages?count=500&offset={offset}&sort=id")
+        assert status == 200 and len(body["data"]) == 500
+    assert seeded - started < 2.0
+    assert time.perf_counter() - seeded < 3.0
+
+
+# ----------------------------------------------------------------- rate limit
+async def test_rate_limit(make_fake: FakeFactory, http: aiohttp.ClientSession) -> None:
+    frozen = datetime(2020, 1, 1, tzinfo=UTC)
+    fake = await make_fake(requests_per_minute=3, clock=lambda: frozen)
+    remaining = []
+    for headers in (auth(fake), {}, auth(fake)):  # unauthenticated requests count too
+        async with http.get(fake.url + "/api/books", headers=headers) as response:
+            assert response.headers["X-RateLimit-Limit"] == "3"
+            remaining.append(response.headers["X-RateLimit-Remaining"])
+    assert remaining == ["2", "1", "0"]
+    async with http.get(fake.url + "/api/books", headers=auth(fake)) as response:
+        assert response.status == 429
+        assert await response.json() == {"error": {"message": "Too Many Attempts.", "code": 429}}
+        assert 0 < int(response.headers["Retry-After"]) <= 60
+        assert int(response.headers["X-RateLimit-Reset"]) >= int(time.time())
+        assert response.headers["X-RateLimit-Remaining"] == "0"
+    assert fake.rate_limit_hits == 1
+    assert [r.status for r in fake.requests] == [200, 401, 200, 429]
+
+
+# ---------------------------------------------------------------------- reads
+async def test_read_shapes(fake: FakeBookStack, http: aiohttp.ClientSession) -> None:
+    shelf_book = await fake.create_book("Guide", "About", tags=[("topic", "ops")])
+    other = await fake.create_book("Other")
+    shelf = await fake.create_shelf("Shelf", books=[other, shelf_book])
+    chapter = await fake.create_chapter(shelf_book, "Intro")
+    included = await fake.create_page(book_id=shelf_book, name="Snippet", html="<p>snip</p>")
+    page = await fake.create_page(
+        chapter_id=chapter, name="Start", html=f"<p>a</p>{{{{@{included}}}}}", tags=[("k", "v")]
+    )
+    attachment = await fake.create_attachment(page, "notes", content=b"hello", extension="txt")
+    link = await fake.create_attachment(page, "site", link="https://example.com")
+
+    _, body, _ = await get(http, fake, f"/api/pages/{page}")
+    assert body["html"] == "<p>a</p><p>snip</p>"
+    assert body["raw_html"] == f"<p>a</p>{{{{@{included}}}}}"
+    assert body["tags"] == [{"name": "k", "value": "v", "order": 0}]
+    assert body["created_by"] == {"id": 1, "name": "Admin", "slug": "admin"}
+    assert {"revision_count", "editor", "markdown", "draft", "template"} <= set(body)
+    _, body, _ = await get(http, fake, f"/api/pages/{included}")
+    assert body["chapter_id"] == 0
+
+    _, body, _ = await get(http, fake, f"/api/books/{shelf_book}")
+    assert [(i["type"], i["id"]) for i in body["contents"]] == [
+        ("chapter", chapter),
+        ("page", included),
+    ]
+    assert body["contents"][0]["pages"][0]["id"] == page
+    assert "type" not in body["contents"][0]["pages"][0]
+    assert body["tags"] == [{"name": "topic", "value": "ops", "order": 0}]
+    _, body, _ = await get(http, fake, f"/api/chapters/{chapter}")
+    assert body["book_slug"] == "guide"
+    assert [p["id"] for p in body["pages"]] == [page]
+    _, body, _ = await get(http, fake, f"/api/shelves/{shelf}")
+    assert [b["id"] for b in body["books"]] == [other, shelf_book]
+    assert isinstance(body["books"][0]["created_by"], int)
+
+    _, body, _ = await get(http, fake, f"/api/attachments/{attachment}")
+    assert base64.b64decode(body["content"]) == b"hello"
+    assert set(body["links"]) == {"html", "markdown"}
+    _, body, _ = await get(http, fake, f"/api/attachments/{link}")
+    assert (body["external"], body["content"]) == (True, "https://example.com")
+
+    _, body, _ = await get(http, fake, "/api/users/1")
+    assert body["roles"] == [{"id": 1, "display_name": "Admin"}]
+    _, body, _ = await get(http, fake, "/api/roles/1")
+    assert body["permissions"] == sorted(body["permissions"])
+    assert {"access-api", "settings-manage", "users-manage"} <= set(body["permissions"])
+    assert body["users"] == [{"id": 1, "name": "Admin", "slug": "admin"}]
+
+    await fake.set_permissions(
+        "page",
+        page,
+        fallback={"view": False, "create": False, "update": False, "delete": False},
+        role_permissions=[{"role_id": 3, "view": True}],
+    )
+    _, body, _ = await get(http, fake, f"/api/content-permissions/page/{page}")
+    assert body["owner"] == {"id": 1, "name": "Admin", "slug": "admin"}
+    assert body["fallback_permissions"] == {
+        "inheriting": False,
+        "view": False,
+        "create": False,
+        "update": False,
+        "delete": False,
+    }
+    assert body["role_permissions"] == [
+        {
+            "role_id": 3,
+            "view": True,
+            "create": False,
+            "update": False,
+            "delete": False,
+            "role": {"id": 3, "display_name": "Viewer"},
+        }
+    ]
+
+
+async def test_visibility_for_non_admin(fake: FakeBookStack, http: aiohttp.ClientSession) -> None:
+    user = await api_user(fake, {"access-api", "page-view-all", "book-view-all"}, "viewer")
+    book = await fake.create_book("B")
+    hidden = await fake.create_page(book_id=book, name="Hidden", html="")
+    shown = await fake.create_page(book_id=book, name="Shown", html="")
+    draft = await fake.create_draft(book, "Mine", owner_id=user)
+    await fake.create_draft(book, "Admin's", owner_id=1)
+    await fake.set_permissions("page", hidden, fallback={"view": False})
+    headers = auth(fake, "viewer", "secret")
+    _, body, _ = await get(http, fake, "/api/pages", headers)
+    assert [p["id"] for p in body["data"]] == [shown, draft]
+    status, _, _ = await get(http, fake, f"/api/pages/{hidden}", headers)
+    assert status == 404
+    # Admin sees the hidden page but never another user's draft.
+    _, body, _ = await get(http, fake, "/api/pages")
+    assert draft not in [p["id"] for p in body["data"]]
+    assert hidden in [p["id"] for p in body["data"]]
+    assert [p["id"] for p in fake.truth()["pages"]] == [hidden, shown]
+
+
+# ------------------------------------------------------------------- cascades
+async def test_book_delete_hides_children_and_logs_once(
+    fake: FakeBookStack, http: aiohttp.ClientSession
+) -> None:
+    book = await fake.create_book("Doomed")
+    chapter = await fake.create_chapter(book, "C")
+    page = await fake.create_page(chapter_id=chapter, name="P", html="")
+    direct = await fake.create_page(book_id=book, name="D", html="")
+    cursor = last_activity_id(fake)
+    await fake.delete_book(book)
+    assert activities_after(fake, cursor) == ["book_delete"]
+    for path in (f"/api/chapters/{chapter}", f"/api/pages/{page}", f"/api/pages/{direct}"):
+        status, _, _ = await get(http, fake, path)
+        assert status == 404, path
+    assert [(d["deletable_type"], d["deletable_id"]) for d in fake.deletions()] == [("book", book)]
+    _, body, _ = await get(http, fake, "/api/recycle-bin")
+    assert body["data"][0]["deletable"]["pages_count"] == 2
+
+
+async def test_chapter_move_moves_pages_silently(
+    fake: FakeBookStack, http: aiohttp.ClientSession
+) -> None:
+    source = await fake.create_book("Source")
+    target = await fake.create_book("Target")
+    chapter = await fake.create_chapter(source, "Moving")
+    live = await fake.create_page(chapter_id=chapter, name="Live", html="")
+    trashed = await fake.create_page(chapter_id=chapter, name="Trashed", html="")
+    await fake.delete_page(trashed)
+    cursor = last_activity_id(fake)
+    await fake.move_chapter(chapter, target)
+    assert activities_after(fake, cursor) == ["chapter_move"]
+    _, body, _ = await get(http, fake, f"/api/pages/{live}")
+    assert body["book_id"] == target
+    assert fake.state.pages[trashed].book_id == target
+
+
+async def test_link_rewrite_is_silent(fake: FakeBookStack, http: aiohttp.ClientSession) -> None:
+    book = await fake.create_book("Book")
+    target = await fake.create_page(book_id=book, name="Target", html="<p>t</p>")
+    linking = await fake.create_page(
+        book_id=book, name="Linking", html=f'<a href="{fake.url}/books/book/page/target">x</a>'
+    )
+    before = fake.state.pages[linking].revision_count
+    cursor = last_activity_id(fake)
+    await fake.update_page(target, name="Renamed")
+    assert activities_after(fake, cursor) == ["page_update"]
+    _, body, _ = await get(http, fake, f"/api/pages/{linking}")
+    assert "/books/book/page/renamed" in body["html"]
+    assert body["revision_count"] == before + 1
+
+
+async def test_sort_logs_book_sort_per_book(fake: FakeBookStack) -> None:
+    first = await fake.create_book("First")
+    second = await fake.create_book("Second")
+    page = await fake.create_page(book_id=first, name="P", html="")
+    cursor = last_activity_id(fake)
+    await fake.sort_book([("page", page, second, None, 5)])
+    assert activities_after(fake, cursor) == ["book_sort", "book_sort"]
+    assert {a.loggable_id for a in fake.state.activities if a.id > cursor} == {first, second}
+    assert (fake.state.pages[page].book_id, fake.state.pages[page].priority) == (second, 5)
+
+
+async def test_conversions(fake: FakeBookStack, receiver: Receiver) -> None:
+    fake.add_webhook(receiver.url)
+    book = await fake.create_book("Handbook")
+    chapter = await fake.create_chapter(book, "Part One")
+    page = await fake.create_page(chapter_id=chapter, name="P1", html="")
+    cursor = last_activity_id(fake)
+    receiver.bodies.clear()
+
+    new_book = await fake.convert_chapter_to_book(chapter)
+    assert activities_after(fake, cursor) == ["book_create", "book_create_from_chapter"]
+    assert receiver.events() == ["book_create", "book_create_from_chapter"]
+    assert chapter not in fake.state.chapters
+    chapter_create = next(a for a in fake.state.activities if a.type == "chapter_create")
+    assert (chapter_create.detail, chapter_create.loggable_id) == ("Part One", None)
+    assert (fake.state.pages[page].book_id, fake.state.pages[page].chapter_id) == (new_book, 0)
+
+    second = await fake.create_chapter(book, "Part Two")
+    await fake.create_page(book_id=book, name="Loose", html="")
+    cursor = last_activity_id(fake)
+    shelf = await fake.convert_book_to_shelf(book)
+    assert activities_after(fake, cursor) == [
+        "bookshelf_create",
+        "book_create",
+        "book_create_from_chapter",
+        "bookshelf_create_from_book",
+    ]
+    assert second not in fake.state.chapters
+    assert fake.state.books[book].name == "Handbook Pages"
+    assert fake.state.shelves[shelf].books[-1] == book
+
+
+# ---------------------------------------------------------------- recycle bin
+async def test_recycle_bin_restore_is_announced_before_it_happens(
+    fake: FakeBookStack, http: aiohttp.ClientSession, receiver: Receiver
+) -> None:
+    book = await fake.create_book("Book")
+    page = await fake.create_page(book_id=book, name="P", html="")
+    await fake.delete_page(page)
+    fake.add_webhook(receiver.url, events=["recycle_bin_restore"])
+    seen: list[int] = []
+
+    async def on_body(body: Json) -> None:
+        seen.append((await get(http, fake, f"/api/pages/{page}"))[0])
+
+    receiver.on_body = on_body
+    deletion = fake.deletions()[0]["id"]
+    async with http.put(f"{fake.url}/api/recycle-bin/{deletion}", headers=auth(fake)) as resp:
+        assert await resp.json() == {"restore_count": 1}
+    assert seen == [404]
+    assert "related_item" not in receiver.bodies[0]
+    assert receiver.bodies[0]["url"].endswith(f"/settings/recycle-bin/{deletion}/restore")
+    assert (await get(http, fake, f"/api/pages/{page}"))[0] == 200
+    assert fake.state.activities[-1].detail == f"Deletion ({deletion}) for page ({page}) P"
+
+
+async def test_restore_with_trashed_parent_restores_nothing(fake: FakeBookStack) -> None:
+    book = await fake.create_book("Book")
+    page = await fake.create_page(book_id=book, name="P", html="")
+    await fake.delete_page(page)
+    await fake.delete_book(book)
+    page_deletion = fake.deletions()[0]["id"]
+    assert await fake.recycle_bin_restore(page_deletion) == 0
+    assert fake.state.pages[page].trashed
+    assert [d["deletable_type"] for d in fake.deletions()] == ["book"]
+    # Restoring the book brings back every trashed child, the separately deleted page too.
+    assert await fake.recycle_bin_restore(fake.deletions()[0]["id"]) == 2
+    assert not fake.state.pages[page].trashed
+
+
+async def test_destroy_anonymises_history(fake: FakeBookStack, http: aiohttp.ClientSession) -> None:
+    book = await fake.create_book("Book")
+    await fake.create_book("Bystander")
+    shelf = await fake.create_shelf("Shelf", books=[book])
+    page = await fake.create_page(book_id=book, name="Gone", html="")
+    await fake.delete_book(book)
+    cursor = last_activity_id(fake)
+    count = await fake.recycle_bin_destroy(fake.deletions()[0]["id"])
+    assert count == 2
+    assert activities_after(fake, cursor) == ["recycle_bin_destroy"]
+    rows = [a for a in fake.state.activities if a.type in ("page_create", "book_delete")]
+    assert [(a.detail, a.loggable_id) for a in rows] == [("Gone", None), ("Book", None)]
+    assert fake.state.shelves[shelf].books == []
+    assert page not in fake.state.pages
+
+    await fake.delete_book(2)
+    cursor = last_activity_id(fake)
+    await fake.recycle_bin_empty()
+    assert activities_after(fake, cursor) == ["recycle_bin_empty"]
+    assert fake.state.activities[-1].detail == ""
+    assert fake.deletions() == []
+
+
+async def test_zero_lifetime_clears_at_once(make_fake: FakeFactory) -> None:
+    fake = await make_fake(recycle_bin_lifetime=0)
+    book = await fake.create_book("Short lived")
+    await fake.delete_book(book)
+    assert book not in fake.state.books
+    assert fake.state.activities[-1].type == "book_delete"
+    assert fake.state.activities[-1].loggable_id is None
+
+
+# ------------------------------------------------------------------ audit log
+async def test_clear_activity_restarts_ids(
+    fake: FakeBookStack, http: aiohttp.ClientSession
+) -> None:
+    await fake.create_book("One")
+    await fake.create_book("Two")
+    _, body, _ = await get(http, fake, "/api/audit-log?sort=-id")
+    assert [r["id"] for r in body["data"]] == [2, 1]
+    assert body["data"][0]["user"] == {"id": 1, "name": "Admin", "slug": "admin"}
+    assert body["data"][0]["loggable_type"] == "book"
+    assert body["data"][0]["detail"] == "(2) Two"
+    fake.clear_activity()
+    await fake.log_ignored_activity("auth_login", "standard; (1) Admin")
+    _, body, _ = await get(http, fake, "/api/audit-log")
+    assert [(r["id"], r["type"], r["loggable_id"]) for r in body["data"]] == [
+        (1, "auth_login", None)
+    ]
+
+
+# ------------------------------------------------------------------- webhooks
+async def test_webhook_bodies(fake: FakeBookStack, receiver: Receiver) -> None:
+    hook = fake.add_webhook(receiver.url, name="mirror")
+    book = await fake.create_book("Book")
+    page = await fake.create_page(book_id=book, name="Page", html="<p>1</p>")
+    await fake.update_page(page, html="<p>2</p>")
+    user = await fake.create_user("Bob", "bob@example.com", [2])
+    await fake.log_ignored_activity("settings_update", "features")
+
+    bodies = {b["event"]: b for b in receiver.bodies}
+    update = bodies["page_update"]
+    assert set(update) == {
+        "event",
+        "text",
+        "triggered_at",
+        "triggered_by",
+        "triggered_by_profile_url",
+        "webhook_id",
+        "webhook_name",
+        "url",
+        "related_item",
+    }
+    assert update["text"] == 'Admin updated page "Page"'
+    assert (update["webhook_id"], update["webhook_name"]) == (hook, "mirror")
+    assert update["triggered_by"] == {"id": 1, "name": "Admin", "slug": "admin"}
+    assert update["url"] == f"{fake.url}/books/book/page/page"
+    item = update["related_item"]
+    assert set(item) == {
+        "id",
+        "book_id",
+        "chapter_id",
+        "name",
+        "slug",
+        "priority",
+        "created_at",
+        "updated_at",
+        "created_by",
+        "updated_by",
+        "owned_by",
+        "draft",
+        "revision_count",
+        "template",
+        "editor",
+        "current_revision",
+    }
+    assert item["owned_by"] == {"id": 1, "name": "Admin", "slug": "admin"}
+    assert item["current_revision"]["revision_number"] == 2
+    assert item["current_revision"]["type"] == "version"
+    assert update["triggered_at"].endswith(".000000Z")
+
+    assert "current_revision" not in bodies["book_create"]["related_item"]
+    created = bodies["user_create"]
+    assert "url" not in created
+    assert created["related_item"] == {"id": user, "name": "Bob", "slug": "bob"}
+    ignored = bodies["settings_update"]
+    assert "related_item" not in ignored and "url" not in ignored
+
+
+async def test_user_create_webhook_arrives_before_commit(
+    fake: FakeBookStack, http: aiohttp.ClientSession, receiver: Receiver
+) -> None:
+    fake.add_webhook(receiver.url, events=["user_create", "role_delete"])
+    seen: list[tuple[str, int, int]] = []
+
+    async def on_body(body: Json) -> None:
+        item_id = body["related_item"]["id"]
+        path = "users" if body["event"] == "user_create" else "roles"
+        status, _, _ = await get(http, fake, f"/api/{path}/{item_id}")
+        _, log, _ = await get(http, fake, "/api/audit-log?sort=-id&count=1")
+        seen.append((body["event"], status, len(log["data"])))
+
+    receiver.on_body = on_body
+    user = await fake.create_user("Early", "early@example.com")
+    assert seen == [("user_create", 404, 0)]
+    assert (await get(http, fake, f"/api/users/{user}"))[0] == 200
+
+    role = await fake.create_role("Temp")
+    await fake.update_user(user, roles=[role])
+    await fake.delete_role(role, migrate_to=3)
+    assert seen[-1][:2] == ("role_delete", 200)  # still there while the webhook is sent
+    assert (await get(http, fake, f"/api/roles/{role}"))[0] == 404
+    assert fake.state.users[user].roles == {3}
+
+
+async def test_role_delete_migration_detaches_previous_members(fake: FakeBookStack) -> None:
+    old = await fake.create_role("Old")
+    target = await fake.create_role("Target")
+    leaver = await fake.create_user("Leaver", "l@example.com", [old])
+    stayer = await fake.create_user("Stayer", "s@example.com", [target])
+    await fake.delete_role(old, migrate_to=target)
+    assert fake.state.users[leaver].roles == {target}
+    assert fake.state.users[stayer].roles == set()
+
+
+async def test_webhook_timeout_is_swallowed(fake: FakeBookStack, receiver: Receiver) -> None:
+    async def slow(body: Json) -> None:
+        import asyncio
+
+        await asyncio.sleep(1)
+
+    receiver.on_body = slow
+    fake.add_webhook(receiver.url, timeout=0.1)
+    fake.add_webhook("http://127.0.0.1:9/unreachable")
+    started = time.perf_counter()
+    await fake.create_book("Book")
+    assert time.perf_counter() - started < 0.9
+    assert all(d.error for d in fake.webhook_deliveries)
+
+
+# --------------------------------------------------------------------- faults
+async def test_request_faults(fake: FakeBookStack, http: aiohttp.ClientSession) -> None:
+    fake.seed(pages=30, books=2, attachments=0, permission_share=0)
+    fake.faults.outage = True
+    assert (await get(http, fake, "/api/books"))[0] == 503
+    fake.faults.outage = False
+
+    fake.faults.error_rate = 1.0
+    fake.faults.error_status = 502
+    assert (await get(http, fake, "/api/books"))[0] == 502
+    fake.faults.error_rate = 0.5
+    statuses = [(await get(http, fake, "/api/books"))[0] for _ in range(20)]
+    assert {200, 502} == set(statuses)
+    fake.faults.error_rate = 0.0
+
+    fake.faults.short_listings = {"/api/pages"}
+    _, body, _ = await get(http, fake, "/api/pages?count=10")
+    assert (len(body["data"]), body["total"]) == (9, 30)
+    fake.faults.short_listings = set()
+    fake.faults.fail_listings = {"/api/pages"}
+    assert (await get(http, fake, "/api/pages"))[0] == 500
+    assert (await get(http, fake, "/api/books"))[0] == 200
+
+    assert fake.request_counts()["/api/books"] == 23
+    assert [r.status for r in fake.requests if r.route == "/api/pages"] == [200, 500]
+    fake.reset_requests()
+    assert fake.requests == []
+
+
+async def test_error_rate_is_deterministic(make_fake: FakeFactory) -> None:
+    async def run() -> list[int]:
+        fake = await make_fake()
+        fake.faults = Faults(error_rate=0.5, seed=7)
+        async with aiohttp.ClientSession() as http:
+            return [(await get(http, fake, "/api/books"))[0] for _ in range(12)]
+
+    assert await run() == await run()
+
+
+async def test_webhook_faults(fake: FakeBookStack, receiver: Receiver) -> None:
+    fake.add_webhook(receiver.url)
+    fake.faults.webhook_drop = 1.0
+    await fake.create_book("Dropped")
+    assert receiver.bodies == []
+    fake.faults.webhook_drop = 0.0
+    fake.faults.webhook_duplicate = 1.0
+    await fake.create_book("Twice")
+    assert receiver.events() == ["book_create", "book_create"]
+    fake.faults.webhook_duplicate = 0.0
+    fake.faults.webhook_delay = 0.2
+    await fake.create_book("Late")
+    assert len(receiver.bodies) == 2
+    await fake.drain_webhooks()
+    assert len(receiver.bodies) == 3
+
+
+# ---------------------------------------------------------------- HTTP writes
+async def test_http_writes(fake: FakeBookStack, http: aiohttp.ClientSession) -> None:
+    headers = auth(fake)
+    async with http.post(
+        fake.url + "/api/books", json={"name": "Via API"}, headers=headers
+    ) as resp:
+        book = (await resp.json())["id"]
+    other = await fake.create_book("Other")
+    async with http.post(
+        fake.url + "/api/pages",
+        json={"book_id": book, "name": "P", "markdown": "hello"},
+        headers=headers,
+    ) as resp:
+        page = await resp.json()
+        assert (page["editor"], page["html"]) == ("markdown", "<p>hello</p>")
+    cursor = last_activity_id(fake)
+    async with http.put(
+        f"{fake.url}/api/pages/{page['id']}", json={"book_id": other}, headers=headers
+    ) as resp:
+        assert (await resp.json())["book_id"] == other
+    assert activities_after(fake, cursor) == ["page_move", "page_update"]
+    async with http.post(fake.url + "/api/pages", json={"name": "x"}, headers=headers) as resp:
+        assert resp.status == 422
+    async with http.put(
+        f"{fake.url}/api/content-permissions/book/{book}",
+        json={"fallback_permissions": {"inheriting": False, "view": True}},
+        headers=headers,
+    ) as resp:
+        assert (await resp.json())["fallback_permissions"]["inheriting"] is False
+    async with http.delete(f"{fake.url}/api/books/{book}", headers=headers) as resp:
+        assert resp.status == 204
+    assert fake.state.activities[-1].type == "book_delete"
+    assert fake.state.activities[-1].ip == "127.0.0.1"
+
+
+# ---------------------------------------------------------------------- truth
+async def test_truth_shape_and_seed_determinism(make_fake: FakeFactory) -> None:
+    first = await make_fake()
+    first.seed(pages=120, seed=3)
+    truth = first.truth()
+    assert set(truth) == {
+        "shelves",
+        "books",
+        "chapters",
+        "pages",
+        "attachments",
+        "users",
+        "roles",
+        "permissions",
+    }
+    expected_keys = {
+        "shelves": {"id", "name", "slug", "description", "books", "tags"},
+        "books": {"id", "name", "slug", "description", "tags"},
+        "chapters": {"id", "book_id", "name", "slug", "description", "priority", "tags"},
+        "pages": {
+            "id",
+            "book_id",
+            "chapter_id",
+            "name",
+            "slug",
+            "priority",
+            "draft",
+            "template",
+            "revision_count",
+            "raw_html",
+            "html",
+            "markdown",
+            "updated_at",
+            "tags",
+        },
+        "attachments": {
+            "id",
+            "name",
+            "extension",
+            "uploaded_to",
+            "external",
+            "order",
+            "updated_at",
+        },
+        "users": {"id", "name", "slug", "email", "roles"},
+        "roles": {"id", "display_name", "description", "permissions", "users"},
+        "permissions": {
+            "content_type",
+            "content_id",
+            "owner_id",
+            "inheriting",
+            "fallback",
+            "role_permissions",
+        },
+    }
+    for section, keys in expected_keys.items():
+        assert truth[section], section
+        assert set(truth[section][0]) == keys, section
+        if section != "permissions":
+            ids = [row["id"] for row in truth[section]]
+            assert ids == sorted(ids), section
+    assert any(p["chapter_id"] is None for p in truth["pages"])
+    assert any(p["html"] != p["raw_html"] for p in truth["pages"])  # includes rendered
+    assert any(t["tags"] for t in truth["pages"])
+    assert any(a["external"] for a in truth["attachments"])
+    assert set(truth["permissions"][0]["fallback"]) == {"view", "create", "update", "delete"}
+
+    second = await make_fake()
+    second.seed(pages=120, seed=3)
+    assert second.truth() == truth
+    third = await make_fake()
+    third.seed(pages=120, seed=4)
+    assert third.truth() != truth
+    assert first.state.activities == []
