@@ -101,8 +101,18 @@ def format_summary(summary: SyncSummary) -> str:
 
 
 async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    """After an outage: drain the audit log from the cursor, process every pending job, and
+    diff-sync where there is no sync point, a gap, or --full. Exit 0 only when consistent."""
+    from eventsync.dispatch import Dispatcher
+    from eventsync.handlers import Handlers
+    from eventsync.ingest.auditlog import GAP, AuditPoller
+    from eventsync.reconcile import AUDIT_CURSOR, LAST_FULL_SYNC
+    from eventsync.store.queue import JobQueue
+
     bar = _ProgressBar(sys.stderr.isatty() and not args.json)
     async with make_client(settings) as client, await Store.open(settings.database) as store:
+        queue = JobQueue(store)
+        await queue.recover()
         reconciler = Reconciler(
             client,
             store,
@@ -110,10 +120,50 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
             on_plan=bar.plan,
             on_progress=bar.step,
         )
+        dispatcher = Dispatcher(
+            queue,
+            Handlers(client, store, queue, reconciler),
+            concurrency=settings.fetch_concurrency,
+        )
+        requests_before = client.stats.requests
+        reasons = []
+        if args.full:
+            reasons.append("--full")
+        if await store.get_state(LAST_FULL_SYNC) is None:
+            reasons.append("no sync point")
+        poller = AuditPoller(client, queue)
+        if await store.get_state(AUDIT_CURSOR) is not None and not reasons:
+            try:
+                await poller.poll_once()
+            except ForbiddenError:
+                reasons.append("the token cannot read the audit log")
+        gap = await store.get_state(GAP)
+        if gap:
+            reasons.append(f"gap: {gap}")
+        summary: SyncSummary | None = None
         try:
-            summary = await reconciler.full_sync()
+            if reasons:
+                print(f"diff sync of everything ({'; '.join(reasons)})", file=sys.stderr)
+                cursor_missing = await store.get_state(AUDIT_CURSOR) is None
+                summary = await reconciler.full_sync(
+                    all_permissions=args.full or None,
+                    set_cursor=cursor_missing or bool(gap) or args.full,
+                )
+                if summary.complete and gap:
+                    async with store.transaction() as tx:
+                        await tx.delete_state(GAP)
+            drained = await dispatcher.drain(timeout=args.timeout)
         finally:
             bar.close()
+        dead = len(await queue.dead_letters())
+        requests = client.stats.requests - requests_before
+    if summary is None:
+        summary = SyncSummary()
+    summary.requests = requests
+    if not drained:
+        summary.problems.append("pending jobs did not finish in time (see `eventsync status`)")
+    if dead:
+        summary.problems.append(f"{dead} dead letter(s): see `eventsync dead-letters list`")
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2))
     else:
@@ -141,31 +191,12 @@ async def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def status_data(store: Store) -> dict[str, Any]:
-    states = await store.states()
-    return {
-        "database": str(store.path),
-        "audit_cursor": int(states["audit_cursor"]) if "audit_cursor" in states else None,
-        "audit_access": states.get("audit_access") == "1" if "audit_access" in states else None,
-        "last_full_sync_at": states.get("last_full_sync_at"),
-        "last_full_sync_requests": _int(states.get("last_full_sync_requests")),
-        "last_full_sync_seconds": _float(states.get("last_full_sync_seconds")),
-        "last_change_seq": await store.last_seq(),
-        "counts": await store.counts(),
-    }
-
-
-def _int(v: str | None) -> int | None:
-    return None if v is None else int(v)
-
-
-def _float(v: str | None) -> float | None:
-    return None if v is None else float(v)
-
-
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from eventsync.service import status_data
+    from eventsync.store.queue import JobQueue
+
     async with await _open_existing(settings) as store:
-        data = await status_data(store)
+        data = await status_data(store, JobQueue(store))
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
@@ -180,6 +211,9 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             f"{data['last_full_sync_seconds']} s"
         )
     print(f"change feed seq: {data['last_change_seq']}")
+    print(f"queue depth:     {data['queue_depth']}   dead letters: {data['dead_letters']}")
+    if data["audit_gap"]:
+        print(f"gap detected:    {data['audit_gap']} (run `eventsync reconcile`)")
     counts = data["counts"]
     print("mirror:          " + ", ".join(f"{counts[k]} {k}s" for k in (*KINDS, "permissions")))
     return EXIT_OK
@@ -259,6 +293,62 @@ async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK if failures == 0 else EXIT_INCONSISTENT
 
 
+# ---- serve / changes / dead letters ------------------------------------------------------------
+
+
+async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from eventsync.service import Service
+
+    settings.require("webhook_secret")
+    async with make_client(settings) as client, await Store.open(settings.database) as store:
+        service = Service(settings, client, store)
+        return await service.run_until_stopped()
+
+
+async def cmd_changes(settings: Settings, args: argparse.Namespace) -> int:
+    """The change feed as NDJSON; --follow keeps tailing it."""
+    after = args.after
+    async with await _open_existing(settings) as store:
+        while True:
+            rows = await store.changes(after, 1000)
+            for row in rows:
+                sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+            if rows:
+                after = rows[-1]["seq"]
+                continue
+            if not args.follow:
+                return EXIT_OK
+            await asyncio.sleep(args.interval)
+
+
+async def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    from eventsync.store.queue import JobQueue
+
+    async with await _open_existing(settings) as store:
+        queue = JobQueue(store)
+        if args.action == "retry":
+            if args.id is None and not args.all:
+                raise ConfigError("dead-letters retry needs an ID or --all")
+            moved = await queue.retry_dead(None if args.all else args.id)
+            if args.id is not None and not moved:
+                raise ConfigError(f"no dead letter with id {args.id}")
+            print(
+                f"{moved} dead letter(s) queued again; `eventsync serve` or "
+                "`eventsync reconcile` will process them"
+            )
+            return EXIT_OK
+        letters = await queue.dead_letters()
+        if args.json:
+            print(json.dumps(letters, indent=2))
+        elif not letters:
+            print("no dead letters")
+        for d in letters if not args.json else ():
+            print(f"{d['id']:>5}  {d['key']:<20} attempts={d['attempts']}  {d['failed_at']}")
+            print(f"       {d['error']}")
+    return EXIT_OK
+
+
 # ---- entry point ---------------------------------------------------------------------------------
 
 
@@ -271,10 +361,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="TOML settings file (keys as in DESIGN.md)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("reconcile", help="diff-sync the mirror with BookStack, print a summary")
+    p = sub.add_parser("serve", help="webhook receiver, audit poller, workers, reconciler")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "reconcile", help="after an outage: catch up from the audit log, diff-sync gaps"
+    )
     p.add_argument("--full", action="store_true", help="diff-sync everything")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        help="give up on pending jobs after this many seconds (default 1800)",
+    )
     p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser("changes", help="the change feed as NDJSON")
+    p.add_argument("--after", type=int, default=0, help="start after this seq")
+    p.add_argument("--follow", action="store_true", help="keep printing new changes")
+    p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_changes)
+
+    p = sub.add_parser("dead-letters", help="list or retry jobs that kept failing")
+    p.add_argument("action", nargs="?", choices=["list", "retry"], default="list")
+    p.add_argument("id", nargs="?", type=int, help="the dead letter to retry")
+    p.add_argument("--all", action="store_true", help="retry every dead letter")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_dead_letters)
 
     p = sub.add_parser("export", help="the whole mirror as one canonical JSON document")
     p.add_argument("--indent", type=int, default=None, help="pretty-print with this indent")

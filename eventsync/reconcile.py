@@ -100,8 +100,14 @@ class Reconciler:
         self._on_plan = on_plan
         self._on_progress = on_progress
 
-    async def full_sync(self, *, all_permissions: bool | None = None) -> SyncSummary:
-        """Diff-sync everything. Records a sync point only when every step succeeded."""
+    async def full_sync(
+        self, *, all_permissions: bool | None = None, set_cursor: bool = True
+    ) -> SyncSummary:
+        """Diff-sync everything. Records a sync point only when every step succeeded.
+
+        `set_cursor=False` for diffs run beside the audit-log poller: a listing diff does not
+        re-read permissions of known items, so it must not skip the events that announce
+        such changes."""
         started = time.monotonic()
         requests_before = self.client.stats.requests
         summary = SyncSummary()
@@ -139,7 +145,7 @@ class Reconciler:
                 await tx.set_state(LAST_FULL_SYNC_STARTED, started_at)
                 await tx.set_state(LAST_FULL_SYNC_REQUESTS, summary.requests)
                 await tx.set_state(LAST_FULL_SYNC_SECONDS, round(summary.seconds, 3))
-                if audit_id is not None:
+                if audit_id is not None and set_cursor:
                     # Everything logged up to audit_id is reflected in the mirror now.
                     await tx.set_state(LAST_FULL_SYNC_AUDIT_ID, audit_id)
                     await tx.set_state(AUDIT_CURSOR, audit_id)

@@ -578,6 +578,22 @@ class Tx:
         await self.change("upsert", kind, row["id"])
         return "updated" if existing else "created"
 
+    async def patch(self, kind: str, entity_id: int, fields: dict[str, Any]) -> bool:
+        """Change some columns of an existing row (placement after a move or sort)."""
+        table = TABLES[kind]
+        unknown = set(fields) - set(table.columns)
+        if unknown:
+            raise ValueError(f"not columns of {table.name}: {sorted(unknown)}")
+        cur = await self._db.execute(
+            f"UPDATE {table.name} SET "
+            + ", ".join(f"{_q(c)} = ?" for c in fields)
+            + " WHERE id = ?",
+            (*fields.values(), entity_id),
+        )
+        if cur.rowcount:
+            await self.change("upsert", kind, entity_id)
+        return bool(cur.rowcount)
+
     async def touch(self, kind: str, entity_id: int) -> None:
         await self._db.execute(
             f"UPDATE {TABLES[kind].name} SET fetched_at = ? WHERE id = ?",

@@ -1,0 +1,177 @@
+"""The dispatcher: leases due jobs (one per entity at a time) and runs their handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+
+from eventsync.errors import BookStackError, EventsyncError, RetryLater
+from eventsync.handlers import Handlers, Settle
+from eventsync.logging import get_logger
+from eventsync.store.queue import Job, JobQueue
+
+log = get_logger("eventsync.dispatch")
+
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 300.0
+IDLE_WAIT = 1.0  # upper bound on sleeping while jobs may become due
+
+
+def backoff(attempt: int) -> float:
+    """Exponential back-off with full jitter, capped."""
+    return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, attempt)))
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        queue: JobQueue,
+        handlers: Handlers,
+        *,
+        concurrency: int = 8,
+        on_result: Callable[[Job, str, float], None] | None = None,
+    ) -> None:
+        self.queue = queue
+        self.handlers = handlers
+        self.concurrency = concurrency
+        self._on_result = on_result
+        self._wake = asyncio.Event()
+        self._running: dict[asyncio.Task[None], Job] = {}
+        self.done = 0
+        self.retried = 0
+        self.dead = 0
+        self.settling = 0
+
+    def wake(self) -> None:
+        """New work was committed: look for due jobs now rather than at the next tick."""
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    async def run(self, stop: asyncio.Event, grace: float = 10.0) -> None:
+        """Work until `stop` is set; then finish in-flight jobs within `grace` seconds and put
+        back (unleased, untouched) whatever did not finish."""
+        try:
+            while not stop.is_set():
+                await self._fill()
+                await self._idle(stop)
+        finally:
+            await self._shutdown(grace)
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Run until no job is pending (for `reconcile` and tests). True if drained."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            await self._fill()
+            if not self._running:
+                if await self.queue.depth() == 0:
+                    return True
+                due = await self.queue.next_due()
+                wait = IDLE_WAIT if due is None else max(0.0, min(IDLE_WAIT, due - time.time()))
+                if deadline is not None and time.monotonic() + wait > deadline:
+                    return False
+                await asyncio.sleep(wait)
+                continue
+            if deadline is not None and time.monotonic() > deadline:
+                await self._shutdown(0)
+                return False
+            await asyncio.wait(
+                list(self._running), return_when=asyncio.FIRST_COMPLETED, timeout=1.0
+            )
+
+    async def _fill(self) -> None:
+        free = self.concurrency - len(self._running)
+        if free <= 0:
+            return
+        for job in await self.queue.lease(free):
+            task = asyncio.create_task(self._process(job), name=f"job {job.key}")
+            self._running[task] = job
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
+        self._wake.set()
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        due = await self.queue.next_due()
+        timeout = IDLE_WAIT if due is None else max(0.0, min(IDLE_WAIT, due - time.time()))
+        if timeout <= 0 and len(self._running) < self.concurrency:
+            return
+        self._wake.clear()
+        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def _process(self, job: Job) -> None:
+        started = time.monotonic()
+        bound = log.bind(job=job.key, hints=sorted(job.hints), attempt=job.attempts + 1)
+        try:
+            outcome = await self.handlers.run(job)
+        except asyncio.CancelledError:
+            raise
+        except Settle as exc:
+            self.settling += 1
+            await self.queue.retry(job, str(exc), exc.delay)
+            bound.info("job settling", reason=str(exc), delay=exc.delay)
+            self._report(job, "settling", started)
+            return
+        except (RetryLater, BookStackError, EventsyncError) as exc:
+            await self._failed(job, exc, bound, started, transient=True)
+            return
+        except Exception as exc:  # a bug or an unexpected payload: must not block the queue
+            bound.exception("job crashed")
+            await self._failed(job, exc, bound, started, transient=False)
+            return
+        await self.queue.done(job)
+        self.done += 1
+        bound.info("job done", outcome=outcome, seconds=round(time.monotonic() - started, 3))
+        self._report(job, "done", started)
+
+    async def _failed(
+        self, job: Job, exc: BaseException, bound: object, started: float, *, transient: bool
+    ) -> None:
+        delay = getattr(exc, "delay", None) if transient else None
+        delay = max(delay or 0.0, backoff(job.attempts))
+        error = f"{type(exc).__name__}: {exc}"
+        kept = await self.queue.retry(job, error, delay)
+        if kept:
+            self.retried += 1
+            log.warning(
+                "job failed, will retry",
+                job=job.key,
+                error=error,
+                attempt=job.attempts + 1,
+                delay=round(delay, 2),
+            )
+            self._report(job, "retried", started)
+        else:
+            self.dead += 1
+            log.error("job dead-lettered", job=job.key, error=error, attempts=job.attempts + 1)
+            self._report(job, "dead_lettered", started)
+
+    def _report(self, job: Job, outcome: str, started: float) -> None:
+        if self._on_result is not None:
+            self._on_result(job, outcome, time.monotonic() - started)
+
+    async def _shutdown(self, grace: float) -> None:
+        if not self._running:
+            return
+        tasks = list(self._running)
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        jobs = [self._running[t] for t in pending if t in self._running]
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if jobs:
+            await self.queue.release(jobs)
+            log.info("in-flight jobs put back", jobs=len(jobs))

@@ -1,0 +1,257 @@
+"""BookStack activity types → what eventsync must do; webhook bodies and audit rows → Events.
+
+The routing table is documented for humans in EVENTS.md next to this file; keep them in step.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# Hints say what a job must do besides reading the entity's current state.
+FETCH = "fetch"  # read the entity, write it (404: remove it with what BookStack hides with it)
+PERMISSIONS = "permissions"  # read its content permissions
+MOVE = "move"  # a chapter moved: its pages moved silently with it
+SORT = "sort"  # a book was sorted: pages/chapters may have moved in or out silently
+SUBTREE = "subtree"  # restored or converted: children reappeared or moved in silently
+EXPECT_PRESENT = "expect_present"  # webhook sent before commit: a 404 may be too early
+EXPECT_GONE = "expect_gone"  # webhook sent before the delete: a 200 may be too early
+ROLES_REFRESH = "roles_refresh"  # a role delete migrated its members silently
+RESOLVE_RESTORE = "resolve_restore"  # deletion:N → find the entity, then restore it
+RESOLVE_DESTROY = "resolve_destroy"  # deletion:N → find the entity, confirm it is gone
+
+# Entity kinds as the mirror names them, from BookStack's morph types / event prefixes.
+KIND_OF = {"page": "page", "chapter": "chapter", "book": "book", "bookshelf": "shelf"}
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: str | None  # the key's kind; None = ignored on purpose
+    hints: frozenset[str] = frozenset()
+    why: str = ""
+
+
+def _r(kind: str | None, *hints: str, why: str = "") -> Route:
+    return Route(kind, frozenset(hints), why)
+
+
+ROUTES: dict[str, Route] = {
+    "page_create": _r("page", FETCH, PERMISSIONS),
+    "page_update": _r("page", FETCH),
+    "page_delete": _r("page", FETCH),
+    "page_restore": _r("page", FETCH, why="a revision restore, not a recycle-bin restore"),
+    "page_move": _r("page", FETCH),
+    "revision_restore": _r("page", FETCH),
+    "chapter_create": _r("chapter", FETCH, PERMISSIONS),
+    "chapter_update": _r("chapter", FETCH),
+    "chapter_delete": _r("chapter", FETCH),
+    "chapter_move": _r("chapter", FETCH, MOVE),
+    "book_create": _r("book", FETCH, PERMISSIONS),
+    "book_create_from_chapter": _r("book", FETCH, PERMISSIONS, SUBTREE),
+    "book_update": _r("book", FETCH),
+    "book_delete": _r("book", FETCH),
+    "book_sort": _r("book", FETCH, SORT),
+    "bookshelf_create": _r("shelf", FETCH, PERMISSIONS),
+    "bookshelf_create_from_book": _r("shelf", FETCH, PERMISSIONS, SUBTREE),
+    "bookshelf_update": _r("shelf", FETCH),
+    "bookshelf_delete": _r("shelf", FETCH),
+    "permissions_update": _r(None, PERMISSIONS),  # kind comes from the payload
+    "user_create": _r("user", FETCH, EXPECT_PRESENT),
+    "user_update": _r("user", FETCH),
+    "user_delete": _r("user", FETCH),
+    "auth_register": _r("user", FETCH, EXPECT_PRESENT),
+    "role_create": _r("role", FETCH, EXPECT_PRESENT),
+    "role_update": _r("role", FETCH),
+    "role_delete": _r("role", FETCH, EXPECT_GONE, ROLES_REFRESH),
+    "recycle_bin_restore": _r("deletion", RESOLVE_RESTORE),
+    "recycle_bin_destroy": _r("deletion", RESOLVE_DESTROY),
+}
+
+# Activity types that change nothing eventsync mirrors: counted, never fetched.
+IGNORED = frozenset(
+    {
+        "auth_login",
+        "auth_password_reset_request",
+        "auth_password_reset_update",
+        "mfa_setup_method",
+        "mfa_remove_method",
+        "api_token_create",
+        "api_token_update",
+        "api_token_delete",
+        "webhook_create",
+        "webhook_update",
+        "webhook_delete",
+        "settings_update",
+        "maintenance_action_run",
+        "comment_create",
+        "comment_update",
+        "comment_delete",
+        "commented_on",
+        "revision_delete",  # removes a stored revision; the page itself is unchanged
+        "recycle_bin_empty",  # only destroys what is already out of the mirror
+    }
+)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One activity, from a webhook or the audit log, reduced to what the queue needs."""
+
+    source: str  # webhook | audit | reconcile
+    type: str
+    key: str | None  # "page:12", "user:3", "deletion:7"; None when nothing is to be synced
+    hints: frozenset[str] = frozenset()
+    at: float | None = None  # BookStack's clock, unix seconds (1 s resolution)
+    activity_id: int | None = None
+    payload: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def ignored(self) -> bool:
+        return self.key is None
+
+
+class WebhookUser(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: int | None = None
+    name: str | None = None
+    slug: str | None = None
+
+
+class WebhookBody(BaseModel):
+    """BookStack's webhook body (FACTS §1.4). Only `event` is required: the rest varies."""
+
+    model_config = ConfigDict(extra="allow")
+    event: str = Field(min_length=1, max_length=100)
+    text: str | None = None
+    triggered_at: str | None = None
+    triggered_by: WebhookUser | None = None
+    webhook_id: int | None = None
+    webhook_name: str | None = None
+    url: str | None = None
+    related_item: dict[str, Any] | None = None
+
+
+class BadEvent(ValueError):
+    """The body is not a BookStack webhook."""
+
+
+def parse_time(value: Any) -> float | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+_URL_KIND = [
+    (re.compile(r"/books/[^/]+/page/[^/]+$"), "page"),
+    (re.compile(r"/books/[^/]+/draft/\d+$"), "page"),
+    (re.compile(r"/books/[^/]+/chapter/[^/]+$"), "chapter"),
+    (re.compile(r"/books/[^/]+$"), "book"),
+    (re.compile(r"/shelves/[^/]+$"), "shelf"),
+]
+_DELETION_URL = re.compile(r"/settings/recycle-bin/(\d+)(?:/|$)")
+_ID_DETAIL = re.compile(r"^\((\d+)\)")
+_DELETION_DETAIL = re.compile(r"^Deletion \((\d+)\)(?: for (\w+) \((\d+)\))?")
+_REVISION_DETAIL = re.compile(r"for page ID (\d+)")
+
+
+def _entity_kind_from_item(item: dict[str, Any], url: str | None) -> str | None:
+    """Which content kind a related_item is: the URL says it; the shape is the fallback."""
+    if url:
+        path = url.split("?", 1)[0].split("#", 1)[0].rstrip("/")
+        for pattern, kind in _URL_KIND:
+            if pattern.search(path):
+                return kind
+    if "chapter_id" in item and "book_id" in item:
+        return "page"
+    if "book_id" in item:
+        return "chapter"
+    if "default_template_id" in item:
+        return "book"
+    if "slug" in item and "name" in item:
+        return "shelf"
+    return None
+
+
+def from_webhook(raw: Any) -> Event:
+    """A webhook body → Event; raises BadEvent when it is not shaped like one."""
+    if not isinstance(raw, dict):
+        raise BadEvent("the body must be a JSON object")
+    try:
+        body = WebhookBody.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise BadEvent(f"{where}: {first['msg']}") from None
+    at = parse_time(body.triggered_at)
+    route = ROUTES.get(body.event)
+    if route is None:
+        return Event("webhook", body.event, None, at=at, payload=raw)
+    item = body.related_item or {}
+    item_id = item.get("id") if isinstance(item.get("id"), int) else None
+    key: str | None = None
+    if body.event == "revision_restore":
+        page_id = item.get("page_id")
+        key = f"page:{page_id}" if isinstance(page_id, int) else None
+    elif body.event == "permissions_update":
+        kind = _entity_kind_from_item(item, body.url)
+        key = f"{kind}:{item_id}" if kind and item_id is not None else None
+    elif route.kind == "deletion":
+        match = _DELETION_URL.search(body.url or "")
+        key = f"deletion:{match.group(1)}" if match else None
+    elif item_id is not None and route.kind is not None:
+        key = f"{route.kind}:{item_id}"
+    if key is None:
+        raise BadEvent(f"a {body.event} webhook must name its item (related_item.id or url)")
+    return Event("webhook", body.event, key, route.hints, at=at, payload=raw)
+
+
+def from_audit(row: dict[str, Any]) -> Event:
+    """An audit-log row → Event. Rows of destroyed items (loggable_id null, detail a bare name)
+    name nothing we can fetch: their item is already gone from the mirror or will be found
+    gone by the next diff sync."""
+    activity_type = str(row.get("type") or "")
+    activity_id = row.get("id") if isinstance(row.get("id"), int) else None
+    at = parse_time(row.get("created_at"))
+    detail = str(row.get("detail") or "")
+    route = ROUTES.get(activity_type)
+    key: str | None = None
+    hints = route.hints if route else frozenset()
+    payload: dict[str, Any] = {"detail": detail}
+    if route is not None:
+        loggable_kind = KIND_OF.get(str(row.get("loggable_type") or ""))
+        loggable_id = row.get("loggable_id")
+        if activity_type == "revision_restore":
+            match = _REVISION_DETAIL.search(detail)
+            key = f"page:{match.group(1)}" if match else None
+        elif loggable_kind and isinstance(loggable_id, int):
+            key = f"{loggable_kind}:{loggable_id}"
+        elif route.kind == "deletion":
+            match = _DELETION_DETAIL.match(detail)
+            if match:
+                key = f"deletion:{match.group(1)}"
+                if match.group(2) and match.group(3):
+                    payload["entity"] = (
+                        f"{KIND_OF.get(match.group(2), match.group(2))}:{match.group(3)}"
+                    )
+        elif route.kind in ("user", "role"):
+            match = _ID_DETAIL.match(detail)
+            key = f"{route.kind}:{match.group(1)}" if match else None
+    return Event(
+        "audit",
+        activity_type,
+        key,
+        hints if key else frozenset(),
+        at=at,
+        activity_id=activity_id,
+        payload=payload,
+    )

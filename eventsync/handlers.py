@@ -1,0 +1,274 @@
+"""Job handlers: read the entity's current state from the API and write it (state-based, so
+applying a job twice, late or out of order leaves the same mirror)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eventsync.bookstack import models as m
+from eventsync.bookstack.client import BookStackClient
+from eventsync.errors import EventsyncError, ForbiddenError, NotFound
+from eventsync.events import (
+    EXPECT_GONE,
+    EXPECT_PRESENT,
+    FETCH,
+    MOVE,
+    PERMISSIONS,
+    RESOLVE_RESTORE,
+    ROLES_REFRESH,
+    SORT,
+    SUBTREE,
+)
+from eventsync.logging import get_logger
+from eventsync.reconcile import Reconciler
+from eventsync.records import ENDPOINTS, listed, permissions_row, to_row
+from eventsync.store.queue import Job, JobQueue
+from eventsync.store.sqlite import CONTENT_TYPES, KIND_OF_CONTENT_TYPE, Store
+
+log = get_logger("eventsync.handlers")
+
+# Re-check delays for webhooks that BookStack sends before the change is visible (FACTS 2.6):
+# bounded, after which the state we read is taken as the truth.
+SETTLE_DELAYS = (0.5, 1.5, 3.0, 6.0)
+
+DIFF_KEY = "diff:0"
+
+
+class Settle(EventsyncError):
+    """The read contradicts the event (it arrived before the change): look again shortly."""
+
+    def __init__(self, message: str, delay: float) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+# Page fields a move or sort can change without touching content (FACTS 2.2).
+PLACEMENT_FIELDS = ("book_id", "chapter_id", "slug", "priority", "updated_at")
+
+
+class Handlers:
+    def __init__(
+        self, client: BookStackClient, store: Store, queue: JobQueue, reconciler: Reconciler
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.queue = queue
+        self.reconciler = reconciler
+
+    async def run(self, job: Job) -> str:
+        """Process one job; returns a short outcome for the log."""
+        kind = job.kind
+        if kind in CONTENT_TYPES:
+            return await self._content(job)
+        if kind in ("user", "role"):
+            return await self._identity(job)
+        if kind == "deletion":
+            return await self._deletion(job)
+        if kind == "diff":
+            summary = await self.reconciler.full_sync(all_permissions=False, set_cursor=False)
+            if not summary.complete:
+                raise EventsyncError("; ".join(summary.problems[:3]))
+            return "diffed"
+        log.warning("job of an unknown kind dropped", job=job.key)
+        return "dropped"
+
+    # ---- content ----------------------------------------------------------------------------
+
+    async def _content(self, job: Job) -> str:
+        kind, entity_id, hints = job.kind, job.entity_id, job.hints
+        endpoint, _, read_model = ENDPOINTS[kind]
+        if hints & {FETCH, MOVE, SORT, SUBTREE}:
+            try:
+                raw = await self.client.get(f"{endpoint}/{entity_id}")
+            except NotFound:
+                self._settle_if(job, EXPECT_PRESENT, "not visible yet")
+                async with self.store.transaction() as tx:
+                    removed = await tx.delete(kind, entity_id)
+                return f"removed {removed}"
+            model: Any = read_model.model_validate(raw)
+            outcome = await self.reconciler.write(kind, model)
+            if kind == "chapter" and MOVE in hints:
+                await self._place_pages(model.pages, f"chapter {entity_id}")
+            if kind == "book" and (SORT in hints or SUBTREE in hints):
+                await self._book_contents(model, SUBTREE in hints)
+            if kind == "chapter" and SUBTREE in hints:
+                await self._subtree("/api/pages", {"chapter_id": entity_id}, "page")
+            if kind == "shelf" and SUBTREE in hints:
+                # Book → shelf conversion renamed or destroyed the book silently, and its
+                # chapters became books: a listing diff finds all of it for a few requests.
+                await self.queue.enqueue(DIFF_KEY, [FETCH])
+        else:
+            outcome = "permissions only"
+        if PERMISSIONS in hints:
+            await self._permissions(kind, entity_id)
+        return outcome
+
+    async def _permissions(self, kind: str, entity_id: int) -> bool:
+        content_type = CONTENT_TYPES[kind]
+        try:
+            raw = await self.client.get(f"/api/content-permissions/{content_type}/{entity_id}")
+        except NotFound:
+            # The item itself is gone or hidden: its own read settles the mirror.
+            await self.queue.enqueue(f"{kind}:{entity_id}", [FETCH])
+            return False
+        perms = permissions_row(m.ContentPermissions.model_validate(raw))
+        async with self.store.transaction() as tx:
+            return await tx.set_permissions(content_type, entity_id, perms)
+
+    async def _place_pages(self, pages: list[Any], where: str) -> None:
+        """Pages moved with their chapter or by a sort: patch their placement from the list
+        items we already have; read only pages whose content may have changed too."""
+        mirror = await self.store.index("page", ("revision_count", "name", *PLACEMENT_FIELDS))
+        to_read: list[int] = []
+        async with self.store.transaction() as tx:
+            for item in pages:
+                if getattr(item, "draft", False):
+                    continue
+                current = mirror.get(item.id)
+                row = to_row("page", item)
+                same_content = (
+                    current is not None
+                    and current["name"] == row["name"]
+                    and (
+                        row.get("revision_count") in (None, 0)
+                        or current["revision_count"] == row["revision_count"]
+                    )
+                )
+                if not same_content:
+                    to_read.append(item.id)
+                    continue
+                assert current is not None
+                patch = {
+                    f: row[f]
+                    for f in PLACEMENT_FIELDS
+                    if row.get(f) is not None or f == "chapter_id"
+                }
+                if any(current[f] != v for f, v in patch.items()):
+                    await tx.patch("page", item.id, patch)
+        for page_id in to_read:
+            await self.queue.enqueue(f"page:{page_id}", [FETCH])
+        log.info("pages placed", where=where, pages=len(pages), reads=len(to_read))
+
+    async def _book_contents(self, book: Any, subtree: bool) -> None:
+        chapter_pages: list[Any] = []
+        seen_pages: set[int] = set()
+        seen_chapters: set[int] = set()
+        chapters_now = await self.store.index("chapter", ("book_id", "name", "slug", "priority"))
+        async with self.store.transaction() as tx:
+            for item in book.contents:
+                if item.type == "chapter":
+                    seen_chapters.add(item.id)
+                    current = chapters_now.get(item.id)
+                    patch = {
+                        "book_id": book.id,
+                        "priority": item.priority or 0,
+                        "slug": item.slug,
+                        "updated_at": item.updated_at,
+                    }
+                    if current is None or current["name"] != item.name:
+                        await self.queue.enqueue(f"chapter:{item.id}", [FETCH], tx=tx)
+                    elif any(current.get(k) != v for k, v in patch.items()):
+                        await tx.patch("chapter", item.id, patch)
+                    for page in item.pages:
+                        page.book_id = book.id
+                        page.chapter_id = item.id
+                        chapter_pages.append(page)
+                elif not item.draft:
+                    item.book_id = book.id
+                    item.chapter_id = None
+                    chapter_pages.append(item)
+        seen_pages = {p.id for p in chapter_pages}
+        await self._place_pages(chapter_pages, f"book {book.id}")
+        # Whatever the mirror still places in this book but the book no longer holds moved
+        # to another book or went away: its own read says which.
+        for page_id, row in (await self.store.index("page", ("book_id",))).items():
+            if row["book_id"] == book.id and page_id not in seen_pages:
+                await self.queue.enqueue(f"page:{page_id}", [FETCH])
+        for chapter_id, row in chapters_now.items():
+            if row["book_id"] == book.id and chapter_id not in seen_chapters:
+                await self.queue.enqueue(f"chapter:{chapter_id}", [FETCH])
+        if subtree:
+            # Children that reappeared (restore) or moved in (conversion) need their own
+            # permissions too; placing them above only enqueued reads of unknown pages.
+            for page in chapter_pages:
+                if await self.store.get("page", page.id) is None:
+                    await self.queue.enqueue(f"page:{page.id}", [FETCH, PERMISSIONS])
+            for chapter_id in seen_chapters:
+                if chapter_id not in chapters_now:
+                    await self.queue.enqueue(f"chapter:{chapter_id}", [FETCH, PERMISSIONS])
+
+    async def _subtree(self, endpoint: str, filters: dict[str, Any], kind: str) -> None:
+        rows = await self.client.list_all(endpoint, filters={**filters, "draft": 0})
+        mirror = await self.store.index(kind, ("updated_at",))
+        for raw in rows:
+            if raw["id"] not in mirror:
+                await self.queue.enqueue(f"{kind}:{raw['id']}", [FETCH, PERMISSIONS])
+            elif mirror[raw["id"]].get("updated_at") != listed(kind, raw).get("updated_at"):
+                await self.queue.enqueue(f"{kind}:{raw['id']}", [FETCH])
+
+    # ---- users and roles --------------------------------------------------------------------
+
+    async def _identity(self, job: Job) -> str:
+        kind, entity_id = job.kind, job.entity_id
+        endpoint, _, read_model = ENDPOINTS[kind]
+        try:
+            raw = await self.client.get(f"{endpoint}/{entity_id}")
+        except NotFound:
+            self._settle_if(job, EXPECT_PRESENT, "not visible yet")
+            async with self.store.transaction() as tx:
+                removed = await tx.delete(kind, entity_id)
+            if kind == "role" and ROLES_REFRESH in job.hints:
+                await self._refresh_roles()
+            return f"removed {removed}"
+        self._settle_if(job, EXPECT_GONE, "still there")
+        return await self.reconciler.write(kind, read_model.model_validate(raw))
+
+    async def _refresh_roles(self) -> None:
+        """A deleted role's members moved to another role silently (FACTS 2.5): re-read the
+        roles whose member count no longer matches."""
+        rows = await self.client.list_all("/api/roles")
+        mirror = await self.store.index("role", ("users_count",))
+        for raw in rows:
+            current = mirror.get(raw["id"])
+            if current is None or current["users_count"] != raw.get("users_count"):
+                await self.queue.enqueue(f"role:{raw['id']}", [FETCH])
+
+    # ---- recycle bin ------------------------------------------------------------------------
+
+    async def _deletion(self, job: Job) -> str:
+        entity = job.payload.get("entity") or await self._deletion_entity(job.entity_id)
+        if RESOLVE_RESTORE in job.hints:
+            if entity is None:
+                # The deletion is gone already and the audit row was not at hand: a listing
+                # diff finds what came back.
+                await self.queue.enqueue(DIFF_KEY, [FETCH])
+                return "restore: diff"
+            await self.queue.enqueue(entity, [FETCH, PERMISSIONS, SUBTREE, EXPECT_PRESENT])
+            return f"restore: {entity}"
+        if entity is not None and await self.store.get(*_split(entity)) is not None:
+            await self.queue.enqueue(entity, [FETCH])
+            return f"destroy: recheck {entity}"
+        return "destroy: nothing mirrored"
+
+    async def _deletion_entity(self, deletion_id: int) -> str | None:
+        try:
+            rows = await self.client.list_all("/api/recycle-bin", filters={"id": deletion_id})
+        except (ForbiddenError, NotFound):
+            return None
+        for row in rows:
+            kind = KIND_OF_CONTENT_TYPE.get(str(row.get("deletable_type")))
+            if row.get("id") == deletion_id and kind and isinstance(row.get("deletable_id"), int):
+                return f"{kind}:{row['deletable_id']}"
+        return None
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _settle_if(job: Job, hint: str, why: str) -> None:
+        if hint in job.hints and job.attempts < len(SETTLE_DELAYS):
+            raise Settle(f"{job.key} {why}", SETTLE_DELAYS[job.attempts])
+
+
+def _split(key: str) -> tuple[str, int]:
+    kind, _, raw = key.partition(":")
+    return kind, int(raw)

@@ -1,0 +1,142 @@
+"""The audit-log poller: the durable, ordered record that fills in what webhooks miss."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from eventsync.bookstack.client import BookStackClient
+from eventsync.errors import AuthError, BookStackError, ForbiddenError
+from eventsync.events import Event, from_audit
+from eventsync.logging import get_logger
+from eventsync.reconcile import AUDIT_ACCESS, AUDIT_CURSOR
+from eventsync.store.queue import JobQueue
+
+log = get_logger("eventsync.auditlog")
+
+# Ids are assigned before commit, so a lower id can become visible after a higher one
+# (FACTS 2.6): every poll re-reads this many ids behind the cursor; activity ids dedupe.
+OVERLAP = 20
+# After a webhook, poll soon (its audit row is already written) but let a burst gather.
+DEBOUNCE = 0.5
+LAST_POLL = "audit_last_poll_at"
+GAP = "audit_gap"
+
+
+class AuditPoller:
+    def __init__(
+        self,
+        client: BookStackClient,
+        queue: JobQueue,
+        *,
+        interval: float = 30.0,
+        overlap: int = OVERLAP,
+        on_events: Callable[[list[Event], list[str]], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.queue = queue
+        self.store = queue.store
+        self.interval = interval
+        self.overlap = overlap
+        self._trigger = asyncio.Event()
+        self._on_events = on_events
+        self.polls = 0
+        self.last_error: str | None = None
+
+    def trigger(self) -> None:
+        self._trigger.set()
+
+    async def cursor(self) -> int | None:
+        value = await self.store.get_state(AUDIT_CURSOR)
+        return None if value is None else int(value)
+
+    async def poll_once(self) -> int:
+        """Read everything after the cursor (minus the overlap); returns new events queued.
+
+        Each page of rows and the cursor move in one transaction, so a crash between pages
+        loses nothing and re-reads at most one page."""
+        cursor = await self.cursor()
+        if cursor is None:
+            return 0  # no sync point yet: the initial full sync sets the cursor
+        start = max(0, cursor - self.overlap)
+        fresh = 0
+        highest = cursor
+        batch: list[Event] = []
+        listing = self.client.audit_log_after(start)
+        async for row in listing:
+            batch.append(from_audit(row))
+            if len(batch) >= 500:
+                fresh += await self._commit(batch, highest)
+                highest = max(highest, *(e.activity_id or 0 for e in batch))
+                batch = []
+        if batch:
+            fresh += await self._commit(batch, highest)
+        elif cursor > 0 and start == cursor - self.overlap:
+            await self._check_cleared(cursor)
+        self.polls += 1
+        async with self.store.transaction() as tx:
+            await tx.set_state(LAST_POLL, time.time())
+        return fresh
+
+    async def _commit(self, batch: list[Event], highest: int) -> int:
+        new_highest = max(highest, *(e.activity_id or 0 for e in batch))
+        async with self.store.transaction() as tx:
+            outcomes = [await self.queue.record(tx, e) for e in batch]
+            await tx.set_state(AUDIT_CURSOR, new_highest)
+        if self._on_events is not None:
+            self._on_events(batch, outcomes)
+        return sum(o in ("queued", "merged") for o in outcomes)
+
+    async def _check_cleared(self, cursor: int) -> None:
+        """Nothing came back, not even the overlap: if the log's highest id is below our
+        cursor, it was cleared (`bookstack:clear-activity` restarts ids): that is a gap."""
+        latest = await self.client.latest_audit_id()
+        if latest is not None and latest >= cursor:
+            return
+        log.warning(
+            "audit log cleared or pruned behind our cursor: gap", cursor=cursor, latest=latest
+        )
+        async with self.store.transaction() as tx:
+            await tx.set_state(GAP, f"audit log highest id {latest} is below cursor {cursor}")
+            # Ids restart: forget old activity ids so new rows with the same ids are not
+            # taken for duplicates, and resume from the new head.
+            await tx.execute("UPDATE events SET activity_id = NULL WHERE activity_id IS NOT NULL")
+            await tx.set_state(AUDIT_CURSOR, latest or 0)
+
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        if ready is not None:
+            await _wait_any(ready, stop)
+        while not stop.is_set():
+            try:
+                await self.poll_once()
+                self.last_error = None
+            except (AuthError, ForbiddenError) as exc:
+                self.last_error = str(exc)
+                log.error(
+                    "audit log not readable: relying on webhooks and diff syncs", error=str(exc)
+                )
+                async with self.store.transaction() as tx:
+                    await tx.set_state(AUDIT_ACCESS, 0)
+            except BookStackError as exc:
+                self.last_error = str(exc)
+                log.warning("audit-log poll failed; cursor unchanged", error=str(exc))
+            await self._sleep(stop)
+
+    async def _sleep(self, stop: asyncio.Event) -> None:
+        self._trigger.clear()
+        await _wait_any(self._trigger, stop, timeout=self.interval)
+        if self._trigger.is_set() and not stop.is_set():
+            await _wait_any(stop, timeout=DEBOUNCE)
+
+
+async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await w

@@ -1,0 +1,94 @@
+"""The HTTP side of `serve`: webhook endpoint, change feed, health, status, metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from eventsync.ingest.webhook import json_error
+from eventsync.logging import get_logger
+
+if TYPE_CHECKING:
+    from eventsync.service import Service
+
+log = get_logger("eventsync.http")
+
+MAX_CHANGES = 1000
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors_and_access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """JSON errors for every path, and an access log that names the route, never the URL
+    (the webhook URL carries the secret)."""
+    started = time.monotonic()
+    route = request.match_info.route.resource
+    name = route.canonical if route is not None else "unmatched"
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        response = json_error(exc.status, exc.reason)
+    except Exception:
+        log.exception("request failed", route=name)
+        response = json_error(500, "internal error")
+    log.info(
+        "http",
+        method=request.method,
+        route=name,
+        status=response.status,
+        ms=round((time.monotonic() - started) * 1000, 1),
+    )
+    return response
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(reason=f"{name} must be an integer") from None
+    if not low <= value <= high:
+        raise web.HTTPBadRequest(reason=f"{name} must be between {low} and {high}")
+    return value
+
+
+def build_app(service: Service) -> web.Application:
+    app = web.Application(middlewares=[_errors_and_access_log])
+
+    async def changes(request: web.Request) -> web.Response:
+        after = _int_param(request, "after", 0, 0, 2**62)
+        limit = _int_param(request, "limit", 100, 1, MAX_CHANGES)
+        rows = await service.store.changes(after, limit)
+        last = rows[-1]["seq"] if rows else after
+        return web.json_response({"changes": rows, "last_seq": last})
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        ready, reasons = await service.readiness()
+        body: dict[str, Any] = {"status": "ready" if ready else "not ready", "reasons": reasons}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def status(_request: web.Request) -> web.Response:
+        return web.json_response(await service.status())
+
+    async def metrics(_request: web.Request) -> web.Response:
+        await service.refresh_metrics()
+        body, content_type = service.metrics.render()
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = content_type
+        return response
+
+    app.router.add_post("/webhooks/bookstack/{secret}", service.receiver.handle)
+    app.router.add_get("/changes", changes)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,314 @@
+"""`eventsync serve`: receiver, poller, dispatcher and periodic reconciler in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections import Counter
+from typing import Any
+
+from aiohttp import web
+
+from eventsync.bookstack.client import BookStackClient
+from eventsync.config import Settings
+from eventsync.dispatch import Dispatcher, backoff
+from eventsync.errors import AuthError
+from eventsync.events import FETCH, Event
+from eventsync.handlers import DIFF_KEY, Handlers
+from eventsync.ingest.auditlog import LAST_POLL, AuditPoller
+from eventsync.ingest.inbox import Inbox
+from eventsync.ingest.webhook import WebhookReceiver
+from eventsync.logging import get_logger
+from eventsync.metrics import Metrics
+from eventsync.notify import Notifier, watchdog_loop
+from eventsync.reconcile import AUDIT_CURSOR, LAST_FULL_SYNC, Reconciler
+from eventsync.server import build_app
+from eventsync.store.queue import Job, JobQueue
+from eventsync.store.sqlite import KINDS, Store
+
+log = get_logger("eventsync.service")
+
+EVENT_RETENTION = 86400.0  # events are kept a day, for pairing and inspection
+READY_API_AGE = 300.0  # /readyz: BookStack answered within this many seconds
+
+
+async def status_data(store: Store, queue: JobQueue) -> dict[str, Any]:
+    states = await store.states()
+
+    def num(key: str, cast: type = int) -> Any:
+        return cast(states[key]) if key in states else None
+
+    return {
+        "database": str(store.path),
+        "audit_cursor": num(AUDIT_CURSOR),
+        "audit_access": (states["audit_access"] == "1") if "audit_access" in states else None,
+        "audit_last_poll_at": num(LAST_POLL, float),
+        "audit_gap": states.get("audit_gap"),
+        "last_full_sync_at": states.get(LAST_FULL_SYNC),
+        "last_full_sync_requests": num("last_full_sync_requests"),
+        "last_full_sync_seconds": num("last_full_sync_seconds", float),
+        "last_change_seq": await store.last_seq(),
+        "queue_depth": await queue.depth(),
+        "dead_letters": len(await queue.dead_letters()),
+        "events": await queue.event_counts(),
+        "counts": await store.counts(),
+    }
+
+
+class Service:
+    def __init__(self, settings: Settings, client: BookStackClient, store: Store) -> None:
+        settings.require("webhook_secret")
+        assert settings.webhook_secret is not None
+        self.settings = settings
+        self.client = client
+        self.store = store
+        self.metrics = Metrics()
+        self.notifier = Notifier.from_env()
+        self.queue = JobQueue(store)
+        self.reconciler = Reconciler(client, store, concurrency=settings.fetch_concurrency)
+        self.handlers = Handlers(client, store, self.queue, self.reconciler)
+        self.dispatcher = Dispatcher(
+            self.queue,
+            self.handlers,
+            concurrency=settings.fetch_concurrency,
+            on_result=self._job_result,
+        )
+        self.inbox = Inbox(self.queue, on_commit=self._committed)
+        self.poller = AuditPoller(
+            client, self.queue, interval=settings.poll_interval, on_events=self._audit_events
+        )
+        self.receiver = WebhookReceiver(
+            settings.webhook_secret.get_secret_value(),
+            self.inbox,
+            on_event=self._webhook_event,
+            on_reject=self._webhook_rejected,
+        )
+        self.stop_event = asyncio.Event()
+        self.synced = asyncio.Event()
+        self.port: int | None = None
+        # Client counters already reported to Prometheus (its counters only go up by deltas).
+        self._reported: Counter[Any] = Counter()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._runner: web.AppRunner | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        recovered = await self.queue.recover()
+        if recovered:
+            log.info("jobs of a stopped worker put back", jobs=recovered)
+        self.inbox.start()
+        self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner,
+            self.settings.listen_host,
+            self.settings.listen_port,
+            shutdown_timeout=2.0,
+        )
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self.settings.listen_port
+        log.info("listening", address=f"{self.settings.listen_host}:{self.port}")
+        self._spawn(self._initial_sync(), "initial sync")
+        self._spawn(self.poller.run(self.stop_event, ready=self.synced), "audit poller")
+        self._spawn(self.dispatcher.run(self.stop_event), "dispatcher")
+        self._spawn(self._periodic_reconcile(), "periodic reconcile")
+        self._spawn(self._housekeeping(), "housekeeping")
+        interval = self.notifier.watchdog_timeout
+        if interval:
+            self._spawn(watchdog_loop(self.notifier, self.healthy, interval / 2), "watchdog")
+        self.notifier.ready(status=await self._status_line())
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_ended)
+        self._tasks.append(task)
+
+    def _task_ended(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or self.stop_event.is_set():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("a service task died; stopping", task=task.get_name(), error=repr(exc))
+            self.exit_code = 1
+            self.stop_event.set()
+
+    exit_code = 0
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight jobs finish (or put them back), close everything."""
+        self.stop_event.set()
+        self.notifier.stopping()
+        if self._runner is not None:
+            await self._runner.cleanup()  # no new webhooks from here on
+        await self.inbox.close()
+        for task in self._tasks:
+            if task.get_name() in ("dispatcher", "audit poller"):
+                with contextlib.suppress(asyncio.TimeoutError, Exception):
+                    await asyncio.wait_for(asyncio.shield(task), timeout=12.0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        log.info("stopped")
+
+    async def run_until_stopped(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop_event.set)
+        await self.start()
+        await self.stop_event.wait()
+        await self.stop()
+        return self.exit_code
+
+    # ---- background work --------------------------------------------------------------------
+
+    async def _initial_sync(self) -> None:
+        """No sync point yet: a full sync first (webhooks are accepted and queued meanwhile)."""
+        attempt = 0
+        while not self.stop_event.is_set():
+            if await self.store.get_state(LAST_FULL_SYNC) is not None and (
+                await self.store.get_state(AUDIT_CURSOR) is not None
+                or await self.store.get_state("audit_access") == "0"
+            ):
+                self.synced.set()
+                return
+            self.notifier.status("initial full sync")
+            try:
+                summary = await self.reconciler.full_sync(set_cursor=True)
+            except AuthError:
+                raise
+            except Exception as exc:
+                log.warning("initial sync failed; retrying", error=repr(exc))
+            else:
+                if summary.complete:
+                    self.synced.set()
+                    self.notifier.status(await self._status_line())
+                    return
+                log.warning("initial sync incomplete; retrying", problems=summary.problems[:5])
+            attempt += 1
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), timeout=backoff(attempt) + 1)
+
+    async def _periodic_reconcile(self) -> None:
+        """Catch what BookStack never reports (FACTS 2.5): a listing diff every interval."""
+        await self.synced.wait()
+        while not self.stop_event.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    self.stop_event.wait(), timeout=self.settings.reconcile_interval
+                )
+            if not self.stop_event.is_set():
+                await self.queue.enqueue(DIFF_KEY, [FETCH])
+                self.dispatcher.wake()
+
+    async def _housekeeping(self) -> None:
+        while not self.stop_event.is_set():
+            with contextlib.suppress(Exception):
+                await self.queue.prune_events(time.time() - EVENT_RETENTION)
+                self.notifier.status(await self._status_line())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), timeout=60)
+
+    # ---- callbacks --------------------------------------------------------------------------
+
+    def _committed(self, events: list[Event], outcomes: list[str]) -> None:
+        self.dispatcher.wake()
+
+    def _webhook_event(self, event: Event, outcome: str) -> None:
+        self.metrics.webhooks_received_total.labels(outcome="accepted").inc()
+        self._count_event(event, outcome)
+        self.poller.trigger()  # its audit row exists already: pair it soon
+
+    def _webhook_rejected(self, reason: str) -> None:
+        self.metrics.webhooks_received_total.labels(outcome="rejected").inc()
+        self.metrics.webhooks_rejected_total.labels(reason=reason).inc()
+
+    def _audit_events(self, events: list[Event], outcomes: list[str]) -> None:
+        for event, outcome in zip(events, outcomes, strict=True):
+            self._count_event(event, outcome)
+        self.dispatcher.wake()
+
+    def _count_event(self, event: Event, outcome: str) -> None:
+        self.metrics.events_total.labels(type=event.type, source=event.source).inc()
+        if outcome in ("duplicate", "covered"):
+            self.metrics.events_deduplicated_total.labels(source=event.source).inc()
+
+    def _job_result(self, job: Job, outcome: str, seconds: float) -> None:
+        label = {"settling": "retried"}.get(outcome, outcome)
+        self.metrics.jobs_total.labels(outcome=label).inc()
+        if outcome == "done":
+            self.metrics.freshness_seconds.observe(max(0.0, time.time() - job.first_seen))
+
+    # ---- status -----------------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        data = await status_data(self.store, self.queue)
+        data["in_flight"] = self.dispatcher.in_flight
+        data["api_requests"] = self.client.stats.requests
+        data["synced"] = self.synced.is_set()
+        return data
+
+    async def _status_line(self) -> str:
+        cursor = await self.store.get_state(AUDIT_CURSOR)
+        phase = "caught up" if self.synced.is_set() else "syncing"
+        return f"{phase}; cursor {cursor}; queue {await self.queue.depth()}"
+
+    async def healthy(self) -> bool:
+        """For the watchdog: the loop runs (we are here) and the writer commits."""
+        try:
+            async with asyncio.timeout(5):
+                async with self.store.transaction() as tx:
+                    await tx.set_state("heartbeat_at", time.time())
+        except Exception:
+            return False
+        return all(not t.done() for t in self._tasks if t.get_name() != "initial sync")
+
+    async def readiness(self) -> tuple[bool, list[str]]:
+        reasons = []
+        try:
+            await self.store.fetchone("SELECT 1")
+        except Exception as exc:
+            reasons.append(f"database: {exc}")
+        if not self.synced.is_set():
+            reasons.append("initial sync in progress")
+        elif await self.store.get_state("audit_access") != "0":
+            last_poll = await self.store.get_state(LAST_POLL)
+            limit = 3 * self.settings.poll_interval + 60
+            if last_poll is None or time.time() - float(last_poll) > limit:
+                reasons.append("BookStack's audit log not read successfully recently")
+        return not reasons, reasons
+
+    async def refresh_metrics(self) -> None:
+        stats = self.client.stats
+        for (route, status), count in list(stats.by_route.items()):
+            key = ("route", route, status)
+            if count > self._reported[key]:
+                self.metrics.api_requests_total.labels(endpoint=route, status=str(status)).inc(
+                    count - self._reported[key]
+                )
+                self._reported[key] = count
+        for name, metric in (
+            ("retries", self.metrics.api_retries_total),
+            ("limiter_waits", self.metrics.api_rate_limit_waits_total),
+            ("limiter_waited_seconds", self.metrics.api_rate_limit_wait_seconds_total),
+        ):
+            value = float(getattr(stats, name, 0) or 0)
+            if value > self._reported[name]:
+                metric.inc(value - self._reported[name])
+                self._reported[name] = value
+        self.metrics.queue_depth.set(await self.queue.depth())
+        self.metrics.dead_letters.set(len(await self.queue.dead_letters()))
+        cursor = await self.store.get_state(AUDIT_CURSOR)
+        if cursor is not None:
+            self.metrics.audit_cursor.set(int(cursor))
+        last_poll = await self.store.get_state(LAST_POLL)
+        if last_poll is not None:
+            self.metrics.audit_lag_seconds.set(max(0.0, time.time() - float(last_poll)))
+        counts = await self.store.counts()
+        for kind in KINDS:
+            self.metrics.mirror_entities.labels(kind=kind).set(counts[kind])
+        self.metrics.changes_seq.set(await self.store.last_seq())

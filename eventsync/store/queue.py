@@ -1,0 +1,337 @@
+"""The durable inbox and per-entity job queue (SQL lives here, beside the mirror's)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from eventsync.events import FETCH, Event
+from eventsync.store.sqlite import TABLES, Store, Tx
+
+# A webhook and the audit row of the same change carry the same type and item and times one
+# second apart at most (triggered_at is taken right after the row is saved); 2 s leaves room.
+PAIR_WINDOW = 2.0
+# An event this much older than our last read of its item is already reflected in the mirror
+# (BookStack's clock has one-second resolution, and ours may differ a little).
+COVER_MARGIN = 2.0
+
+
+@dataclass
+class Job:
+    key: str
+    hints: frozenset[str]
+    version: int
+    attempts: int
+    first_seen: float
+    newest_event: float | None
+    payload: dict[str, Any] = field(default_factory=dict)
+    last_error: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.key.split(":", 1)[0]
+
+    @property
+    def entity_id(self) -> int:
+        return int(self.key.split(":", 1)[1])
+
+
+def _worker_id() -> str:
+    return str(os.getpid())
+
+
+class JobQueue:
+    """Records events, coalesces them into one job per entity, leases jobs to workers."""
+
+    def __init__(self, store: Store, *, max_attempts: int = 8, worker_id: str | None = None):
+        self.store = store
+        self.max_attempts = max_attempts
+        self.worker_id = worker_id or _worker_id()
+
+    # ---- intake -----------------------------------------------------------------------------
+
+    async def record(self, tx: Tx, event: Event, now: float | None = None) -> str:
+        """Store one event and merge it into its entity's job; returns the outcome."""
+        now = time.time() if now is None else now
+        outcome = await self._outcome(tx, event, now)
+        if outcome == "duplicate":
+            return outcome
+        await tx.execute(
+            "INSERT INTO events (source, activity_id, type, entity_key, event_time, received_at, "
+            "outcome, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                event.source,
+                event.activity_id,
+                event.type,
+                event.key,
+                event.at,
+                now,
+                outcome,
+                json.dumps(event.payload) if event.payload else None,
+            ),
+        )
+        if outcome in ("queued", "merged"):
+            await self._merge_job(
+                tx, event.key or "", event.hints, now, event.at, _job_payload(event)
+            )
+        return outcome
+
+    async def _outcome(self, tx: Tx, event: Event, now: float) -> str:
+        if event.activity_id is not None:
+            rows = await tx.fetchall(
+                "SELECT 1 FROM events WHERE activity_id = ?", (event.activity_id,)
+            )
+            if rows:
+                return "duplicate"
+        if event.key is None:
+            return "ignored"
+        if event.at is not None and event.source in ("webhook", "audit"):
+            other = "audit" if event.source == "webhook" else "webhook"
+            pair = await tx.fetchall(
+                "SELECT seq FROM events WHERE entity_key = ? AND type = ? AND source = ? "
+                "AND paired = 0 AND event_time BETWEEN ? AND ? ORDER BY seq LIMIT 1",
+                (event.key, event.type, other, event.at - PAIR_WINDOW, event.at + PAIR_WINDOW),
+            )
+            if pair:
+                # The same change already reached us from the other source, and its job reads
+                # the state after it: this copy costs nothing.
+                await tx.execute("UPDATE events SET paired = 1 WHERE seq = ?", (pair[0][0],))
+                return "covered"
+            if event.hints <= {FETCH} and await self._read_since(tx, event.key, event.at):
+                return "covered"
+        existing = await tx.fetchall("SELECT 1 FROM jobs WHERE key = ?", (event.key,))
+        return "merged" if existing else "queued"
+
+    async def _read_since(self, tx: Tx, key: str, at: float) -> bool:
+        kind, _, raw_id = key.partition(":")
+        table = TABLES.get(kind)
+        if table is None or not raw_id.isdigit():
+            return False
+        rows = await tx.fetchall(
+            f"SELECT fetched_at FROM {table.name} WHERE id = ?", (int(raw_id),)
+        )
+        return bool(rows) and rows[0][0] > at + COVER_MARGIN
+
+    async def _merge_job(
+        self,
+        tx: Tx,
+        key: str,
+        hints: Iterable[str],
+        now: float,
+        event_time: float | None,
+        payload: dict[str, Any] | None = None,
+    ) -> None:
+        rows = await tx.fetchall("SELECT hints, payload FROM jobs WHERE key = ?", (key,))
+        if rows:
+            merged = sorted(set(json.loads(rows[0][0])) | set(hints))
+            data = {**json.loads(rows[0][1] or "{}"), **(payload or {})}
+            # A new event makes a job in retry back-off due now: the state may have settled.
+            await tx.execute(
+                "UPDATE jobs SET hints = ?, events = events + 1, version = version + 1, "
+                "newest_event = max(coalesce(newest_event, 0), coalesce(?, 0)), "
+                "not_before = min(not_before, ?), payload = ? WHERE key = ?",
+                (json.dumps(merged), event_time, now, json.dumps(data) if data else None, key),
+            )
+        else:
+            await tx.execute(
+                "INSERT INTO jobs (key, hints, first_seen, newest_event, not_before, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    key,
+                    json.dumps(sorted(set(hints))),
+                    now,
+                    event_time,
+                    now,
+                    json.dumps(payload) if payload else None,
+                ),
+            )
+
+    async def submit(self, events: Iterable[Event]) -> list[str]:
+        async with self.store.transaction() as tx:
+            return [await self.record(tx, e) for e in events]
+
+    async def enqueue(
+        self,
+        key: str,
+        hints: Iterable[str],
+        *,
+        payload: dict[str, Any] | None = None,
+        tx: Tx | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        """Add follow-up work that no BookStack event announces (cascades, resolutions)."""
+        now = time.time()
+        if tx is not None:
+            await self._merge_job(tx, key, hints, now + delay, None, payload)
+            return
+        async with self.store.transaction() as own:
+            await self._merge_job(own, key, hints, now + delay, None, payload)
+
+    # ---- workers ----------------------------------------------------------------------------
+
+    async def recover(self) -> int:
+        """Release leases held by workers that are no longer running (e.g. after kill -9)."""
+        rows = await self.store.fetchall(
+            "SELECT DISTINCT leased_by FROM jobs WHERE leased_by IS NOT NULL"
+        )
+        dead = [r[0] for r in rows if r[0] == self.worker_id or not _alive(r[0])]
+        if not dead:
+            return 0
+        async with self.store.transaction() as tx:
+            n = 0
+            for owner in dead:
+                cur = await tx.execute(
+                    "UPDATE jobs SET leased_by = NULL WHERE leased_by = ?", (owner,)
+                )
+                n += cur.rowcount
+        return n
+
+    async def lease(self, limit: int, now: float | None = None) -> list[Job]:
+        now = time.time() if now is None else now
+        async with self.store.transaction() as tx:
+            rows = await tx.fetchall(
+                "SELECT key, hints, version, attempts, first_seen, newest_event, payload, "
+                "last_error FROM jobs WHERE leased_by IS NULL AND not_before <= ? "
+                "ORDER BY not_before LIMIT ?",
+                (now, limit),
+            )
+            for r in rows:
+                await tx.execute(
+                    "UPDATE jobs SET leased_by = ? WHERE key = ?", (self.worker_id, r[0])
+                )
+        return [
+            Job(
+                r[0],
+                frozenset(json.loads(r[1])),
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                json.loads(r[6]) if r[6] else {},
+                r[7],
+            )
+            for r in rows
+        ]
+
+    async def done(self, job: Job, tx: Tx | None = None) -> bool:
+        """Finish a job; if events merged into it meanwhile, it runs again. True if removed."""
+        if tx is None:
+            async with self.store.transaction() as own:
+                return await self.done(job, own)
+        cur = await tx.execute(
+            "DELETE FROM jobs WHERE key = ? AND version = ?", (job.key, job.version)
+        )
+        if cur.rowcount:
+            return True
+        await tx.execute(
+            "UPDATE jobs SET leased_by = NULL, attempts = 0, last_error = NULL WHERE key = ?",
+            (job.key,),
+        )
+        return False
+
+    async def retry(self, job: Job, error: str, delay: float, *, count: bool = True) -> bool:
+        """Put a failed job back after `delay`; dead-letter it after max_attempts. True if kept."""
+        attempts = job.attempts + (1 if count else 0)
+        async with self.store.transaction() as tx:
+            if attempts >= self.max_attempts:
+                await tx.execute(
+                    "INSERT INTO dead_letters (key, hints, attempts, error, failed_at, payload) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        job.key,
+                        json.dumps(sorted(job.hints)),
+                        attempts,
+                        error[:2000],
+                        datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                        json.dumps(job.payload) if job.payload else None,
+                    ),
+                )
+                await tx.execute("DELETE FROM jobs WHERE key = ?", (job.key,))
+                return False
+            await tx.execute(
+                "UPDATE jobs SET leased_by = NULL, attempts = ?, last_error = ?, "
+                "not_before = ? WHERE key = ?",
+                (attempts, error[:2000], time.time() + delay, job.key),
+            )
+        return True
+
+    async def release(self, jobs: Iterable[Job]) -> None:
+        async with self.store.transaction() as tx:
+            for job in jobs:
+                await tx.execute(
+                    "UPDATE jobs SET leased_by = NULL WHERE key = ? AND leased_by = ?",
+                    (job.key, self.worker_id),
+                )
+
+    # ---- inspection -------------------------------------------------------------------------
+
+    async def depth(self) -> int:
+        row = await self.store.fetchone("SELECT count(*) FROM jobs")
+        return int(row[0]) if row else 0
+
+    async def next_due(self) -> float | None:
+        row = await self.store.fetchone("SELECT min(not_before) FROM jobs WHERE leased_by IS NULL")
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def dead_letters(self) -> list[dict[str, Any]]:
+        rows = await self.store.fetchall(
+            "SELECT id, key, hints, attempts, error, failed_at FROM dead_letters ORDER BY id"
+        )
+        return [
+            {
+                "id": r[0],
+                "key": r[1],
+                "hints": json.loads(r[2]),
+                "attempts": r[3],
+                "error": r[4],
+                "failed_at": r[5],
+            }
+            for r in rows
+        ]
+
+    async def retry_dead(self, letter_id: int | None = None) -> int:
+        """Move dead letters (one, or all when None) back into the queue as fresh jobs."""
+        where, params = ("WHERE id = ?", (letter_id,)) if letter_id is not None else ("", ())
+        async with self.store.transaction() as tx:
+            rows = await tx.fetchall(
+                f"SELECT id, key, hints, payload FROM dead_letters {where}", params
+            )
+            now = time.time()
+            for r in rows:
+                await self._merge_job(
+                    tx, r[1], json.loads(r[2]), now, None, json.loads(r[3]) if r[3] else None
+                )
+                await tx.execute("DELETE FROM dead_letters WHERE id = ?", (r[0],))
+        return len(rows)
+
+    async def event_counts(self) -> dict[str, int]:
+        rows = await self.store.fetchall("SELECT outcome, count(*) FROM events GROUP BY 1")
+        return {r[0]: r[1] for r in rows}
+
+    async def prune_events(self, older_than: float) -> int:
+        """Events are kept only for pairing and inspection; jobs carry what matters."""
+        async with self.store.transaction() as tx:
+            cur = await tx.execute("DELETE FROM events WHERE received_at < ?", (older_than,))
+            return cur.rowcount
+
+
+def _job_payload(event: Event) -> dict[str, Any] | None:
+    entity = event.payload.get("entity") if event.payload else None
+    return {"entity": entity} if entity else None
+
+
+def _alive(worker: str) -> bool:
+    if not worker.isdigit():
+        return False
+    try:
+        os.kill(int(worker), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
