@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     poll_interval: float = Field(30.0, gt=0)
     reconcile_interval: float = Field(3600.0, gt=0)
     sweep_share: float = Field(0.1, ge=0, le=1)
+    # A webhook whose audit-log row has not appeared after this long means a gap.
+    webhook_confirm_grace: float = Field(300.0, gt=0)
+    # Down longer than this (no successful audit poll): diff-sync everything on start.
+    max_downtime: float = Field(86400.0, gt=0)
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Parallel detail fetches: the rate limiter sets the pace, this only hides latency.

@@ -24,6 +24,9 @@ ROLES_REFRESH = "roles_refresh"  # a role delete migrated its members silently
 RESOLVE_RESTORE = "resolve_restore"  # deletion:N → find the entity, then restore it
 RESOLVE_DESTROY = "resolve_destroy"  # deletion:N → find the entity, confirm it is gone
 
+# The job that diff-syncs everything from listings (gaps, conversions, periodic checks).
+DIFF_KEY = "diff:0"
+
 # Entity kinds as the mirror names them, from BookStack's morph types / event prefixes.
 KIND_OF = {"page": "page", "chapter": "chapter", "book": "book", "bookshelf": "shelf"}
 

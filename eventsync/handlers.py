@@ -9,6 +9,7 @@ from eventsync.bookstack import models as m
 from eventsync.bookstack.client import BookStackClient
 from eventsync.errors import EventsyncError, ForbiddenError, NotFound
 from eventsync.events import (
+    DIFF_KEY,
     EXPECT_GONE,
     EXPECT_PRESENT,
     FETCH,
@@ -30,8 +31,6 @@ log = get_logger("eventsync.handlers")
 # Re-check delays for webhooks that BookStack sends before the change is visible (FACTS 2.6):
 # bounded, after which the state we read is taken as the truth.
 SETTLE_DELAYS = (0.5, 1.5, 3.0, 6.0)
-
-DIFF_KEY = "diff:0"
 
 
 class Settle(EventsyncError):
@@ -65,7 +64,9 @@ class Handlers:
         if kind == "deletion":
             return await self._deletion(job)
         if kind == "diff":
-            summary = await self.reconciler.full_sync(all_permissions=False, set_cursor=False)
+            summary = await self.reconciler.full_sync(
+                all_permissions=False, set_cursor=False, verify_roles=False
+            )
             if not summary.complete:
                 raise EventsyncError("; ".join(summary.problems[:3]))
             return "diffed"

@@ -133,7 +133,7 @@ class Metrics:
         )
         self.audit_lag_seconds = Gauge(
             "audit_lag_seconds",
-            "Age of the newest audit-log activity not yet read, 0 when caught up.",
+            "Seconds since the audit log was last read up to its end (grows while polls fail).",
             namespace=ns,
             registry=reg,
         )
@@ -159,7 +159,7 @@ class Metrics:
         # ---- mirror ---------------------------------------------------------------------
         self.mirror_entities = Gauge(
             "mirror_entities",
-            "Rows in the mirror, by kind (pages, books, users, ...).",
+            "Rows in the mirror, by kind (shelf, book, chapter, page, attachment, user, role).",
             ["kind"],
             namespace=ns,
             registry=reg,
@@ -172,7 +172,7 @@ class Metrics:
         )
         self.freshness_seconds = Histogram(
             "freshness_seconds",
-            "Delay from receiving a webhook to writing its change to the mirror.",
+            "Delay from first hearing of a change (usually a webhook) to writing it to the mirror.",
             buckets=FRESHNESS_BUCKETS,
             namespace=ns,
             registry=reg,

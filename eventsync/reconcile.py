@@ -101,13 +101,18 @@ class Reconciler:
         self._on_progress = on_progress
 
     async def full_sync(
-        self, *, all_permissions: bool | None = None, set_cursor: bool = True
+        self,
+        *,
+        all_permissions: bool | None = None,
+        set_cursor: bool = True,
+        verify_roles: bool = True,
     ) -> SyncSummary:
         """Diff-sync everything. Records a sync point only when every step succeeded.
 
         `set_cursor=False` for diffs run beside the audit-log poller: a listing diff does not
         re-read permissions of known items, so it must not skip the events that announce
-        such changes."""
+        such changes. `verify_roles=False` reads a role only when its listing row changed
+        (member counts included); the background sweep re-reads roles for swaps."""
         started = time.monotonic()
         requests_before = self.client.stats.requests
         summary = SyncSummary()
@@ -121,7 +126,7 @@ class Reconciler:
 
         listings = await self._listings(summary)
         await self._remove_missing(listings, summary)
-        jobs = await self._plan(listings, summary)
+        jobs = await self._plan(listings, summary, verify_roles)
         permission_jobs = await self._plan_permissions(listings, all_permissions)
         total = len(jobs) + len(permission_jobs)
         if self._on_plan:
@@ -209,7 +214,10 @@ class Reconciler:
                         summary.kinds[kind].add("deleted")
 
     async def _plan(
-        self, listings: dict[str, list[dict[str, Any]] | None], summary: SyncSummary
+        self,
+        listings: dict[str, list[dict[str, Any]] | None],
+        summary: SyncSummary,
+        verify_roles: bool = True,
     ) -> list[Awaitable[None]]:
         jobs: list[Awaitable[None]] = []
         now = time.time()

@@ -15,9 +15,9 @@ from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
 from eventsync.dispatch import Dispatcher, backoff
 from eventsync.errors import AuthError
-from eventsync.events import FETCH, Event
-from eventsync.handlers import DIFF_KEY, Handlers
-from eventsync.ingest.auditlog import LAST_POLL, AuditPoller
+from eventsync.events import DIFF_KEY, FETCH, PERMISSIONS, Event
+from eventsync.handlers import Handlers
+from eventsync.ingest.auditlog import GAP, LAST_POLL, AuditPoller
 from eventsync.ingest.inbox import Inbox
 from eventsync.ingest.webhook import WebhookReceiver
 from eventsync.logging import get_logger
@@ -29,6 +29,19 @@ from eventsync.store.queue import Job, JobQueue
 from eventsync.store.sqlite import KINDS, Store
 
 log = get_logger("eventsync.service")
+
+SWEEP_POSITION = "sweep_position"
+SWEEP_PROGRESS = "sweep_progress"
+SWEEP_STARTED = "sweep_cycle_started_at"
+SWEEP_CYCLE = "sweep_last_cycle_seconds"
+_SWEEP_ORDER = {"role": 0, "shelf": 1, "book": 2, "chapter": 3, "page": 4}
+
+
+def _sweep_key(item: tuple[str, list[str]]) -> str:
+    """A sortable position: kind order, then zero-padded id."""
+    kind, _, raw = item[0].partition(":")
+    return f"{_SWEEP_ORDER[kind]}:{int(raw):012d}"
+
 
 EVENT_RETENTION = 86400.0  # events are kept a day, for pairing and inspection
 READY_API_AGE = 300.0  # /readyz: BookStack answered within this many seconds
@@ -54,6 +67,11 @@ async def status_data(store: Store, queue: JobQueue) -> dict[str, Any]:
         "dead_letters": len(await queue.dead_letters()),
         "events": await queue.event_counts(),
         "counts": await store.counts(),
+        "sweep": {
+            "progress": num(SWEEP_PROGRESS, float),
+            "last_cycle_seconds": num(SWEEP_CYCLE, float),
+            "cycle_started_at": num(SWEEP_STARTED, float),
+        },
     }
 
 
@@ -77,7 +95,11 @@ class Service:
         )
         self.inbox = Inbox(self.queue, on_commit=self._committed)
         self.poller = AuditPoller(
-            client, self.queue, interval=settings.poll_interval, on_events=self._audit_events
+            client,
+            self.queue,
+            interval=settings.poll_interval,
+            on_events=self._audit_events,
+            on_gap=lambda _reason: self.dispatcher.wake(),
         )
         self.receiver = WebhookReceiver(
             settings.webhook_secret.get_secret_value(),
@@ -100,13 +122,14 @@ class Service:
         if recovered:
             log.info("jobs of a stopped worker put back", jobs=recovered)
         self.inbox.start()
-        self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            build_app(self), access_log=None, handle_signals=False, shutdown_timeout=2.0
+        )
         await self._runner.setup()
         site = web.TCPSite(
             self._runner,
             self.settings.listen_host,
             self.settings.listen_port,
-            shutdown_timeout=2.0,
         )
         await site.start()
         sockets = getattr(site._server, "sockets", None) or []
@@ -117,6 +140,7 @@ class Service:
         self._spawn(self.dispatcher.run(self.stop_event), "dispatcher")
         self._spawn(self._periodic_reconcile(), "periodic reconcile")
         self._spawn(self._housekeeping(), "housekeeping")
+        self._spawn(self._sweep(), "sweep")
         interval = self.notifier.watchdog_timeout
         if interval:
             self._spawn(watchdog_loop(self.notifier, self.healthy, interval / 2), "watchdog")
@@ -205,13 +229,101 @@ class Service:
                 await self.queue.enqueue(DIFF_KEY, [FETCH])
                 self.dispatcher.wake()
 
+    async def _gap(self, reason: str) -> None:
+        """A gap: something happened that no event told us about. Diff-sync and say so."""
+        log.warning("gap detected: diff sync of everything", reason=reason)
+        async with self.store.transaction() as tx:
+            await tx.set_state(GAP, reason)
+            await self.queue.enqueue(DIFF_KEY, [FETCH], tx=tx)
+        self.dispatcher.wake()
+
+    async def _check_downtime(self) -> None:
+        last_poll = await self.store.get_state(LAST_POLL)
+        if last_poll is not None:
+            down = time.time() - float(last_poll)
+            if down > self.settings.max_downtime:
+                await self._gap(f"down for {down:.0f} s, longer than EVENTSYNC_MAX_DOWNTIME")
+
+    async def _check_webhooks_confirmed(self) -> None:
+        """Every webhook's activity is in the audit log; one that never shows up means the
+        log is not telling us everything (no audit access, or it is being cleared)."""
+        if await self.store.get_state("audit_access") == "0":
+            return
+        cutoff = time.time() - self.settings.webhook_confirm_grace
+        last_poll = await self.store.get_state(LAST_POLL)
+        if last_poll is None or float(last_poll) < cutoff:
+            return  # the poller has not looked since; nothing to conclude yet
+        missing = await self.queue.unconfirmed_webhooks(cutoff)
+        if missing:
+            await self.queue.confirm_webhooks(cutoff)
+            await self._gap(f"{missing} webhook(s) never appeared in the audit log")
+
     async def _housekeeping(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._check_downtime()
         while not self.stop_event.is_set():
             with contextlib.suppress(Exception):
                 await self.queue.prune_events(time.time() - EVENT_RETENTION)
+                await self._check_webhooks_confirmed()
                 self.notifier.status(await self._status_line())
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stop_event.wait(), timeout=60)
+                await asyncio.wait_for(
+                    self.stop_event.wait(), timeout=min(60.0, self.settings.webhook_confirm_grace)
+                )
+
+    async def _sweep(self) -> None:
+        """Re-read what changes without moving any timestamp (FACTS 2.5: permissions copied
+        from a shelf, SSO group sync, shelf membership lost by cascades), one item at a time
+        within EVENTSYNC_SWEEP_SHARE of the request budget, so every item is verified within
+        one cycle. Work goes through the job queue: one in-flight job per entity still holds.
+        """
+        share = self.settings.sweep_share
+        if share <= 0:
+            return
+        per_second = share * self.settings.requests_per_minute / 60.0
+        await self.synced.wait()
+        while not self.stop_event.is_set():
+            items = await self._sweep_items()
+            saved = await self.store.get_state(SWEEP_POSITION)
+            start = 0
+            if saved is not None:
+                start = next((i for i, it in enumerate(items) if _sweep_key(it) > saved), 0)
+            if start == 0:
+                async with self.store.transaction() as tx:
+                    await tx.set_state(SWEEP_STARTED, time.time())
+            for i in range(start, len(items)):
+                if self.stop_event.is_set():
+                    return
+                key, hints = items[i]
+                await self.queue.enqueue(key, hints)
+                self.dispatcher.wake()
+                async with self.store.transaction() as tx:
+                    await tx.set_state(SWEEP_POSITION, _sweep_key(items[i]))
+                    await tx.set_state(SWEEP_PROGRESS, round((i + 1) / len(items), 4))
+                self.metrics.sweep_progress_ratio.set((i + 1) / len(items))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), timeout=1.0 / per_second)
+            started = await self.store.get_state(SWEEP_STARTED)
+            async with self.store.transaction() as tx:
+                await tx.delete_state(SWEEP_POSITION)
+                if started is not None:
+                    cycle = time.time() - float(started)
+                    await tx.set_state(SWEEP_CYCLE, round(cycle, 1))
+                    self.metrics.sweep_cycle_seconds.set(cycle)
+            if not items:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), timeout=60)
+
+    async def _sweep_items(self) -> list[tuple[str, list[str]]]:
+        items: list[tuple[str, list[str]]] = []
+        for role_id in sorted(await self.store.ids("role")):
+            items.append((f"role:{role_id}", [FETCH]))
+        for shelf_id in sorted(await self.store.ids("shelf")):
+            items.append((f"shelf:{shelf_id}", [FETCH, PERMISSIONS]))
+        for kind in ("book", "chapter", "page"):
+            for entity_id in sorted(await self.store.ids(kind)):
+                items.append((f"{kind}:{entity_id}", [PERMISSIONS]))
+        return items
 
     # ---- callbacks --------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from eventsync.bookstack.client import BookStackClient
 from eventsync.errors import AuthError, BookStackError, ForbiddenError
-from eventsync.events import Event, from_audit
+from eventsync.events import DIFF_KEY, FETCH, Event, from_audit
 from eventsync.logging import get_logger
 from eventsync.reconcile import AUDIT_ACCESS, AUDIT_CURSOR
 from eventsync.store.queue import JobQueue
@@ -22,6 +22,7 @@ OVERLAP = 20
 # After a webhook, poll soon (its audit row is already written) but let a burst gather.
 DEBOUNCE = 0.5
 LAST_POLL = "audit_last_poll_at"
+LAST_ROW = "audit_last_row"  # "id|type|time" of the row at the cursor, to notice a cleared log
 GAP = "audit_gap"
 
 
@@ -34,6 +35,7 @@ class AuditPoller:
         interval: float = 30.0,
         overlap: int = OVERLAP,
         on_events: Callable[[list[Event], list[str]], None] | None = None,
+        on_gap: Callable[[str], None] | None = None,
     ) -> None:
         self.client = client
         self.queue = queue
@@ -42,6 +44,7 @@ class AuditPoller:
         self.overlap = overlap
         self._trigger = asyncio.Event()
         self._on_events = on_events
+        self._on_gap = on_gap
         self.polls = 0
         self.last_error: str | None = None
 
@@ -60,50 +63,72 @@ class AuditPoller:
         cursor = await self.cursor()
         if cursor is None:
             return 0  # no sync point yet: the initial full sync sets the cursor
-        start = max(0, cursor - self.overlap)
         fresh = 0
-        highest = cursor
         batch: list[Event] = []
-        listing = self.client.audit_log_after(start)
-        async for row in listing:
+        verified = False
+        async for row in self.client.audit_log_after(max(0, cursor - self.overlap)):
             batch.append(from_audit(row))
             if len(batch) >= 500:
-                fresh += await self._commit(batch, highest)
-                highest = max(highest, *(e.activity_id or 0 for e in batch))
+                if not verified:
+                    verified = True
+                    if not await self._verify(cursor, batch):
+                        return await self.poll_once()
+                fresh += await self._commit(batch)
                 batch = []
+        if not verified and not await self._verify(cursor, batch):
+            return await self.poll_once()
         if batch:
-            fresh += await self._commit(batch, highest)
-        elif cursor > 0 and start == cursor - self.overlap:
-            await self._check_cleared(cursor)
+            fresh += await self._commit(batch)
         self.polls += 1
         async with self.store.transaction() as tx:
             await tx.set_state(LAST_POLL, time.time())
         return fresh
 
-    async def _commit(self, batch: list[Event], highest: int) -> int:
-        new_highest = max(highest, *(e.activity_id or 0 for e in batch))
+    async def _commit(self, batch: list[Event]) -> int:
+        top = max(batch, key=lambda e: e.activity_id or 0)
         async with self.store.transaction() as tx:
             outcomes = [await self.queue.record(tx, e) for e in batch]
-            await tx.set_state(AUDIT_CURSOR, new_highest)
+            current = await self.cursor()
+            if top.activity_id is not None and (current is None or top.activity_id >= current):
+                await tx.set_state(AUDIT_CURSOR, top.activity_id)
+                await tx.set_state(LAST_ROW, _signature(top))
         if self._on_events is not None:
             self._on_events(batch, outcomes)
         return sum(o in ("queued", "merged") for o in outcomes)
 
-    async def _check_cleared(self, cursor: int) -> None:
-        """Nothing came back, not even the overlap: if the log's highest id is below our
-        cursor, it was cleared (`bookstack:clear-activity` restarts ids): that is a gap."""
-        latest = await self.client.latest_audit_id()
-        if latest is not None and latest >= cursor:
-            return
-        log.warning(
-            "audit log cleared or pruned behind our cursor: gap", cursor=cursor, latest=latest
-        )
+    async def _verify(self, cursor: int, first_page: list[Event]) -> bool:
+        """Is the row at our cursor still the one we saw? If the log was cleared
+        (`bookstack:clear-activity` truncates it and ids restart at 1) it is gone, or another
+        activity now has its id. Either way events were lost: that is a gap."""
+        if cursor == 0:
+            return True
+        at_cursor = next((e for e in first_page if e.activity_id == cursor), None)
+        seen = await self.store.get_state(LAST_ROW)
+        if at_cursor is not None:
+            if seen is None or seen == _signature(at_cursor):
+                return True
+            reason = f"audit-log row {cursor} is no longer the activity we read"
+        elif any((e.activity_id or 0) > cursor for e in first_page):
+            reason = f"audit-log row {cursor} we had read is gone"
+        else:
+            latest = max((e.activity_id or 0 for e in first_page), default=None)
+            if latest is None:
+                latest = await self.client.latest_audit_id()
+            if latest is not None and latest >= cursor:
+                return True
+            reason = f"audit log highest id {latest} is below our cursor {cursor}"
+        log.warning("audit log cleared or pruned behind our cursor: gap", reason=reason)
         async with self.store.transaction() as tx:
-            await tx.set_state(GAP, f"audit log highest id {latest} is below cursor {cursor}")
+            await tx.set_state(GAP, reason)
             # Ids restart: forget old activity ids so new rows with the same ids are not
-            # taken for duplicates, and resume from the new head.
+            # taken for duplicates; read the new log from its start; diff-sync the rest.
             await tx.execute("UPDATE events SET activity_id = NULL WHERE activity_id IS NOT NULL")
-            await tx.set_state(AUDIT_CURSOR, latest or 0)
+            await tx.set_state(AUDIT_CURSOR, 0)
+            await tx.delete_state(LAST_ROW)
+            await self.queue.enqueue(DIFF_KEY, [FETCH], tx=tx)
+        if self._on_gap is not None:
+            self._on_gap(reason)
+        return False
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         if ready is not None:
@@ -129,6 +154,10 @@ class AuditPoller:
         await _wait_any(self._trigger, stop, timeout=self.interval)
         if self._trigger.is_set() and not stop.is_set():
             await _wait_any(stop, timeout=DEBOUNCE)
+
+
+def _signature(event: Event) -> str:
+    return f"{event.activity_id}|{event.type}|{event.at}"
 
 
 async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:

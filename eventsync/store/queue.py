@@ -61,9 +61,12 @@ class JobQueue:
         outcome = await self._outcome(tx, event, now)
         if outcome == "duplicate":
             return outcome
+        paired = outcome == "paired"
+        if paired:
+            outcome = "covered"
         await tx.execute(
             "INSERT INTO events (source, activity_id, type, entity_key, event_time, received_at, "
-            "outcome, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "outcome, paired, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 event.source,
                 event.activity_id,
@@ -72,6 +75,7 @@ class JobQueue:
                 event.at,
                 now,
                 outcome,
+                int(paired),
                 json.dumps(event.payload) if event.payload else None,
             ),
         )
@@ -101,7 +105,7 @@ class JobQueue:
                 # The same change already reached us from the other source, and its job reads
                 # the state after it: this copy costs nothing.
                 await tx.execute("UPDATE events SET paired = 1 WHERE seq = ?", (pair[0][0],))
-                return "covered"
+                return "paired"
             if event.hints <= {FETCH} and await self._read_since(tx, event.key, event.at):
                 return "covered"
         existing = await tx.fetchall("SELECT 1 FROM jobs WHERE key = ?", (event.key,))
@@ -312,6 +316,23 @@ class JobQueue:
     async def event_counts(self) -> dict[str, int]:
         rows = await self.store.fetchall("SELECT outcome, count(*) FROM events GROUP BY 1")
         return {r[0]: r[1] for r in rows}
+
+    async def unconfirmed_webhooks(self, older_than: float) -> int:
+        """Webhooks whose audit-log row never showed up: each is a sign of a gap."""
+        row = await self.store.fetchone(
+            "SELECT count(*) FROM events WHERE source = 'webhook' AND paired = 0 "
+            "AND entity_key IS NOT NULL AND received_at < ?",
+            (older_than,),
+        )
+        return int(row[0]) if row else 0
+
+    async def confirm_webhooks(self, older_than: float) -> None:
+        async with self.store.transaction() as tx:
+            await tx.execute(
+                "UPDATE events SET paired = 1 WHERE source = 'webhook' AND paired = 0 "
+                "AND received_at < ?",
+                (older_than,),
+            )
 
     async def prune_events(self, older_than: float) -> int:
         """Events are kept only for pairing and inspection; jobs carry what matters."""
