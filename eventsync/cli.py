@@ -299,10 +299,23 @@ async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
 async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from eventsync.service import Service
 
+    if args.demo_if_unconfigured and settings.bookstack_url is None:
+        print(
+            "eventsync: no BookStack configured (EVENTSYNC_BOOKSTACK_URL is unset): running "
+            "`eventsync demo` against the bundled fake BookStack instead",
+            file=sys.stderr,
+        )
+        return await cmd_demo(settings, args)
     settings.require("webhook_secret")
     async with make_client(settings) as client, await Store.open(settings.database) as store:
         service = Service(settings, client, store)
         return await service.run_until_stopped()
+
+
+async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from eventsync.demo import run_demo
+
+    return await run_demo(getattr(args, "database", None))
 
 
 async def cmd_changes(settings: Settings, args: argparse.Namespace) -> int:
@@ -362,7 +375,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="webhook receiver, audit poller, workers, reconciler")
+    p.add_argument(
+        "--demo-if-unconfigured",
+        action="store_true",
+        help="run `eventsync demo` when no BookStack is configured",
+    )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="see it work: a fake BookStack, serve, and live edits")
+    p.add_argument(
+        "--database",
+        type=Path,
+        default=None,
+        help="keep the demo mirror in this file (default: a temporary one)",
+    )
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
         "reconcile", help="after an outage: catch up from the audit log, diff-sync gaps"

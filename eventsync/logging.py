@@ -82,5 +82,6 @@ def configure_logging(
 
 
 def get_logger(name: str) -> Any:
-    """A logger that names its module in every line (`logger` field)."""
-    return structlog.get_logger().bind(logger=name)
+    """A logger that names its module in every line (`module` field)."""
+    # Lazy: bound on first use, so configure_logging() applies to module-level loggers too.
+    return structlog.get_logger(module=name)
