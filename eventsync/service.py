@@ -7,6 +7,7 @@ import contextlib
 import signal
 import time
 from collections import Counter
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -420,6 +421,12 @@ class Service:
         last_poll = await self.store.get_state(LAST_POLL)
         if last_poll is not None:
             self.metrics.audit_lag_seconds.set(max(0.0, time.time() - float(last_poll)))
+        last_sync = await self.store.get_state(LAST_FULL_SYNC)
+        if last_sync is not None:
+            with contextlib.suppress(ValueError):
+                self.metrics.last_full_sync_timestamp_seconds.set(
+                    datetime.fromisoformat(last_sync.replace("Z", "+00:00")).timestamp()
+                )
         counts = await self.store.counts()
         for kind in KINDS:
             self.metrics.mirror_entities.labels(kind=kind).set(counts[kind])
