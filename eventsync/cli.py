@@ -212,6 +212,14 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         )
     print(f"change feed seq: {data['last_change_seq']}")
     print(f"queue depth:     {data['queue_depth']}   dead letters: {data['dead_letters']}")
+    sweep = data["sweep"]
+    if sweep["progress"] is not None or sweep["last_cycle_seconds"] is not None:
+        progress = f"{100 * (sweep['progress'] or 0):.1f} %"
+        cycle = sweep["last_cycle_seconds"]
+        print(
+            f"sweep:           {progress} of this cycle; last full cycle "
+            f"{'not finished yet' if cycle is None else f'{cycle:.0f} s'}"
+        )
     if data["audit_gap"]:
         print(f"gap detected:    {data['audit_gap']} (run `eventsync reconcile`)")
     counts = data["counts"]
