@@ -143,6 +143,48 @@ TABLES: dict[str, Table] = {
 
 SCHEMA_VERSION_KEY = "user_version"
 
+# The export document (DESIGN.md): section → (table, fields in order). Fields that are not
+# columns are relations filled in by Store.export; BOOL_FIELDS are stored as 0/1.
+EXPORT_SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "shelves": ("shelves", ("id", "name", "slug", "description", "books", "tags")),
+    "books": ("books", ("id", "name", "slug", "description", "tags")),
+    "chapters": ("chapters", ("id", "book_id", "name", "slug", "description", "priority", "tags")),
+    "pages": (
+        "pages",
+        (
+            "id",
+            "book_id",
+            "chapter_id",
+            "name",
+            "slug",
+            "priority",
+            "draft",
+            "template",
+            "revision_count",
+            "raw_html",
+            "html",
+            "markdown",
+            "updated_at",
+            "tags",
+        ),
+    ),
+    "attachments": (
+        "attachments",
+        ("id", "name", "extension", "uploaded_to", "external", "order", "updated_at"),
+    ),
+    "users": ("users", ("id", "name", "slug", "email", "roles")),
+    "roles": ("roles", ("id", "display_name", "description", "permissions", "users")),
+}
+BOOL_FIELDS = frozenset({"draft", "template", "external"})
+
+
+def _export_value(field: str, row: aiosqlite.Row, relations: dict[str, Any]) -> Any:
+    if field in relations:
+        return relations[field](row)
+    if field in BOOL_FIELDS:
+        return bool(row[field])
+    return row[field]
+
 
 class StoreError(EventsyncError):
     """The mirror database cannot be used."""
@@ -339,91 +381,17 @@ class Store:
                 {"name": t.get("name"), "value": t.get("value")} for t in json.loads(raw or "[]")
             ]
 
+        relations: dict[str, Any] = {
+            "books": lambda r: shelf_books.get(r["id"], []),
+            "roles": lambda r: user_roles.get(r["id"], []),
+            "users": lambda r: role_users.get(r["id"], []),
+            "tags": lambda r: tags(r["tags"]),
+            "permissions": lambda r: json.loads(r["permissions"]),
+        }
         doc: dict[str, Any] = {}
-        doc["shelves"] = [
-            {
-                "id": r["id"],
-                "name": r["name"],
-                "slug": r["slug"],
-                "description": r["description"],
-                "books": shelf_books.get(r["id"], []),
-                "tags": tags(r["tags"]),
-            }
-            for r in await self.fetchall("SELECT * FROM shelves ORDER BY id")
-        ]
-        doc["books"] = [
-            {
-                "id": r["id"],
-                "name": r["name"],
-                "slug": r["slug"],
-                "description": r["description"],
-                "tags": tags(r["tags"]),
-            }
-            for r in await self.fetchall("SELECT * FROM books ORDER BY id")
-        ]
-        doc["chapters"] = [
-            {
-                "id": r["id"],
-                "book_id": r["book_id"],
-                "name": r["name"],
-                "slug": r["slug"],
-                "description": r["description"],
-                "priority": r["priority"],
-                "tags": tags(r["tags"]),
-            }
-            for r in await self.fetchall("SELECT * FROM chapters ORDER BY id")
-        ]
-        doc["pages"] = [
-            {
-                "id": r["id"],
-                "book_id": r["book_id"],
-                "chapter_id": r["chapter_id"],
-                "name": r["name"],
-                "slug": r["slug"],
-                "priority": r["priority"],
-                "draft": bool(r["draft"]),
-                "template": bool(r["template"]),
-                "revision_count": r["revision_count"],
-                "raw_html": r["raw_html"],
-                "html": r["html"],
-                "markdown": r["markdown"],
-                "updated_at": r["updated_at"],
-                "tags": tags(r["tags"]),
-            }
-            for r in await self.fetchall("SELECT * FROM pages ORDER BY id")
-        ]
-        doc["attachments"] = [
-            {
-                "id": r["id"],
-                "name": r["name"],
-                "extension": r["extension"],
-                "uploaded_to": r["uploaded_to"],
-                "external": bool(r["external"]),
-                "order": r["order"],
-                "updated_at": r["updated_at"],
-            }
-            for r in await self.fetchall("SELECT * FROM attachments ORDER BY id")
-        ]
-        doc["users"] = [
-            {
-                "id": r["id"],
-                "name": r["name"],
-                "slug": r["slug"],
-                "email": r["email"],
-                "roles": user_roles.get(r["id"], []),
-            }
-            for r in await self.fetchall("SELECT * FROM users ORDER BY id")
-        ]
-        doc["roles"] = [
-            {
-                "id": r["id"],
-                "display_name": r["display_name"],
-                "description": r["description"],
-                "permissions": json.loads(r["permissions"]),
-                "users": role_users.get(r["id"], []),
-            }
-            for r in await self.fetchall("SELECT * FROM roles ORDER BY id")
-        ]
+        for section, (table, fields) in EXPORT_SECTIONS.items():
+            rows = await self.fetchall(f"SELECT * FROM {table} ORDER BY id")
+            doc[section] = [{f: _export_value(f, r, relations) for f in fields} for r in rows]
         role_rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for r in await self.fetchall(
             "SELECT * FROM content_role_permissions ORDER BY content_type, content_id, role_id"
