@@ -111,6 +111,7 @@ class Event:
     at: float | None = None  # BookStack's clock, unix seconds (1 s resolution)
     activity_id: int | None = None
     payload: dict[str, Any] = field(default_factory=dict, compare=False)
+    raw: str | None = field(default=None, compare=False)  # the body as received, if any
 
     @property
     def ignored(self) -> bool:
@@ -185,7 +186,7 @@ def _entity_kind_from_item(item: dict[str, Any], url: str | None) -> str | None:
     return None
 
 
-def from_webhook(raw: Any) -> Event:
+def from_webhook(raw: Any, text: str | None = None) -> Event:
     """A webhook body → Event; raises BadEvent when it is not shaped like one."""
     if not isinstance(raw, dict):
         raise BadEvent("the body must be a JSON object")
@@ -198,7 +199,7 @@ def from_webhook(raw: Any) -> Event:
     at = parse_time(body.triggered_at)
     route = ROUTES.get(body.event)
     if route is None:
-        return Event("webhook", body.event, None, at=at, payload=raw)
+        return Event("webhook", body.event, None, at=at, payload=raw, raw=text)
     item = body.related_item or {}
     item_id = item.get("id") if isinstance(item.get("id"), int) else None
     key: str | None = None
@@ -215,7 +216,7 @@ def from_webhook(raw: Any) -> Event:
         key = f"{route.kind}:{item_id}"
     if key is None:
         raise BadEvent(f"a {body.event} webhook must name its item (related_item.id or url)")
-    return Event("webhook", body.event, key, route.hints, at=at, payload=raw)
+    return Event("webhook", body.event, key, route.hints, at=at, payload=raw, raw=text)
 
 
 def from_audit(row: dict[str, Any]) -> Event:

@@ -87,7 +87,7 @@ class AuditPoller:
     async def _commit(self, batch: list[Event]) -> int:
         top = max(batch, key=lambda e: e.activity_id or 0)
         async with self.store.transaction() as tx:
-            outcomes = [await self.queue.record(tx, e) for e in batch]
+            outcomes = await self.queue.record_many(tx, batch)
             current = await self.cursor()
             if top.activity_id is not None and (current is None or top.activity_id >= current):
                 await tx.set_state(AUDIT_CURSOR, top.activity_id)

@@ -50,8 +50,7 @@ class Inbox:
                 continue
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             try:
-                async with self.queue.store.transaction() as tx:
-                    outcomes = [await self.queue.record(tx, event) for event, _ in batch]
+                outcomes = await self.queue.submit([event for event, _ in batch])
             except Exception as exc:
                 log.exception("inbox commit failed", events=len(batch))
                 for _, future in batch:

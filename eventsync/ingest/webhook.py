@@ -66,7 +66,7 @@ class WebhookReceiver:
         except (ValueError, UnicodeDecodeError):
             return self._reject("bad_json", 400, "the body is not valid JSON")
         try:
-            event = from_webhook(raw)
+            event = from_webhook(raw, body.decode("utf-8", "replace"))
         except BadEvent as exc:
             return self._reject("invalid", 422, str(exc))
         try:

@@ -1,0 +1,421 @@
+"""Webhook intake under load: `eventsync serve` as a subprocess, a fake BookStack in this
+process, and separate load processes offering page_update webhooks at a fixed rate.
+
+Reports accepted/s, latency of the 2xx (p50/p95/p99), errors, and whether every accepted
+event is in the `events` table (durable). Goal: >= 3,000/s durable, p99 <= 25 ms.
+
+    .venv/bin/python tests/bench/intake.py [--rate 3000] [--seconds 10] [--workers 2]
+    .venv/bin/python tests/bench/intake.py --profile   # in-process cProfile of the inbox
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import json
+import multiprocessing as mp
+import os
+import pstats
+import random
+import signal
+import socket
+import sqlite3
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aiosqlite
+
+from eventsync.testing import FakeBookStack
+from eventsync.testing.shapes import webhook_body
+from eventsync.testing.state import ADMIN_USER_ID
+
+SECRET = "bench-intake-secret-0123456789abcdef"
+FAKE_RPM = 100_000  # the fake's own limit: serve's budget (--rpm) is what binds
+
+
+# ---- the load process ----------------------------------------------------------------------------
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000000Z")
+
+
+async def _offer(
+    url: str, bodies: list[dict[str, Any]], rate: float, seconds: float, seed: int
+) -> dict[str, Any]:
+    """Open loop: request i is due at start + i/rate whatever the server does; latency is
+    measured from the moment it was due, so a server that falls behind shows it."""
+    rng = random.Random(seed)
+    total = int(rate * seconds)
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    outcomes: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    connector = aiohttp.TCPConnector(limit=512, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(due: float) -> None:
+            body = dict(rng.choice(bodies))
+            body["triggered_at"] = _now_iso()  # a fresh change, not one older than our read
+            data = json.dumps(body)
+            try:
+                async with session.post(
+                    url, data=data, headers={"Content-Type": "application/json"}
+                ) as r:
+                    payload = await r.read()
+                    latencies.append(time.perf_counter() - due)
+                    statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
+                    if r.status == 202:
+                        outcome = json.loads(payload).get("outcome", "?")
+                        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            except Exception as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+
+        start = time.perf_counter() + 0.05
+        tasks: set[asyncio.Task[None]] = set()
+        for i in range(total):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(due))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        offered_for = time.perf_counter() - start
+        await asyncio.gather(*tasks)
+        finished = time.perf_counter() - start
+    return {
+        "latencies": latencies,
+        "statuses": statuses,
+        "outcomes": outcomes,
+        "errors": errors,
+        "offered": total,
+        "offered_for": offered_for,
+        "finished": finished,
+    }
+
+
+def _load_worker(
+    url: str,
+    bodies: list[dict[str, Any]],
+    rate: float,
+    seconds: float,
+    seed: int,
+    go: Any,
+    out: Any,
+) -> None:
+    go.wait()
+    out.put(asyncio.run(_offer(url, bodies, rate, seconds, seed)))
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+async def wait_synced(url: str, proc: asyncio.subprocess.Process, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                raise SystemExit(f"serve exited with {proc.returncode}")
+            try:
+                async with session.get(f"{url}/status") as r:
+                    if r.status == 200 and (await r.json())["synced"]:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise SystemExit("serve did not finish its initial sync in time")
+
+
+async def page_bodies(fake: FakeBookStack) -> list[dict[str, Any]]:
+    """BookStack's page_update body for every page, built by the fake's own shape code."""
+    webhook_id = fake.add_webhook("http://127.0.0.1:9/unused")
+    webhook = fake.state.webhooks.pop(webhook_id)
+    admin = fake.state.users[ADMIN_USER_ID]
+    return [
+        webhook_body(fake.state, "page_update", webhook, page, admin)
+        for page in fake.state.pages.values()
+        if not page.draft
+    ]
+
+
+# ---- the benchmark -------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="eventsync-intake-"))
+    db = workdir / "intake.db"
+    async with FakeBookStack(requests_per_minute=FAKE_RPM) as fake:
+        fake.seed(pages=args.pages, books=max(1, args.pages // 20), seed=1)
+        bodies = await page_bodies(fake)
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTSYNC_")}
+        env.pop("NOTIFY_SOCKET", None)
+        env.update(
+            EVENTSYNC_BOOKSTACK_URL=fake.url,
+            EVENTSYNC_BOOKSTACK_TOKEN_ID=fake.token_id,
+            EVENTSYNC_BOOKSTACK_TOKEN_SECRET=fake.token_secret,
+            EVENTSYNC_WEBHOOK_SECRET=SECRET,
+            EVENTSYNC_DATABASE=str(db),
+            EVENTSYNC_LISTEN=f"127.0.0.1:{port}",
+            EVENTSYNC_POLL_INTERVAL="5",
+            EVENTSYNC_LOG_FORMAT="json",
+            EVENTSYNC_LOG_LEVEL=args.log_level,
+            EVENTSYNC_REQUESTS_PER_MINUTE=str(FAKE_RPM - 1),
+        )
+        # The initial sync at full speed (a separate command, as an operator would), so serve
+        # starts with a sync point; serve itself then gets the budget under test.
+        sync = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "eventsync",
+            "reconcile",
+            env=env,
+            cwd=workdir,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        if await sync.wait() != 0:
+            raise SystemExit("the initial `eventsync reconcile` failed")
+        env["EVENTSYNC_REQUESTS_PER_MINUTE"] = str(args.rpm)
+        log_path = workdir / "serve.log"
+        with log_path.open("wb") as log_file:
+            serve = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "eventsync",
+                "serve",
+                env=env,
+                cwd=workdir,
+                stdout=log_file,
+                stderr=log_file,
+            )
+            url = f"http://127.0.0.1:{port}"
+            try:
+                await wait_synced(url, serve)
+                fake.reset_requests()
+                result = await offer_load(f"{url}/webhooks/bookstack/{SECRET}", bodies, args)
+                # Durable: every 2xx is a row in the inbox, read from the file itself.
+                with sqlite3.connect(db) as conn:
+                    (stored,) = conn.execute(
+                        "SELECT count(*) FROM events WHERE source = 'webhook'"
+                    ).fetchone()
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(f"{url}/status") as r,
+                ):
+                    status = await r.json()
+            finally:
+                if serve.returncode is None:
+                    serve.send_signal(signal.SIGTERM)
+                    try:
+                        await asyncio.wait_for(serve.wait(), 20)
+                    except TimeoutError:
+                        serve.kill()
+                        await serve.wait()
+        report(result, stored, status, fake, args, log_path)
+
+
+async def offer_load(
+    url: str, bodies: list[dict[str, Any]], args: argparse.Namespace
+) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    go = ctx.Event()
+    out = ctx.Queue()
+    per_worker = args.rate / args.workers
+    procs = [
+        ctx.Process(
+            target=_load_worker,
+            args=(url, bodies, per_worker, args.seconds, i, go, out),
+            daemon=True,
+        )
+        for i in range(args.workers)
+    ]
+    for p in procs:
+        p.start()
+    await asyncio.sleep(1.0)  # let the workers import aiohttp before the clock starts
+    go.set()
+    loop = asyncio.get_running_loop()
+    parts = [await loop.run_in_executor(None, out.get, True, args.seconds + 120) for _ in procs]
+    for p in procs:
+        await loop.run_in_executor(None, p.join, 10)
+    merged: dict[str, Any] = {
+        "latencies": [],
+        "statuses": {},
+        "outcomes": {},
+        "errors": {},
+        "offered": 0,
+        "offered_for": 0.0,
+        "finished": 0.0,
+    }
+    for part in parts:
+        merged["latencies"] += part["latencies"]
+        merged["offered"] += part["offered"]
+        merged["offered_for"] = max(merged["offered_for"], part["offered_for"])
+        merged["finished"] = max(merged["finished"], part["finished"])
+        for key in ("statuses", "outcomes", "errors"):
+            for k, v in part[key].items():
+                merged[key][k] = merged[key].get(k, 0) + v
+    return merged
+
+
+def report(
+    result: dict[str, Any],
+    stored: int,
+    status: dict[str, Any],
+    fake: FakeBookStack,
+    args: argparse.Namespace,
+    log_path: Path,
+) -> None:
+    lat = [x * 1000 for x in result["latencies"]]
+    accepted = result["statuses"].get("202", 0)
+    print(
+        f"offered:   {result['offered']} webhooks at {args.rate:.0f}/s for {args.seconds} s "
+        f"({args.workers} load processes; {os.cpu_count()} CPUs on this machine)"
+    )
+    print(
+        f"accepted:  {accepted}  = {accepted / result['finished']:.0f}/s over "
+        f"{result['finished']:.2f} s until the last answer"
+    )
+    print(f"statuses:  {result['statuses']}   errors: {result['errors'] or 'none'}")
+    print(f"outcomes:  {result['outcomes']}")
+    print(
+        f"latency:   p50 {percentile(lat, 50):.1f} ms   p95 {percentile(lat, 95):.1f} ms   "
+        f"p99 {percentile(lat, 99):.1f} ms   max {max(lat, default=float('nan')):.1f} ms"
+    )
+    if stored == accepted:
+        verdict = "OK"
+    elif stored > accepted:
+        # Committed after the client had given up waiting: kept, just never answered.
+        verdict = f"OK, and {stored - accepted} committed after their client timed out"
+    else:
+        verdict = f"MISSING {accepted - stored}"
+    print(f"durable:   {stored} webhook rows in the events table, {accepted} accepted: {verdict}")
+    print(
+        f"queue:     depth {status['queue_depth']} after the load; "
+        f"API requests during the load: {len(fake.requests)} (budget {args.rpm:.0f}/min)"
+    )
+    goal_rate = accepted / result["finished"] >= 3000 * 0.98 and stored >= accepted
+    goal_p99 = percentile(lat, 99) <= 25
+    print(
+        f"goal:      >= 3000/s durable: {'met' if goal_rate else 'NOT met'};  "
+        f"p99 <= 25 ms: {'met' if goal_p99 else 'NOT met'}"
+    )
+    print(f"serve log: {log_path}")
+
+
+# ---- in-process profile of the inbox ------------------------------------------------------------
+
+
+async def profile_inbox(events: int, pages: int) -> None:
+    """The path of one accepted webhook without HTTP: parse, Inbox.submit, group commit
+    (JobQueue.record per event). Where does the time go?"""
+    from eventsync.events import from_webhook
+    from eventsync.ingest.inbox import Inbox
+    from eventsync.logging import configure_logging
+    from eventsync.store.queue import JobQueue
+    from eventsync.store.sqlite import Store
+
+    configure_logging("json", "warning")
+    async with FakeBookStack() as fake:
+        fake.seed(pages=pages, books=max(1, pages // 20), seed=1)
+        bodies = await page_bodies(fake)
+    workdir = Path(tempfile.mkdtemp(prefix="eventsync-intake-profile-"))
+    async with await Store.open(workdir / "p.db") as store:
+        queue = JobQueue(store)
+        inbox = Inbox(queue)
+        inbox.start()
+        rng = random.Random(1)
+
+        async def one() -> None:
+            body = dict(rng.choice(bodies))
+            body["triggered_at"] = _now_iso()
+            await inbox.submit(from_webhook(json.loads(json.dumps(body))))
+
+        # Without the profiler first: the rate, and how many trips to aiosqlite's thread
+        # (each statement, fetch and cursor close is one) an event costs.
+        trips = 0
+        real_execute = aiosqlite.Connection._execute
+
+        async def counted(self: aiosqlite.Connection, fn: Any, *a: Any, **k: Any) -> Any:
+            nonlocal trips
+            trips += 1
+            return await real_execute(self, fn, *a, **k)
+
+        aiosqlite.Connection._execute = counted  # type: ignore[method-assign]
+        started = time.perf_counter()
+        # 100 concurrent submitters, as 100 connections would be.
+        for _ in range(events // 100):
+            await asyncio.gather(*(one() for _ in range(100)))
+        took = time.perf_counter() - started
+        aiosqlite.Connection._execute = real_execute  # type: ignore[method-assign]
+        round_trip = time.perf_counter()
+        for _ in range(2000):
+            await store.fetchone("SELECT 1")
+        round_trip = (time.perf_counter() - round_trip) / 2000 / 3  # execute, fetch, close
+        print(
+            f"in-process inbox: {events} events in {took:.2f} s = {events / took:.0f}/s; "
+            f"{trips / events:.1f} aiosqlite thread round trips per event; one round trip "
+            f"alone costs {round_trip * 1e6:.0f} us, i.e. {trips / events * round_trip * 1e3:.2f} "
+            f"ms of the {took / events * 1e3:.2f} ms per event"
+        )
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(events // 100):
+            await asyncio.gather(*(one() for _ in range(100)))
+        profiler.disable()
+        await inbox.close()
+    print("cProfile (a coroutine's ncalls counts its resumptions):")
+    buf = io.StringIO()
+    pstats.Stats(profiler, stream=buf).sort_stats("cumulative").print_stats(25)
+    print(buf.getvalue())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=3000.0, help="webhooks per second")
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long to offer load")
+    parser.add_argument("--workers", type=int, default=2, help="load processes")
+    parser.add_argument("--pages", type=int, default=200, help="pages in the fake wiki")
+    parser.add_argument("--log-level", default="info", help="serve's EVENTSYNC_LOG_LEVEL")
+    parser.add_argument(
+        "--rpm",
+        type=float,
+        default=150,
+        help="serve's API budget per minute (default 150, as in production; the initial sync "
+        "runs unthrottled before serve starts)",
+    )
+    parser.add_argument("--profile", action="store_true", help="cProfile the inbox in-process")
+    parser.add_argument("--profile-events", type=int, default=20_000)
+    args = parser.parse_args()
+    if args.rate * args.seconds > 200_000:
+        parser.error("keep it bounded: rate x seconds <= 200,000")
+    if args.profile:
+        asyncio.run(profile_inbox(args.profile_events, args.pages))
+    else:
+        asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
