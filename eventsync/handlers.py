@@ -85,9 +85,13 @@ class Handlers:
                 self._settle_if(job, EXPECT_PRESENT, "not visible yet")
                 async with self.store.transaction() as tx:
                     removed = await tx.delete(kind, entity_id)
+                if kind == "page" and removed:
+                    await self._refresh_includers(entity_id)
                 return f"removed {removed}"
             model: Any = read_model.model_validate(raw)
             outcome = await self.reconciler.write(kind, model)
+            if kind == "page" and outcome != "unchanged":
+                await self._refresh_includers(entity_id)
             if kind == "chapter" and MOVE in hints:
                 await self._place_pages(model.pages, f"chapter {entity_id}")
             if kind == "book" and (SORT in hints or SUBTREE in hints):
@@ -103,6 +107,13 @@ class Handlers:
         if PERMISSIONS in hints:
             await self._permissions(kind, entity_id)
         return outcome
+
+    async def _refresh_includers(self, page_id: int) -> None:
+        """Pages that include this one render it into their html (FACTS 2.5, no event): read
+        them again. Their own jobs do the same in turn, so nested includes follow, and an
+        unchanged read ends the chain."""
+        for includer in sorted(await self.store.includers([page_id])):
+            await self.queue.enqueue(f"page:{includer}", [FETCH])
 
     async def _permissions(self, kind: str, entity_id: int) -> bool:
         content_type = CONTENT_TYPES[kind]

@@ -61,6 +61,10 @@ class SyncSummary:
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
     audit_id: int | None = None
+    # Pages whose content changed or that went away, and pages read, in this sync: pages that
+    # include a changed page are read too (their rendered html embeds it).
+    changed_pages: set[int] = field(default_factory=set)
+    read_pages: set[int] = field(default_factory=set)
 
     @property
     def complete(self) -> bool:
@@ -140,6 +144,7 @@ class Reconciler:
         await self._run(
             [*jobs, *(self._permission_job(ct, cid, summary) for ct, cid in permission_jobs)]
         )
+        await self._refresh_includers(summary)
 
         summary.requests = self.client.stats.requests - requests_before
         summary.seconds = time.monotonic() - started
@@ -212,6 +217,8 @@ class Reconciler:
                     if await self.store.get(kind, entity_id) is not None:
                         await tx.delete(kind, entity_id)
                         summary.kinds[kind].add("deleted")
+                        if kind == "page":
+                            summary.changed_pages.add(entity_id)
 
     async def _plan(
         self,
@@ -300,12 +307,24 @@ class Reconciler:
             async with self.store.transaction() as tx:
                 if await tx.delete(kind, entity_id):
                     summary.kinds[kind].add("deleted")
+                    if kind == "page":
+                        summary.changed_pages.add(entity_id)
             return
         except BookStackError as exc:
             summary.problems.append(f"{endpoint}/{entity_id}: {exc}")
             return
         model = read_model.model_validate(raw)
         await self.write(kind, model, summary)
+
+    async def _refresh_includers(self, summary: SyncSummary) -> None:
+        # Includes nest; three levels is as deep as BookStack renders them in practice, and
+        # the sweep re-reads every page with includes anyway.
+        for _ in range(3):
+            todo = await self.store.includers(summary.changed_pages) - summary.read_pages
+            if not todo:
+                return
+            summary.changed_pages.clear()
+            await self._run([self._read_job("page", pid, summary) for pid in sorted(todo)])
 
     async def write(self, kind: str, model: Any, summary: SyncSummary | None = None) -> str:
         """Write one read entity with its relations in one transaction."""
@@ -321,6 +340,10 @@ class Reconciler:
         if summary is not None:
             summary.kinds[kind].add(outcome)
             summary.memberships_changed += changed
+            if kind == "page":
+                summary.read_pages.add(model.id)
+                if outcome != "unchanged":
+                    summary.changed_pages.add(model.id)
         return outcome
 
     def _permission_job(

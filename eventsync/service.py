@@ -16,7 +16,7 @@ from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
 from eventsync.dispatch import Dispatcher, backoff
 from eventsync.errors import AuthError
-from eventsync.events import DIFF_KEY, FETCH, PERMISSIONS, Event
+from eventsync.events import DIFF_KEY, FETCH, IGNORED, PERMISSIONS, ROUTES, Event
 from eventsync.handlers import Handlers
 from eventsync.ingest.auditlog import GAP, LAST_POLL, AuditPoller
 from eventsync.ingest.inbox import Inbox
@@ -321,9 +321,13 @@ class Service:
             items.append((f"role:{role_id}", [FETCH]))
         for shelf_id in sorted(await self.store.ids("shelf")):
             items.append((f"shelf:{shelf_id}", [FETCH, PERMISSIONS]))
+        includers = set(await self.store.pages_with_includes())
         for kind in ("book", "chapter", "page"):
             for entity_id in sorted(await self.store.ids(kind)):
-                items.append((f"{kind}:{entity_id}", [PERMISSIONS]))
+                # Pages with includes are re-read whole: their rendered html can go stale
+                # through an included page in ways no event or timestamp shows.
+                extra = [FETCH] if kind == "page" and entity_id in includers else []
+                items.append((f"{kind}:{entity_id}", [PERMISSIONS, *extra]))
         return items
 
     # ---- callbacks --------------------------------------------------------------------------
@@ -346,7 +350,11 @@ class Service:
         self.dispatcher.wake()
 
     def _count_event(self, event: Event, outcome: str) -> None:
-        self.metrics.events_total.labels(type=event.type, source=event.source).inc()
+        # Only types we know become label values: anyone holding the webhook secret could
+        # otherwise mint unbounded metric series.
+        known = event.type in ROUTES or event.type in IGNORED
+        label = event.type if known else "other"
+        self.metrics.events_total.labels(type=label, source=event.source).inc()
         if outcome in ("duplicate", "covered"):
             self.metrics.events_deduplicated_total.labels(source=event.source).inc()
 

@@ -260,3 +260,32 @@ async def test_outage_of_eventsync_during_200_changes_then_reconcile(
         # Caught up from the audit log, not by re-reading the wiki: no listing of pages.
         assert fake.request_counts().get("/api/pages", 0) == 0
         assert "consistent" in capsys.readouterr().out
+
+
+async def test_diff_sync_refreshes_pages_that_include_a_changed_page(tmp_path: Path) -> None:
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=40, books=4, shelves=2, seed=11)
+        target = await _included_page(fake)
+        async with BookStackClient(
+            fake.url, fake.token_id, fake.token_secret, requests_per_minute=RPM
+        ) as client, await Store.open(tmp_path / "m.db") as store:
+            from eventsync.reconcile import Reconciler
+
+            reconciler = Reconciler(client, store)
+            assert (await reconciler.full_sync()).complete
+            # Changed while eventsync is down: the includers' own rows do not move at all.
+            await fake.update_page(target, html="<p>new words inside an include</p>")
+            summary = await reconciler.full_sync()
+            assert summary.complete
+            mirror = await store.export()
+            assert mirror == fake.truth(), first_difference(mirror, fake.truth())
+
+
+async def _included_page(fake: FakeBookStack) -> int:
+    import re
+
+    for page in fake.truth()["pages"]:
+        found = re.findall(r"\{\{@(\d+)", page["raw_html"] or "")
+        if found:
+            return int(found[0])
+    raise AssertionError("the seeded wiki has no includes")

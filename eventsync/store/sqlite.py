@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -20,6 +21,9 @@ import aiosqlite
 from eventsync.errors import EventsyncError
 
 T = TypeVar("T")
+
+# BookStack's page include tag: {{@123}} or {{@123#section}}.
+INCLUDE = re.compile(r"\{\{@(\d+)(?:#[^}]*)?\}\}")
 
 KINDS = ("shelf", "book", "chapter", "page", "attachment", "user", "role")
 # BookStack's name for each kind in content-permission URLs and audit-log morph types.
@@ -344,6 +348,23 @@ class Store:
         )
         rows = await self.fetchall(f"SELECT {select}, fetched_at FROM {table.name}")
         return {r["id"]: dict(r) for r in rows}
+
+    async def includers(self, page_ids: Iterable[int]) -> set[int]:
+        """Pages whose rendered html embeds one of `page_ids` through a `{{@id}}` include
+        (FACTS 2.5: they change with it, and BookStack says nothing about them)."""
+        wanted = set(page_ids)
+        if not wanted:
+            return set()
+        rows = await self.fetchall("SELECT id, raw_html FROM pages WHERE raw_html LIKE '%{{@%'")
+        return {
+            r[0]
+            for r in rows
+            if r[0] not in wanted and wanted & {int(i) for i in INCLUDE.findall(r[1] or "")}
+        }
+
+    async def pages_with_includes(self) -> list[int]:
+        rows = await self.fetchall("SELECT id FROM pages WHERE raw_html LIKE '%{{@%' ORDER BY id")
+        return [r[0] for r in rows]
 
     async def permission_keys(self) -> set[tuple[str, int]]:
         rows = await self.fetchall("SELECT content_type, content_id FROM content_permissions")
