@@ -240,9 +240,10 @@ class Reconciler:
             for raw in rows:
                 current = mirror.get(raw["id"])
                 wanted = listed(kind, raw)
-                # Roles are few and their membership changes move no timestamp: always read.
+                # Roles are few and their membership changes move no timestamp: a full sync
+                # reads them all; a periodic diff leaves swaps of members to the sweep.
                 if (
-                    kind == "role"
+                    (kind == "role" and verify_roles)
                     or current is None
                     or _differs(current, wanted)
                     or _racy(current, now)

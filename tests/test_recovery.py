@@ -266,9 +266,12 @@ async def test_diff_sync_refreshes_pages_that_include_a_changed_page(tmp_path: P
     async with FakeBookStack(requests_per_minute=RPM) as fake:
         fake.seed(pages=40, books=4, shelves=2, seed=11)
         target = await _included_page(fake)
-        async with BookStackClient(
-            fake.url, fake.token_id, fake.token_secret, requests_per_minute=RPM
-        ) as client, await Store.open(tmp_path / "m.db") as store:
+        async with (
+            BookStackClient(
+                fake.url, fake.token_id, fake.token_secret, requests_per_minute=RPM
+            ) as client,
+            await Store.open(tmp_path / "m.db") as store,
+        ):
             from eventsync.reconcile import Reconciler
 
             reconciler = Reconciler(client, store)
@@ -289,3 +292,29 @@ async def _included_page(fake: FakeBookStack) -> int:
         if found:
             return int(found[0])
     raise AssertionError("the seeded wiki has no includes")
+
+
+async def test_periodic_diff_of_an_unchanged_wiki_makes_listing_requests_only(
+    tmp_path: Path,
+) -> None:
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=120, books=5, seed=12)
+        async with (
+            BookStackClient(
+                fake.url, fake.token_id, fake.token_secret, requests_per_minute=RPM
+            ) as client,
+            await Store.open(tmp_path / "m.db") as store,
+        ):
+            from eventsync.reconcile import Reconciler
+
+            reconciler = Reconciler(client, store)
+            assert (await reconciler.full_sync()).complete
+            # One diff may re-read rows changed within a second of their first read.
+            await reconciler.full_sync(all_permissions=False, set_cursor=False, verify_roles=False)
+            fake.reset_requests()
+            summary = await reconciler.full_sync(
+                all_permissions=False, set_cursor=False, verify_roles=False
+            )
+            assert summary.complete
+            reads = {r: n for r, n in fake.request_counts().items() if "{" in r}
+            assert reads == {}
