@@ -305,9 +305,12 @@ async def test_periodic_diff_of_an_unchanged_wiki_makes_listing_requests_only(
 
     async with FakeBookStack(requests_per_minute=RPM, clock=an_hour_ago) as fake:
         fake.seed(pages=120, books=5, seed=12)
-        async with BookStackClient(
-            fake.url, fake.token_id, fake.token_secret, requests_per_minute=RPM
-        ) as client, await Store.open(tmp_path / "m.db") as store:
+        async with (
+            BookStackClient(
+                fake.url, fake.token_id, fake.token_secret, requests_per_minute=RPM
+            ) as client,
+            await Store.open(tmp_path / "m.db") as store,
+        ):
             from eventsync.reconcile import Reconciler
 
             reconciler = Reconciler(client, store)
@@ -321,3 +324,64 @@ async def test_periodic_diff_of_an_unchanged_wiki_makes_listing_requests_only(
             assert reads == {}
             # The listings themselves were made: it is a real diff, not a no-op.
             assert fake.request_counts()["/api/pages"] == 1
+
+
+async def test_kill_9_during_a_diff_sync_then_reconcile_converges(tmp_path: Path) -> None:
+    import os
+    import signal
+    import sys
+
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=300, books=8, seed=13)
+        fake.faults.latency = 0.01  # long enough to be killed half-way
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("EVENTSYNC_")},
+            "EVENTSYNC_BOOKSTACK_URL": fake.url,
+            "EVENTSYNC_BOOKSTACK_TOKEN_ID": fake.token_id,
+            "EVENTSYNC_BOOKSTACK_TOKEN_SECRET": fake.token_secret,
+            "EVENTSYNC_DATABASE": str(tmp_path / "m.db"),
+            "EVENTSYNC_REQUESTS_PER_MINUTE": str(RPM),
+            "EVENTSYNC_LOG_LEVEL": "warning",
+        }
+
+        async def reconcile() -> asyncio.subprocess.Process:
+            return await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "eventsync",
+                "reconcile",
+                env=env,
+                cwd=tmp_path,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+
+        proc = await reconcile()
+        # Kill it once part of the mirror is written, without any chance to clean up.
+        await eventually(lambda: asyncio.to_thread(_pages_written, tmp_path / "m.db"), timeout=30)
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        async with await Store.open(tmp_path / "m.db") as store:
+            partial = await store.export()
+            assert 0 < len(partial["pages"]) < 300
+            assert await store.get_state("last_full_sync_at") is None
+        await fake.update_page(fake.truth()["pages"][0]["id"], html="<p>while down</p>")
+        fake.faults.latency = 0.0
+        proc = await reconcile()
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, out.decode() + err.decode()
+        async with await Store.open(tmp_path / "m.db") as store:
+            mirror = await store.export()
+        assert mirror == fake.truth(), first_difference(mirror, fake.truth())
+
+
+def _pages_written(db: Path) -> bool:
+    import sqlite3
+
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT count(*) FROM pages").fetchone()[0] > 50
+    except sqlite3.Error:
+        return False
