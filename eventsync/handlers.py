@@ -89,9 +89,11 @@ class Handlers:
                     await self._refresh_includers(entity_id)
                 return f"removed {removed}"
             model: Any = read_model.model_validate(raw)
+            old_path = await self.store.path_of(kind, entity_id)
             outcome = await self.reconciler.write(kind, model)
             if kind == "page" and outcome != "unchanged":
                 await self._refresh_includers(entity_id)
+            await self._refresh_linkers(kind, entity_id, old_path)
             if kind == "chapter" and MOVE in hints:
                 await self._place_pages(model.pages, f"chapter {entity_id}")
             if kind == "book" and (SORT in hints or SUBTREE in hints):
@@ -107,6 +109,27 @@ class Handlers:
         if PERMISSIONS in hints:
             await self._permissions(kind, entity_id)
         return outcome
+
+    async def _refresh_linkers(self, kind: str, entity_id: int, old_path: str | None) -> None:
+        """A rename or move changed the item's URL: BookStack rewrote the links to it in other
+        pages without an event (FACTS 2.5). The mirror still has the old URL, so the pages
+        holding it are known: read them now rather than at the next periodic diff."""
+        if old_path is None:
+            return
+        new_path = await self.store.path_of(kind, entity_id)
+        if new_path == old_path:
+            return
+        linkers = await self.store.pages_linking(old_path)
+        linkers.discard(entity_id if kind == "page" else -1)
+        for page_id in sorted(linkers):
+            await self.queue.enqueue(f"page:{page_id}", [FETCH])
+        if linkers:
+            log.info(
+                "links rewritten by BookStack: re-reading",
+                old=old_path,
+                new=new_path,
+                pages=len(linkers),
+            )
 
     async def _refresh_includers(self, page_id: int) -> None:
         """Pages that include this one render it into their html (FACTS 2.5, no event): read
@@ -132,6 +155,7 @@ class Handlers:
         items we already have; read only pages whose content may have changed too."""
         mirror = await self.store.index("page", ("revision_count", "name", *PLACEMENT_FIELDS))
         to_read: list[int] = []
+        moved: list[tuple[int, str | None]] = []
         async with self.store.transaction() as tx:
             for item in pages:
                 if getattr(item, "draft", False):
@@ -156,9 +180,12 @@ class Handlers:
                     if row.get(f) is not None or f == "chapter_id"
                 }
                 if any(current[f] != v for f, v in patch.items()):
+                    moved.append((item.id, await self.store.path_of("page", item.id)))
                     await tx.patch("page", item.id, patch)
         for page_id in to_read:
             await self.queue.enqueue(f"page:{page_id}", [FETCH])
+        for page_id, old_path in moved:
+            await self._refresh_linkers("page", page_id, old_path)
         log.info("pages placed", where=where, pages=len(pages), reads=len(to_read))
 
     async def _book_contents(self, book: Any, subtree: bool) -> None:

@@ -385,3 +385,31 @@ def _pages_written(db: Path) -> bool:
             return conn.execute("SELECT count(*) FROM pages").fetchone()[0] > 50
     except sqlite3.Error:
         return False
+
+
+async def test_links_rewritten_by_a_rename_or_move_are_refreshed_without_a_diff(
+    tmp_path: Path,
+) -> None:
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=80, books=5, seed=5)
+        # No periodic diff, no sweep: only the events and what the handlers derive.
+        settings = settings_for(fake, tmp_path / "m.db", reconcile_interval=3600)
+        async with running(settings, webhooks_from=fake) as svc:
+            import re
+
+            linked = {
+                int(m)
+                for p in fake.truth()["pages"]
+                for m in re.findall(r"/page/page-(\d+)", p["raw_html"] or "")
+            }
+            target = min(linked) if linked else fake.truth()["pages"][0]["id"]
+            await fake.update_page(target, name="A brand new title")  # slug changes
+            await fake.move_chapter(1, 3)  # its pages' URLs change
+            await fake.update_book(2, name="Book with a new name")  # every URL below it
+
+            async def done() -> bool:
+                await svc.dispatcher.drain(5)
+                return await converged(svc, fake)
+
+            await eventually(done, timeout=20)
+            assert await svc.queue.depth() == 0

@@ -362,6 +362,37 @@ class Store:
             if r[0] not in wanted and wanted & {int(i) for i in INCLUDE.findall(r[1] or "")}
         }
 
+    async def path_of(self, kind: str, entity_id: int) -> str | None:
+        """The item's URL path as BookStack builds it, from the mirror (None if unknown)."""
+        if kind in ("shelf", "book"):
+            row = await self.fetchone(
+                f"SELECT slug FROM {TABLES[kind].name} WHERE id = ?", (entity_id,)
+            )
+            if row is None:
+                return None
+            return f"/shelves/{row[0]}" if kind == "shelf" else f"/books/{row[0]}"
+        if kind not in ("chapter", "page"):
+            return None
+        row = await self.fetchone(
+            f"SELECT t.slug, b.slug FROM {TABLES[kind].name} t "
+            "LEFT JOIN books b ON b.id = t.book_id WHERE t.id = ?",
+            (entity_id,),
+        )
+        if row is None or row[1] is None:
+            return None
+        return f"/books/{row[1]}/{kind}/{row[0]}"
+
+    async def pages_linking(self, path: str) -> set[int]:
+        """Pages whose content links to `path` (or, for a book, below it): BookStack rewrites
+        those links silently when the item's URL changes (FACTS 2.5)."""
+        pattern = re.compile(re.escape(path) + r"(?![\w-])")
+        like = f"%{path}%"
+        rows = await self.fetchall(
+            "SELECT id, raw_html, markdown FROM pages WHERE raw_html LIKE ? OR markdown LIKE ?",
+            (like, like),
+        )
+        return {r[0] for r in rows if pattern.search(r[1] or "") or pattern.search(r[2] or "")}
+
     async def pages_with_includes(self) -> list[int]:
         rows = await self.fetchall("SELECT id FROM pages WHERE raw_html LIKE '%{{@%' ORDER BY id")
         return [r[0] for r in rows]
