@@ -26,6 +26,10 @@ RESOLVE_DESTROY = "resolve_destroy"  # deletion:N → find the entity, confirm i
 
 # The job that diff-syncs everything from listings (gaps, conversions, periodic checks).
 DIFF_KEY = "diff:0"
+# Jobs that diff attachments against their listing: of one page, or of every page (0).
+# Attachments emit no events (FACTS 2.5); restores bring them back silently.
+ATTACHMENTS_KIND = "attachments"
+ALL_ATTACHMENTS_KEY = "attachments:0"
 
 # Entity kinds as the mirror names them, from BookStack's morph types / event prefixes.
 KIND_OF = {"page": "page", "chapter": "chapter", "book": "book", "bookshelf": "shelf"}
@@ -167,6 +171,24 @@ _ID_DETAIL = re.compile(r"^\((\d+)\)")
 _DELETION_DETAIL = re.compile(r"^Deletion \((\d+)\)(?: for (\w+) \((\d+)\))?")
 _REVISION_DETAIL = re.compile(r"for page ID (\d+)")
 
+# SQLite's INTEGER is 64-bit signed; BookStack's ids are unsigned INT auto-increments.
+MAX_ID = 2**63 - 1
+
+
+def as_id(value: Any) -> int | None:
+    """An item id from untrusted JSON: a positive integer that fits SQLite, else None.
+    `True` is an int to Python and "12" is no id in BookStack's JSON: neither counts."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 < value <= MAX_ID else None
+
+
+def _digits_id(text: str | None) -> int | None:
+    """An id parsed out of a URL or an audit `detail` string."""
+    if text is None or not text.isdigit() or len(text) > 19:
+        return None
+    return as_id(int(text))
+
 
 def _entity_kind_from_item(item: dict[str, Any], url: str | None) -> str | None:
     """Which content kind a related_item is: the URL says it; the shape is the fallback."""
@@ -201,17 +223,18 @@ def from_webhook(raw: Any, text: str | None = None) -> Event:
     if route is None:
         return Event("webhook", body.event, None, at=at, payload=raw, raw=text)
     item = body.related_item or {}
-    item_id = item.get("id") if isinstance(item.get("id"), int) else None
+    item_id = as_id(item.get("id"))
     key: str | None = None
     if body.event == "revision_restore":
-        page_id = item.get("page_id")
-        key = f"page:{page_id}" if isinstance(page_id, int) else None
+        page_id = as_id(item.get("page_id"))
+        key = f"page:{page_id}" if page_id is not None else None
     elif body.event == "permissions_update":
         kind = _entity_kind_from_item(item, body.url)
         key = f"{kind}:{item_id}" if kind and item_id is not None else None
     elif route.kind == "deletion":
         match = _DELETION_URL.search(body.url or "")
-        key = f"deletion:{match.group(1)}" if match else None
+        deletion_id = _digits_id(match.group(1)) if match else None
+        key = f"deletion:{deletion_id}" if deletion_id is not None else None
     elif item_id is not None and route.kind is not None:
         key = f"{route.kind}:{item_id}"
     if key is None:
@@ -224,7 +247,7 @@ def from_audit(row: dict[str, Any]) -> Event:
     name nothing we can fetch: their item is already gone from the mirror or will be found
     gone by the next diff sync."""
     activity_type = str(row.get("type") or "")
-    activity_id = row.get("id") if isinstance(row.get("id"), int) else None
+    activity_id = as_id(row.get("id"))
     at = parse_time(row.get("created_at"))
     detail = str(row.get("detail") or "")
     route = ROUTES.get(activity_type)
@@ -233,23 +256,26 @@ def from_audit(row: dict[str, Any]) -> Event:
     payload: dict[str, Any] = {"detail": detail}
     if route is not None:
         loggable_kind = KIND_OF.get(str(row.get("loggable_type") or ""))
-        loggable_id = row.get("loggable_id")
+        loggable_id = as_id(row.get("loggable_id"))
         if activity_type == "revision_restore":
             match = _REVISION_DETAIL.search(detail)
-            key = f"page:{match.group(1)}" if match else None
-        elif loggable_kind and isinstance(loggable_id, int):
+            page_id = _digits_id(match.group(1)) if match else None
+            key = f"page:{page_id}" if page_id else None
+        elif loggable_kind and loggable_id is not None:
             key = f"{loggable_kind}:{loggable_id}"
         elif route.kind == "deletion":
             match = _DELETION_DETAIL.match(detail)
-            if match:
-                key = f"deletion:{match.group(1)}"
-                if match.group(2) and match.group(3):
-                    payload["entity"] = (
-                        f"{KIND_OF.get(match.group(2), match.group(2))}:{match.group(3)}"
-                    )
+            deletion_id = _digits_id(match.group(1)) if match else None
+            if match and deletion_id is not None:
+                key = f"deletion:{deletion_id}"
+                entity_kind = KIND_OF.get(match.group(2) or "")
+                entity_id = _digits_id(match.group(3))
+                if entity_kind and entity_id is not None:
+                    payload["entity"] = f"{entity_kind}:{entity_id}"
         elif route.kind in ("user", "role"):
             match = _ID_DETAIL.match(detail)
-            key = f"{route.kind}:{match.group(1)}" if match else None
+            entity_id = _digits_id(match.group(1)) if match else None
+            key = f"{route.kind}:{entity_id}" if entity_id is not None else None
     return Event(
         "audit",
         activity_type,

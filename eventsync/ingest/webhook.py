@@ -26,6 +26,20 @@ def json_error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"message": message, "code": status}}, status=status)
 
 
+async def _read_capped(request: web.Request, limit: int) -> bytes:
+    """Read the body up to `limit` bytes. One read() returns what has arrived so far, which for
+    a chunked body is not the whole of it."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await request.content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 class WebhookReceiver:
     def __init__(
         self,
@@ -56,7 +70,7 @@ class WebhookReceiver:
         if request.content_type != "application/json":
             return self._reject("content_type", 415, "BookStack webhooks are application/json")
         try:
-            body = await request.content.read(MAX_BODY + 1)
+            body = await _read_capped(request, MAX_BODY + 1)
         except (ConnectionError, OSError):
             return self._reject("invalid", 400, "the body could not be read")
         if len(body) > MAX_BODY:
