@@ -9,6 +9,8 @@ from eventsync.bookstack import models as m
 from eventsync.bookstack.client import BookStackClient
 from eventsync.errors import EventsyncError, ForbiddenError, NotFound
 from eventsync.events import (
+    ALL_ATTACHMENTS_KEY,
+    ATTACHMENTS_KIND,
     DIFF_KEY,
     EXPECT_GONE,
     EXPECT_PRESENT,
@@ -63,6 +65,9 @@ class Handlers:
             return await self._identity(job)
         if kind == "deletion":
             return await self._deletion(job)
+        if kind == ATTACHMENTS_KIND:
+            tally = await self.reconciler.sync_attachments(job.entity_id or None)
+            return f"attachments {vars(tally)}"
         if kind == "diff":
             summary = await self.reconciler.full_sync(
                 all_permissions=False, set_cursor=False, verify_roles=False
@@ -104,11 +109,29 @@ class Handlers:
                 # Book → shelf conversion renamed or destroyed the book silently, and its
                 # chapters became books: a listing diff finds all of it for a few requests.
                 await self.queue.enqueue(DIFF_KEY, [FETCH])
+            if SUBTREE in hints and kind in ("book", "chapter"):
+                # Restored with its pages, and their attachments with them (no event).
+                await self.queue.enqueue(ALL_ATTACHMENTS_KEY, [FETCH])
+            elif SUBTREE in hints and kind == "page":
+                await self.queue.enqueue(f"{ATTACHMENTS_KIND}:{entity_id}", [FETCH])
+            if kind == "book" and outcome == "created":
+                await self._reshelve()
         else:
             outcome = "permissions only"
         if PERMISSIONS in hints:
             await self._permissions(kind, entity_id)
         return outcome
+
+    async def _reshelve(self) -> None:
+        """A book came back (restored from the recycle bin, or visible again): BookStack
+        shows it again on the shelves that held it, without a shelf event (FACTS 2.1)."""
+        shelves = await self.store.shelves_of_returned_books()
+        if not shelves:
+            return
+        async with self.store.transaction() as tx:
+            await tx.forget_tombstones(shelves)
+            for shelf_id in sorted(shelves):
+                await self.queue.enqueue(f"shelf:{shelf_id}", [FETCH], tx=tx)
 
     async def _refresh_linkers(self, kind: str, entity_id: int, old_path: str | None) -> None:
         """A rename or move changed the item's URL: BookStack rewrote the links to it in other
@@ -254,22 +277,28 @@ class Handlers:
             raw = await self.client.get(f"{endpoint}/{entity_id}")
         except NotFound:
             self._settle_if(job, EXPECT_PRESENT, "not visible yet")
+            members = await self.store.role_members(entity_id) if kind == "role" else set()
             async with self.store.transaction() as tx:
                 removed = await tx.delete(kind, entity_id)
             if kind == "role" and ROLES_REFRESH in job.hints:
-                await self._refresh_roles()
+                await self._refresh_roles(len(members))
             return f"removed {removed}"
         self._settle_if(job, EXPECT_GONE, "still there")
         return await self.reconciler.write(kind, read_model.model_validate(raw))
 
-    async def _refresh_roles(self) -> None:
-        """A deleted role's members moved to another role silently (FACTS 2.5): re-read the
-        roles whose member count no longer matches."""
+    async def _refresh_roles(self, migrated: int) -> None:
+        """A deleted role's members may have moved to another role, silently (FACTS 2.5):
+        `$newRole->users()->sync($members)` leaves the target with exactly those members, so
+        it now counts `migrated` users (a role with none empties the target). Re-read the
+        roles with that count, and any whose count no longer matches the mirror: one listing
+        and a read or two."""
         rows = await self.client.list_all("/api/roles")
         mirror = await self.store.index("role", ("users_count",))
         for raw in rows:
             current = mirror.get(raw["id"])
-            if current is None or current["users_count"] != raw.get("users_count"):
+            count = raw.get("users_count")
+            candidate = migrated > 0 and count == migrated
+            if current is None or current["users_count"] != count or candidate:
                 await self.queue.enqueue(f"role:{raw['id']}", [FETCH])
 
     # ---- recycle bin ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 from eventsync.bookstack import models as m
 from eventsync.bookstack.client import BookStackClient
 from eventsync.errors import AuthError, BookStackError, ForbiddenError, NotFound
+from eventsync.events import PERMISSIONS, Event, as_id, from_audit
 from eventsync.logging import get_logger
 from eventsync.records import (
     COMPLETE_FROM_LISTING,
@@ -22,7 +23,8 @@ from eventsync.records import (
     permissions_row,
     to_row,
 )
-from eventsync.store.sqlite import CONTENT_TYPES, KINDS, Store
+from eventsync.store.queue import record_covered_sync
+from eventsync.store.sqlite import CONTENT_TYPES, KINDS, Store, Tx
 
 log = get_logger("eventsync.reconcile")
 
@@ -31,8 +33,13 @@ log = get_logger("eventsync.reconcile")
 # listing could not show that change. Such rows are re-read on the next diff sync.
 RACE_WINDOW = 2.0
 
+# Ids are assigned before commit, so a lower id can become visible after a higher one
+# (FACTS 2.6): every poll re-reads this many ids behind the cursor; activity ids dedupe.
+AUDIT_OVERLAP = 20
+
 # Sync-state keys (see store/SCHEMA.md).
 AUDIT_CURSOR = "audit_cursor"
+AUDIT_LAST_ROW = "audit_last_row"  # "id|type|time" of the row at the cursor: a cleared log
 AUDIT_ACCESS = "audit_access"
 LAST_FULL_SYNC = "last_full_sync_at"
 LAST_FULL_SYNC_STARTED = "last_full_sync_started_at"
@@ -125,7 +132,7 @@ class Reconciler:
         if all_permissions is None:
             all_permissions = first
 
-        audit_id, audit_access = await self._audit_head(summary)
+        audit_id, audit_access, head_rows = await self._audit_head(summary)
         summary.audit_id = audit_id
 
         listings = await self._listings(summary)
@@ -145,6 +152,7 @@ class Reconciler:
             [*jobs, *(self._permission_job(ct, cid, summary) for ct, cid in permission_jobs)]
         )
         await self._refresh_includers(summary)
+        await self._reshelve(summary)
 
         summary.requests = self.client.stats.requests - requests_before
         summary.seconds = time.monotonic() - started
@@ -159,14 +167,20 @@ class Reconciler:
                     # Everything logged up to audit_id is reflected in the mirror now.
                     await tx.set_state(LAST_FULL_SYNC_AUDIT_ID, audit_id)
                     await tx.set_state(AUDIT_CURSOR, audit_id)
+                    await self._record_covered(tx, head_rows, all_permissions)
         log.info("diff sync finished", **summary.as_dict())
         return summary
 
     # ---- steps ------------------------------------------------------------------------------
 
-    async def _audit_head(self, summary: SyncSummary) -> tuple[int | None, bool]:
+    async def _audit_head(
+        self, summary: SyncSummary
+    ) -> tuple[int | None, bool, list[dict[str, Any]]]:
+        """The highest activity id (the cursor this sync may set), whether the audit log is
+        readable, and the newest rows: those visible now are reflected by the listings read
+        after this, so the poller's overlap re-read must not act on them again."""
         try:
-            latest = await self.client.latest_audit_id()
+            rows = await self.client.latest_audit_rows(AUDIT_OVERLAP)
         except AuthError:
             raise
         except ForbiddenError:
@@ -174,11 +188,30 @@ class Reconciler:
                 "the API token cannot read the audit log; events can only come from webhooks "
                 "and periodic diff syncs (give the token's role settings-manage + users-manage)"
             )
-            return None, False
+            return None, False, []
         except BookStackError as exc:
             summary.problems.append(f"audit log: {exc}")
-            return None, True
-        return latest or 0, True
+            return None, True, []
+        ids = [i for i in (as_id(r.get("id")) for r in rows) if i is not None]
+        return max(ids, default=0), True, rows
+
+    async def _record_covered(
+        self, tx: Tx, rows: list[dict[str, Any]], all_permissions: bool
+    ) -> None:
+        """Record the audit rows this sync reflects as already handled (deduped by activity
+        id when the poller re-reads them). A listing diff re-reads no permissions of known
+        items, so rows asking for permissions are left to the poller unless this sync read
+        every item's permissions."""
+        events = [from_audit(r) for r in rows]
+        covered = [
+            e
+            for e in events
+            if e.activity_id is not None and (all_permissions or PERMISSIONS not in e.hints)
+        ]
+        await tx.run(lambda conn: record_covered_sync(conn, covered, time.time()))
+        top = max(events, key=lambda e: e.activity_id or 0, default=None)
+        if top is not None and top.activity_id is not None:
+            await tx.set_state(AUDIT_LAST_ROW, audit_signature(top))
 
     async def _listings(self, summary: SyncSummary) -> dict[str, list[dict[str, Any]] | None]:
         """Every listing; None for one that failed or came back short (it removes nothing)."""
@@ -273,6 +306,25 @@ class Reconciler:
                     await tx.upsert(kind, to_row(kind, model.model_validate(raw)))
                 )
 
+    async def sync_attachments(self, page_id: int | None = None) -> Tally:
+        """Diff the attachments of one page (or of every page) against their listing:
+        attachments emit no events at all (FACTS 2.5). A failed listing raises and removes
+        nothing."""
+        filters = {"uploaded_to": page_id} if page_id is not None else None
+        rows = await self.client.list_all(ENDPOINTS["attachment"][0], filters=filters)
+        mirror = await self.store.index("attachment", (*LISTED_FIELDS["attachment"],))
+        if page_id is not None:
+            mirror = {i: r for i, r in mirror.items() if r["uploaded_to"] == page_id}
+        summary = SyncSummary()
+        await self._write_listed("attachment", rows, mirror, summary)
+        gone = set(mirror) - {r["id"] for r in rows}
+        if gone:
+            async with self.store.transaction() as tx:
+                for attachment_id in sorted(gone):
+                    if await tx.delete("attachment", attachment_id):
+                        summary.kinds["attachment"].add("deleted")
+        return summary.kinds["attachment"]
+
     async def _plan_permissions(
         self, listings: dict[str, list[dict[str, Any]] | None], all_permissions: bool
     ) -> list[tuple[str, int]]:
@@ -327,6 +379,16 @@ class Reconciler:
             summary.changed_pages.clear()
             await self._run([self._read_job("page", pid, summary) for pid in sorted(todo)])
 
+    async def _reshelve(self, summary: SyncSummary) -> None:
+        """Books that came back (restored from the recycle bin) are on their shelves again
+        without any shelf change BookStack's listing would show: re-read those shelves."""
+        shelves = await self.store.shelves_of_returned_books()
+        if not shelves:
+            return
+        async with self.store.transaction() as tx:
+            await tx.forget_tombstones(shelves)
+        await self._run([self._read_job("shelf", sid, summary) for sid in sorted(shelves)])
+
     async def write(self, kind: str, model: Any, summary: SyncSummary | None = None) -> str:
         """Write one read entity with its relations in one transaction."""
         async with self.store.transaction() as tx:
@@ -379,6 +441,12 @@ def _racy(current: dict[str, Any], now: float) -> bool:
     if updated is None or fetched is None:
         return False
     return updated >= fetched - RACE_WINDOW and now - fetched < 86400
+
+
+def audit_signature(event: Event) -> str:
+    """What identifies one audit row across polls: its id alone does not survive a
+    `bookstack:clear-activity`, after which ids restart at 1."""
+    return f"{event.activity_id}|{event.type}|{event.at}"
 
 
 def _now_iso() -> str:

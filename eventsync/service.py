@@ -24,7 +24,7 @@ from eventsync.ingest.webhook import WebhookReceiver
 from eventsync.logging import get_logger
 from eventsync.metrics import Metrics
 from eventsync.notify import Notifier, watchdog_loop
-from eventsync.reconcile import AUDIT_CURSOR, LAST_FULL_SYNC, Reconciler
+from eventsync.reconcile import AUDIT_CURSOR, AUDIT_OVERLAP, LAST_FULL_SYNC, Reconciler
 from eventsync.server import build_app
 from eventsync.store.queue import Job, JobQueue
 from eventsync.store.sqlite import KINDS, Store
@@ -264,7 +264,10 @@ class Service:
             await self._check_downtime()
         while not self.stop_event.is_set():
             with contextlib.suppress(Exception):
-                await self.queue.prune_events(time.time() - EVENT_RETENTION)
+                cursor = await self.poller.cursor() or 0
+                await self.queue.prune_events(
+                    time.time() - EVENT_RETENTION, keep_activities_from=cursor - AUDIT_OVERLAP
+                )
                 await self._check_webhooks_confirmed()
                 self.notifier.status(await self._status_line())
             with contextlib.suppress(asyncio.TimeoutError):

@@ -514,11 +514,16 @@ class BookStackClient:
 
     async def latest_audit_id(self) -> int | None:
         """The highest activity id, or None when the audit log is empty."""
-        body = await self.get("/api/audit-log", {"sort": "-id", "count": 1})
+        rows = await self.latest_audit_rows(1)
+        return _row_id("/api/audit-log", rows[0]) if rows else None
+
+    async def latest_audit_rows(self, count: int) -> list[Row]:
+        """The `count` newest audit-log rows, highest id first (one request)."""
+        if not 1 <= count <= MAX_COUNT:
+            raise ValueError(f"count must be within 1..{MAX_COUNT}, not {count}")
+        body = await self.get("/api/audit-log", {"sort": "-id", "count": count})
         data, _total = _listing_page("/api/audit-log", body)
-        if not data:
-            return None
-        return _row_id("/api/audit-log", data[0])
+        return data
 
     async def _keyset_rows(
         self,

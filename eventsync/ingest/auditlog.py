@@ -11,18 +11,22 @@ from eventsync.bookstack.client import BookStackClient
 from eventsync.errors import AuthError, BookStackError, ForbiddenError
 from eventsync.events import DIFF_KEY, FETCH, Event, from_audit
 from eventsync.logging import get_logger
-from eventsync.reconcile import AUDIT_ACCESS, AUDIT_CURSOR
+from eventsync.reconcile import (
+    AUDIT_ACCESS,
+    AUDIT_CURSOR,
+    AUDIT_LAST_ROW,
+    AUDIT_OVERLAP,
+    audit_signature,
+)
 from eventsync.store.queue import JobQueue
 
 log = get_logger("eventsync.auditlog")
 
-# Ids are assigned before commit, so a lower id can become visible after a higher one
-# (FACTS 2.6): every poll re-reads this many ids behind the cursor; activity ids dedupe.
-OVERLAP = 20
+OVERLAP = AUDIT_OVERLAP
 # After a webhook, poll soon (its audit row is already written) but let a burst gather.
 DEBOUNCE = 0.5
 LAST_POLL = "audit_last_poll_at"
-LAST_ROW = "audit_last_row"  # "id|type|time" of the row at the cursor, to notice a cleared log
+LAST_ROW = AUDIT_LAST_ROW
 GAP = "audit_gap"
 
 
@@ -91,7 +95,7 @@ class AuditPoller:
             current = await self.cursor()
             if top.activity_id is not None and (current is None or top.activity_id >= current):
                 await tx.set_state(AUDIT_CURSOR, top.activity_id)
-                await tx.set_state(LAST_ROW, _signature(top))
+                await tx.set_state(LAST_ROW, audit_signature(top))
         if self._on_events is not None:
             self._on_events(batch, outcomes)
         return sum(o in ("queued", "merged") for o in outcomes)
@@ -105,7 +109,7 @@ class AuditPoller:
         at_cursor = next((e for e in first_page if e.activity_id == cursor), None)
         seen = await self.store.get_state(LAST_ROW)
         if at_cursor is not None:
-            if seen is None or seen == _signature(at_cursor):
+            if seen is None or seen == audit_signature(at_cursor):
                 return True
             reason = f"audit-log row {cursor} is no longer the activity we read"
         elif any((e.activity_id or 0) > cursor for e in first_page):
@@ -154,10 +158,6 @@ class AuditPoller:
         await _wait_any(self._trigger, stop, timeout=self.interval)
         if self._trigger.is_set() and not stop.is_set():
             await _wait_any(stop, timeout=DEBOUNCE)
-
-
-def _signature(event: Event) -> str:
-    return f"{event.activity_id}|{event.type}|{event.at}"
 
 
 async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:

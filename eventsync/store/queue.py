@@ -251,10 +251,16 @@ class JobQueue:
                 (older_than,),
             )
 
-    async def prune_events(self, older_than: float) -> int:
-        """Events are kept only for pairing and inspection; jobs carry what matters."""
+    async def prune_events(self, older_than: float, keep_activities_from: int = 0) -> int:
+        """Events are kept only for pairing and inspection; jobs carry what matters. Audit
+        rows the poller still re-reads (the overlap behind its cursor) stay however old, or
+        the re-read would take them for new activity."""
         async with self.store.transaction() as tx:
-            cur = await tx.execute("DELETE FROM events WHERE received_at < ?", (older_than,))
+            cur = await tx.execute(
+                "DELETE FROM events WHERE received_at < ? "
+                "AND (activity_id IS NULL OR activity_id < ?)",
+                (older_than, keep_activities_from),
+            )
             return cur.rowcount
 
 
@@ -310,6 +316,29 @@ def record_sync(conn: sqlite3.Connection, events: Sequence[Event], now: float) -
             merge_job_sync(conn, event.key or "", event.hints, now, event.at, _job_payload(event))
         outcomes.append(outcome)
     return outcomes
+
+
+def record_covered_sync(conn: sqlite3.Connection, events: Sequence[Event], now: float) -> None:
+    """Record audit rows a diff sync has already reflected: a re-read of them is a duplicate.
+    They stay unpaired, so a late webhook of the same change pairs with one and costs nothing."""
+    conn.executemany(
+        "INSERT INTO events (source, activity_id, type, entity_key, event_time, received_at, "
+        "outcome, paired, payload) SELECT ?, ?, ?, ?, ?, ?, 'covered', 0, ? "
+        "WHERE NOT EXISTS (SELECT 1 FROM events WHERE activity_id = ?)",
+        [
+            (
+                e.source,
+                e.activity_id,
+                e.type,
+                e.key,
+                e.at,
+                now,
+                json.dumps(e.payload) if e.payload else None,
+                e.activity_id,
+            )
+            for e in events
+        ],
+    )
 
 
 def _outcome_sync(conn: sqlite3.Connection, event: Event) -> str:

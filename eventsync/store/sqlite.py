@@ -397,6 +397,19 @@ class Store:
         rows = await self.fetchall("SELECT id FROM pages WHERE raw_html LIKE '%{{@%' ORDER BY id")
         return [r[0] for r in rows]
 
+    async def shelves_of_returned_books(self) -> set[int]:
+        """Shelves that held a book which went away and is back in the mirror (restored
+        from the recycle bin): BookStack shows it on them again, silently."""
+        rows = await self.fetchall(
+            "SELECT DISTINCT t.shelf_id FROM shelf_book_tombstones t "
+            "JOIN books b ON b.id = t.book_id JOIN shelves s ON s.id = t.shelf_id"
+        )
+        return {r[0] for r in rows}
+
+    async def role_members(self, role_id: int) -> set[int]:
+        rows = await self.fetchall("SELECT user_id FROM user_roles WHERE role_id = ?", (role_id,))
+        return {r[0] for r in rows}
+
     async def permission_keys(self) -> set[tuple[str, int]]:
         rows = await self.fetchall("SELECT content_type, content_id FROM content_permissions")
         return {(r[0], r[1]) for r in rows}
@@ -638,6 +651,14 @@ class Tx:
             await self.change("upsert", kind, entity_id)
         return bool(cur.rowcount)
 
+    async def forget_tombstones(self, shelf_ids: Iterable[int]) -> None:
+        """These shelves are being re-read: what they show now is the truth."""
+        await self._db.executemany(
+            "DELETE FROM shelf_book_tombstones WHERE shelf_id = ? AND book_id IN "
+            "(SELECT id FROM books)",
+            [(s,) for s in shelf_ids],
+        )
+
     async def touch(self, kind: str, entity_id: int) -> None:
         await self._db.execute(
             f"UPDATE {TABLES[kind].name} SET fetched_at = ? WHERE id = ?",
@@ -662,6 +683,10 @@ class Tx:
             ):
                 books = [b for b in await self._shelf_book_ids(shelf_id) if b != entity_id]
                 await self.set_shelf_books(shelf_id, books)
+                await self._db.execute(
+                    "INSERT OR IGNORE INTO shelf_book_tombstones (book_id, shelf_id) VALUES (?, ?)",
+                    (entity_id, shelf_id),
+                )
         elif kind == "chapter":
             for (page_id,) in await self._rows(
                 "SELECT id FROM pages WHERE chapter_id = ?", (entity_id,)
@@ -674,6 +699,9 @@ class Tx:
                 removed += await self.delete("attachment", attachment_id)
         elif kind == "shelf":
             await self._db.execute("DELETE FROM shelf_books WHERE shelf_id = ?", (entity_id,))
+            await self._db.execute(
+                "DELETE FROM shelf_book_tombstones WHERE shelf_id = ?", (entity_id,)
+            )
         elif kind == "user":
             await self.set_user_roles(entity_id, [])
         elif kind == "role":
