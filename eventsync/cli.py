@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -104,8 +106,9 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     """After an outage: drain the audit log from the cursor, process every pending job, and
     diff-sync where there is no sync point, a gap, or --full. Exit 0 only when consistent."""
     from eventsync.dispatch import Dispatcher
+    from eventsync.events import DIFF_KEY
     from eventsync.handlers import Handlers
-    from eventsync.ingest.auditlog import GAP, AuditPoller
+    from eventsync.ingest.auditlog import GAP, LAST_POLL, AuditPoller
     from eventsync.reconcile import AUDIT_CURSOR, LAST_FULL_SYNC
     from eventsync.store.queue import JobQueue
 
@@ -117,6 +120,7 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
             client,
             store,
             concurrency=settings.fetch_concurrency,
+            attachment_content=settings.attachment_content,
             on_plan=bar.plan,
             on_progress=bar.step,
         )
@@ -131,8 +135,13 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
             reasons.append("--full")
         if await store.get_state(LAST_FULL_SYNC) is None:
             reasons.append("no sync point")
+        last_poll = await store.get_state(LAST_POLL)
+        if last_poll is not None and time.time() - float(last_poll) > settings.max_downtime:
+            down = time.time() - float(last_poll)
+            reasons.append(f"down for {down:.0f} s, longer than EVENTSYNC_MAX_DOWNTIME")
         poller = AuditPoller(client, queue)
         if await store.get_state(AUDIT_CURSOR) is not None and not reasons:
+            # Drain the audit log first: it may also reveal a gap (a cleared log).
             try:
                 await poller.poll_once()
             except ForbiddenError:
@@ -144,14 +153,16 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
         try:
             if reasons:
                 print(f"diff sync of everything ({'; '.join(reasons)})", file=sys.stderr)
-                cursor_missing = await store.get_state(AUDIT_CURSOR) is None
-                summary = await reconciler.full_sync(
-                    all_permissions=args.full or None,
-                    set_cursor=cursor_missing or bool(gap) or args.full,
-                )
-                if summary.complete and gap:
+                # Events may be lost (or skipped, as the cursor moves to the log's head), and
+                # a listing diff cannot see what they said about content permissions or role
+                # membership: this sync re-reads those for every item.
+                summary = await reconciler.full_sync(all_permissions=True, set_cursor=True)
+                if summary.complete:
                     async with store.transaction() as tx:
                         await tx.delete_state(GAP)
+                    await queue.cancel(DIFF_KEY)  # a gap's queued diff: this sync was it
+                    with contextlib.suppress(ForbiddenError):
+                        await poller.poll_once()  # what happened while it ran
             drained = await dispatcher.drain(timeout=args.timeout)
         finally:
             bar.close()

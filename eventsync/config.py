@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     webhook_confirm_grace: float = Field(300.0, gt=0)
     # Down longer than this (no successful audit poll): diff-sync everything on start.
     max_downtime: float = Field(86400.0, gt=0)
+    # Also keep attachment files (and link URLs): one read per new or changed attachment.
+    attachment_content: bool = False
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Parallel detail fetches: the rate limiter sets the pace, this only hides latency.

@@ -26,6 +26,9 @@ RESOLVE_DESTROY = "resolve_destroy"  # deletion:N → find the entity, confirm i
 
 # The job that diff-syncs everything from listings (gaps, conversions, periodic checks).
 DIFF_KEY = "diff:0"
+# Its payload after a gap: events were lost, and a listing diff cannot see what they said
+# about content permissions or role membership, so those are re-read for every item too.
+THOROUGH = {"thorough": True}
 # Jobs that diff attachments against their listing: of one page, or of every page (0).
 # Attachments emit no events (FACTS 2.5); restores bring them back silently.
 ATTACHMENTS_KIND = "attachments"

@@ -69,8 +69,9 @@ class Handlers:
             tally = await self.reconciler.sync_attachments(job.entity_id or None)
             return f"attachments {vars(tally)}"
         if kind == "diff":
+            thorough = bool(job.payload.get("thorough"))
             summary = await self.reconciler.full_sync(
-                all_permissions=False, set_cursor=False, verify_roles=False
+                all_permissions=thorough, set_cursor=False, verify_roles=thorough
             )
             if not summary.complete:
                 raise EventsyncError("; ".join(summary.problems[:3]))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -102,12 +104,14 @@ class Reconciler:
         store: Store,
         *,
         concurrency: int = 8,
+        attachment_content: bool = False,
         on_plan: Callable[[int], None] | None = None,
         on_progress: Progress | None = None,
     ) -> None:
         self.client = client
         self.store = store
         self.concurrency = concurrency
+        self.attachment_content = attachment_content
         self._on_plan = on_plan
         self._on_progress = on_progress
 
@@ -294,17 +298,60 @@ class Reconciler:
         summary: SyncSummary,
     ) -> None:
         model = ENDPOINTS[kind][1]
+        # The listing shows every field the mirror keeps, except an attachment's content: a
+        # file replaced within the second of our last read shows no change but updated_at's.
+        racy = kind == "attachment" and self.attachment_content
+        now = time.time()
         changed = [
-            r for r in rows if r["id"] not in mirror or _differs(mirror[r["id"]], listed(kind, r))
+            r
+            for r in rows
+            if r["id"] not in mirror
+            or _differs(mirror[r["id"]], listed(kind, r))
+            or (racy and _racy(mirror[r["id"]], now))
         ]
         summary.kinds[kind].unchanged += len(rows) - len(changed)
         if not changed:
             return
+        contents: dict[int, tuple[str | None, bytes | None]] = {}
+        if kind == "attachment" and self.attachment_content:
+            contents = await self._attachment_contents([r["id"] for r in changed], summary)
+            # A row whose content could not be read is left as it was: it still differs
+            # from its listing, so the next diff sync tries again.
+            changed = [r for r in changed if r["id"] in contents]
         async with self.store.transaction() as tx:
             for raw in changed:
-                summary.kinds[kind].add(
-                    await tx.upsert(kind, to_row(kind, model.model_validate(raw)))
-                )
+                row = to_row(kind, model.model_validate(raw))
+                if raw["id"] in contents:
+                    row["link"], row["content"] = contents[raw["id"]]
+                summary.kinds[kind].add(await tx.upsert(kind, row))
+
+    async def _attachment_contents(
+        self, ids: list[int], summary: SyncSummary
+    ) -> dict[int, tuple[str | None, bytes | None]]:
+        """(link, file bytes) of each attachment, read in parallel under the usual gate."""
+        found: dict[int, tuple[str | None, bytes | None]] = {}
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def one(attachment_id: int) -> None:
+            path = f"/api/attachments/{attachment_id}"
+            async with gate:
+                try:
+                    read = m.AttachmentRead.model_validate(await self.client.get(path))
+                except NotFound:
+                    return  # gone since the listing; the next diff removes it
+                except BookStackError as exc:
+                    summary.problems.append(f"{path}: {exc}")
+                    return
+            if read.external:
+                found[attachment_id] = (read.content, None)
+                return
+            try:
+                found[attachment_id] = (None, base64.b64decode(read.content or "", validate=True))
+            except (binascii.Error, ValueError):
+                summary.problems.append(f"{path}: content is not base64")
+
+        await asyncio.gather(*(one(i) for i in ids))
+        return found
 
     async def sync_attachments(self, page_id: int | None = None) -> Tally:
         """Diff the attachments of one page (or of every page) against their listing:

@@ -16,7 +16,7 @@ from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
 from eventsync.dispatch import Dispatcher, backoff
 from eventsync.errors import AuthError
-from eventsync.events import DIFF_KEY, FETCH, IGNORED, PERMISSIONS, ROUTES, Event
+from eventsync.events import DIFF_KEY, FETCH, IGNORED, PERMISSIONS, ROUTES, THOROUGH, Event
 from eventsync.handlers import Handlers
 from eventsync.ingest.auditlog import GAP, LAST_POLL, AuditPoller
 from eventsync.ingest.inbox import Inbox
@@ -86,7 +86,12 @@ class Service:
         self.metrics = Metrics()
         self.notifier = Notifier.from_env()
         self.queue = JobQueue(store)
-        self.reconciler = Reconciler(client, store, concurrency=settings.fetch_concurrency)
+        self.reconciler = Reconciler(
+            client,
+            store,
+            concurrency=settings.fetch_concurrency,
+            attachment_content=settings.attachment_content,
+        )
         self.handlers = Handlers(client, store, self.queue, self.reconciler)
         self.dispatcher = Dispatcher(
             self.queue,
@@ -235,7 +240,7 @@ class Service:
         log.warning("gap detected: diff sync of everything", reason=reason)
         async with self.store.transaction() as tx:
             await tx.set_state(GAP, reason)
-            await self.queue.enqueue(DIFF_KEY, [FETCH], tx=tx)
+            await self.queue.enqueue(DIFF_KEY, [FETCH], payload=THOROUGH, tx=tx)
         self.dispatcher.wake()
 
     async def _check_downtime(self) -> None:

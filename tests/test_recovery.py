@@ -16,6 +16,7 @@ import pytest
 from eventsync import cli
 from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
+from eventsync.reconcile import Reconciler
 from eventsync.service import Service
 from eventsync.store.sqlite import Store
 from eventsync.testing import FakeBookStack
@@ -102,9 +103,15 @@ async def test_audit_log_cleared_while_down_is_a_gap_and_converges(tmp_path: Pat
             await svc.poller.poll_once()
             cursor_before = await svc.poller.cursor()
         assert cursor_before is not None and cursor_before >= 5
-        # While eventsync is down: changes, then the log is cleared (ids restart at 1).
+        # While eventsync is down: changes, then the log is cleared (ids restart at 1). The
+        # permission change and the role swap move no listing field: only a diff that
+        # re-reads permissions and roles (as a gap's does) can find them.
         await fake.update_book(2, name="Renamed while down")
         await fake.delete_page(3)
+        no_view = {"view": False, "create": False, "update": False, "delete": False}
+        await fake.set_permissions("page", 5, fallback=no_view)
+        await fake.update_user(5, roles=[4])
+        await fake.update_user(6, roles=[3])
         fake.clear_activity()
         await fake.update_page(4, html="<p>after clear</p>")
         async with running(settings) as svc:
@@ -413,3 +420,64 @@ async def test_links_rewritten_by_a_rename_or_move_are_refreshed_without_a_diff(
 
             await eventually(done, timeout=20)
             assert await svc.queue.depth() == 0
+
+
+async def test_attachments_are_diffed_and_their_content_kept_when_asked(tmp_path: Path) -> None:
+    """Attachments emit no events (FACTS 2.5): each diff sync mirrors what its listing shows;
+    with EVENTSYNC_ATTACHMENT_CONTENT the file (or the link's URL) is kept too, read once per
+    new or changed attachment."""
+    now = [datetime.now(UTC) - timedelta(hours=1)]
+
+    def clock() -> datetime:
+        return now[0]
+
+    async with FakeBookStack(requests_per_minute=RPM, clock=clock) as fake:
+        fake.seed(pages=10, books=2, attachments=0, seed=8)
+        page = fake.truth()["pages"][0]["id"]
+        spec = await fake.create_attachment(page, "spec.pdf", content=b"%PDF-1.7", extension="pdf")
+        link = await fake.create_attachment(page, "home", link="https://example.org/home")
+        async with (
+            BookStackClient(
+                fake.url,
+                fake.token_id,
+                fake.token_secret,
+                requests_per_minute=RPM,
+                backoff_base=0.01,
+                backoff_cap=0.05,
+                max_attempts=2,
+            ) as client,
+            await Store.open(tmp_path / "m.db") as store,
+        ):
+            reconciler = Reconciler(client, store, attachment_content=True)
+
+            async def stored(attachment_id: int) -> tuple[Any, Any]:
+                row = await store.get("attachment", attachment_id)
+                assert row is not None
+                return row["link"], row["content"]
+
+            assert (await reconciler.full_sync()).complete
+            assert await stored(spec) == (None, b"%PDF-1.7")
+            assert await stored(link) == ("https://example.org/home", None)
+
+            # Changed content moves updated_at: only that attachment is read again.
+            now[0] += timedelta(seconds=5)
+            await fake.update_attachment(spec, content=b"%PDF-2.0")
+            await fake.delete_attachment(link)
+            fake.reset_requests()
+            assert (await reconciler.sync_attachments()).updated == 1
+            assert await stored(spec) == (None, b"%PDF-2.0")
+            assert await store.get("attachment", link) is None
+            assert fake.request_counts() == {"/api/attachments": 1, "/api/attachments/{id}": 1}
+            assert (await store.export())["attachments"] == fake.truth()["attachments"]
+
+            # A read that fails leaves the row to the next diff: nothing half-written.
+            now[0] += timedelta(seconds=5)
+            await fake.update_attachment(spec, name="spec v3.pdf", content=b"%PDF-3")
+            fake.faults.fail_listings = {"/api/attachments/{id}"}
+            summary = await reconciler.full_sync()
+            assert not summary.complete
+            assert await stored(spec) == (None, b"%PDF-2.0")
+            fake.faults.fail_listings = set()
+            assert (await reconciler.full_sync()).complete
+            assert await stored(spec) == (None, b"%PDF-3")
+            assert (await store.export())["attachments"] == fake.truth()["attachments"]

@@ -178,6 +178,12 @@ class Attachment(BookStackModel):
     updated_by: UserId = None
 
 
+class AttachmentRead(Attachment):
+    """An attachment read: `content` is the file as base64, or the URL of an external link."""
+
+    content: str | None = None
+
+
 # --- users and roles -----------------------------------------------------------------------
 
 

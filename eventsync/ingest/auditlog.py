@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from eventsync.bookstack.client import BookStackClient
 from eventsync.errors import AuthError, BookStackError, ForbiddenError
-from eventsync.events import DIFF_KEY, FETCH, Event, from_audit
+from eventsync.events import DIFF_KEY, FETCH, THOROUGH, Event, from_audit
 from eventsync.logging import get_logger
 from eventsync.reconcile import (
     AUDIT_ACCESS,
@@ -129,7 +129,7 @@ class AuditPoller:
             await tx.execute("UPDATE events SET activity_id = NULL WHERE activity_id IS NOT NULL")
             await tx.set_state(AUDIT_CURSOR, 0)
             await tx.delete_state(LAST_ROW)
-            await self.queue.enqueue(DIFF_KEY, [FETCH], tx=tx)
+            await self.queue.enqueue(DIFF_KEY, [FETCH], payload=THOROUGH, tx=tx)
         if self._on_gap is not None:
             self._on_gap(reason)
         return False

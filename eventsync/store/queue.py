@@ -179,6 +179,12 @@ class JobQueue:
             )
         return True
 
+    async def cancel(self, key: str) -> bool:
+        """Drop a job nobody is running (its work was done another way). True if dropped."""
+        async with self.store.transaction() as tx:
+            cur = await tx.execute("DELETE FROM jobs WHERE key = ? AND leased_by IS NULL", (key,))
+            return bool(cur.rowcount)
+
     async def release(self, jobs: Iterable[Job]) -> None:
         async with self.store.transaction() as tx:
             for job in jobs:

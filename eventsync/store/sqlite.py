@@ -127,6 +127,8 @@ TABLES: dict[str, Table] = {
             "updated_at",
             "created_by",
             "updated_by",
+            "link",
+            "content",
         ),
     ),
     "user": Table(
