@@ -234,7 +234,11 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if data["audit_gap"]:
         print(f"gap detected:    {data['audit_gap']} (run `eventsync reconcile`)")
     counts = data["counts"]
-    print("mirror:          " + ", ".join(f"{counts[k]} {k}s" for k in (*KINDS, "permissions")))
+    plural = {"shelf": "shelves", "permissions": "content permissions"}
+    print(
+        "mirror:          "
+        + ", ".join(f"{counts[k]} {plural.get(k, k + 's')}" for k in (*KINDS, "permissions"))
+    )
     return EXIT_OK
 
 

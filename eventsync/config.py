@@ -118,4 +118,5 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         field = str(err["loc"][0]) if err["loc"] else "?"
         raise ConfigError(f"setting {ENV_PREFIX}{field.upper()} is invalid: {err['msg']}") from None
     except ValueError as exc:  # e.g. a TOML syntax error
-        raise ConfigError(f"cannot read settings: {exc}") from None
+        where = f" from {config_file}" if config_file is not None else ""
+        raise ConfigError(f"cannot read settings{where}: {exc}") from None
