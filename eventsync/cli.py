@@ -103,8 +103,10 @@ def format_summary(summary: SyncSummary) -> str:
 
 
 async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
-    """After an outage: drain the audit log from the cursor, process every pending job, and
-    diff-sync where there is no sync point, a gap, or --full. Exit 0 only when consistent."""
+    """After an outage: drain the audit log from the cursor, process every pending job, then
+    diff the listings against the mirror (what emits no event: attachments, link rewrites,
+    cascades). A gap, no sync point, a long downtime or --full make it a thorough diff that
+    also re-reads every item's permissions. Exit 0 only when the mirror is consistent."""
     from eventsync.dispatch import Dispatcher
     from eventsync.events import DIFF_KEY
     from eventsync.handlers import Handlers
@@ -112,6 +114,7 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     from eventsync.reconcile import AUDIT_CURSOR, LAST_FULL_SYNC
     from eventsync.store.queue import JobQueue
 
+    started = time.monotonic()
     bar = _ProgressBar(sys.stderr.isatty() and not args.json)
     async with make_client(settings) as client, await Store.open(settings.database) as store:
         queue = JobQueue(store)
@@ -124,11 +127,8 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
             on_plan=bar.plan,
             on_progress=bar.step,
         )
-        dispatcher = Dispatcher(
-            queue,
-            Handlers(client, store, queue, reconciler),
-            concurrency=settings.fetch_concurrency,
-        )
+        handlers = Handlers(client, store, queue, reconciler)
+        dispatcher = Dispatcher(queue, handlers, concurrency=settings.fetch_concurrency)
         requests_before = client.stats.requests
         reasons = []
         if args.full:
@@ -149,8 +149,9 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
         gap = await store.get_state(GAP)
         if gap:
             reasons.append(f"gap: {gap}")
-        summary: SyncSummary | None = None
+        drained = True
         try:
+            sync_started = time.time()
             if reasons:
                 print(f"diff sync of everything ({'; '.join(reasons)})", file=sys.stderr)
                 # Events may be lost (or skipped, as the cursor moves to the log's head), and
@@ -160,17 +161,24 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
                 if summary.complete:
                     async with store.transaction() as tx:
                         await tx.delete_state(GAP)
-                    await queue.cancel(DIFF_KEY)  # a gap's queued diff: this sync was it
                     with contextlib.suppress(ForbiddenError):
                         await poller.poll_once()  # what happened while it ran
-            drained = await dispatcher.drain(timeout=args.timeout)
+            else:
+                # The events first (their jobs read what they name), then the listings for
+                # what no event reports; what the jobs just read shows up unchanged there.
+                drained = await dispatcher.drain(timeout=args.timeout)
+                sync_started = time.time()
+                summary = await reconciler.full_sync(all_permissions=False, set_cursor=False)
+            if summary.complete:
+                await queue.cancel(DIFF_KEY, queued_before=sync_started)  # this sync was it
+            drained = await dispatcher.drain(timeout=args.timeout) and drained
         finally:
             bar.close()
         dead = len(await queue.dead_letters())
         requests = client.stats.requests - requests_before
-    if summary is None:
-        summary = SyncSummary()
+    summary.absorb(handlers.summary)
     summary.requests = requests
+    summary.seconds = time.monotonic() - started
     if not drained:
         summary.problems.append("pending jobs did not finish in time (see `eventsync status`)")
     if dead:
@@ -233,6 +241,8 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         )
     if data["audit_gap"]:
         print(f"gap detected:    {data['audit_gap']} (run `eventsync reconcile`)")
+    elif data.get("last_gap"):
+        print(f"last gap:        {data['last_gap']} (closed by a thorough diff sync)")
     counts = data["counts"]
     plural = {"shelf": "shelves", "permissions": "content permissions"}
     print(

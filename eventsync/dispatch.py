@@ -11,13 +11,19 @@ from collections.abc import Callable
 from eventsync.errors import BookStackError, EventsyncError, RetryLater
 from eventsync.handlers import Handlers, Settle
 from eventsync.logging import get_logger
-from eventsync.store.queue import Job, JobQueue
+from eventsync.store.queue import LEASE_TTL, Job, JobQueue
 
 log = get_logger("eventsync.dispatch")
 
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 300.0
 IDLE_WAIT = 1.0  # upper bound on sleeping while jobs may become due
+# Renew this worker's leases, and release those of dead workers, this often (LEASE_TTL/4).
+MAINTAIN_EVERY = LEASE_TTL / 4
+# A transient failure counts towards dead-lettering only if BookStack answered something
+# within this many seconds: then this job is failing, not BookStack. During an outage jobs
+# wait (at the capped back-off) however long it lasts, and none is dead-lettered for it.
+UP_WINDOW = 60.0
 
 
 def backoff(attempt: int) -> float:
@@ -33,9 +39,16 @@ class Dispatcher:
         *,
         concurrency: int = 8,
         on_result: Callable[[Job, str, float], None] | None = None,
+        last_answer: Callable[[], float] | None = None,
+        up_window: float = UP_WINDOW,
     ) -> None:
         self.queue = queue
         self.handlers = handlers
+        # When BookStack last answered anything (the client's stats): tells an outage from
+        # a job that fails on its own.
+        self._last_answer = last_answer or (lambda: handlers.client.stats.last_answer_at)
+        self._up_window = up_window
+        self._maintained = time.monotonic()
         self.concurrency = concurrency
         self._on_result = on_result
         self._wake = asyncio.Event()
@@ -56,17 +69,42 @@ class Dispatcher:
     async def run(self, stop: asyncio.Event, grace: float = 10.0) -> None:
         """Work until `stop` is set; then finish in-flight jobs within `grace` seconds and put
         back (unleased, untouched) whatever did not finish."""
+        failures = 0
         try:
             while not stop.is_set():
-                await self._fill()
-                await self._idle(stop)
+                try:
+                    await self._maintain()
+                    await self._fill()
+                    await self._idle(stop)
+                    failures = 0
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # The database (locked past its timeout, disk full): keep the jobs we
+                    # hold, back off, try again; one bad moment must not stop the service.
+                    failures += 1
+                    log.exception("dispatcher loop failed; retrying", failures=failures)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=backoff(failures) + 0.1)
         finally:
             await self._shutdown(grace)
+
+    async def _maintain(self, force: bool = False) -> None:
+        """Renew our leases and free those of dead workers (another process's kill -9)."""
+        if not force and time.monotonic() - self._maintained < MAINTAIN_EVERY:
+            return
+        self._maintained = time.monotonic()
+        await self.queue.renew(self._running.values())
+        released = await self.queue.recover()
+        if released:
+            log.info("leases of a stopped worker released", jobs=released)
+            self._wake.set()
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Run until no job is pending (for `reconcile` and tests). True if drained."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            await self._maintain()
             await self._fill()
             if not self._running:
                 if await self.queue.depth() == 0:
@@ -130,7 +168,15 @@ class Dispatcher:
             bound.exception("job crashed")
             await self._failed(job, exc, bound, started, transient=False)
             return
-        await self.queue.done(job)
+        try:
+            await self.queue.done(job)
+        except Exception:
+            # The work is done and written; only its bookkeeping failed. Let go of the job
+            # (a later run of it costs a read and changes nothing).
+            bound.exception("could not finish the job; it will run again")
+            with contextlib.suppress(Exception):
+                await self.queue.release([job])
+            return
         self.done += 1
         bound.info("job done", outcome=outcome, seconds=round(time.monotonic() - started, 3))
         self._report(job, "done", started)
@@ -141,7 +187,15 @@ class Dispatcher:
         delay = getattr(exc, "delay", None) if transient else None
         delay = max(delay or 0.0, backoff(job.attempts))
         error = f"{type(exc).__name__}: {exc}"
-        kept = await self.queue.retry(job, error, delay)
+        # BookStack silent for a while: an outage, not this job's fault; it waits it out.
+        count = not transient or time.time() - self._last_answer() < self._up_window
+        try:
+            kept = await self.queue.retry(job, error, delay, count=count)
+        except Exception:
+            log.exception("could not record a failed job; it will run again", job=job.key)
+            with contextlib.suppress(Exception):
+                await self.queue.release([job])
+            return
         if kept:
             self.retried += 1
             log.warning(

@@ -31,6 +31,7 @@ class BookStackError(EventsyncError):
         super().__init__(message)
         self.status = status
         self.path = path
+        self.sent_at: float | None = None  # when the request that failed was sent
 
 
 class AuthError(BookStackError):

@@ -23,7 +23,7 @@ from eventsync.events import (
     SUBTREE,
 )
 from eventsync.logging import get_logger
-from eventsync.reconcile import Reconciler
+from eventsync.reconcile import AUDIT_GAP, Reconciler, SyncSummary
 from eventsync.records import ENDPOINTS, listed, permissions_row, to_row
 from eventsync.store.queue import Job, JobQueue
 from eventsync.store.sqlite import CONTENT_TYPES, KIND_OF_CONTENT_TYPE, Store
@@ -55,6 +55,8 @@ class Handlers:
         self.store = store
         self.queue = queue
         self.reconciler = reconciler
+        # What the jobs of this process did to the mirror (`reconcile` prints it).
+        self.summary = SyncSummary()
 
     async def run(self, job: Job) -> str:
         """Process one job; returns a short outcome for the log."""
@@ -75,6 +77,10 @@ class Handlers:
             )
             if not summary.complete:
                 raise EventsyncError("; ".join(summary.problems[:3]))
+            if thorough:
+                # Whatever lost events said is in the mirror now: the gap is closed.
+                async with self.store.transaction() as tx:
+                    await tx.delete_state(AUDIT_GAP)
             return "diffed"
         log.warning("job of an unknown kind dropped", job=job.key)
         return "dropped"
@@ -86,24 +92,25 @@ class Handlers:
         endpoint, _, read_model = ENDPOINTS[kind]
         if hints & {FETCH, MOVE, SORT, SUBTREE}:
             try:
-                raw = await self.client.get(f"{endpoint}/{entity_id}")
-            except NotFound:
+                raw, read_at = await self.client.read(f"{endpoint}/{entity_id}")
+            except NotFound as exc:
                 self._settle_if(job, EXPECT_PRESENT, "not visible yet")
                 async with self.store.transaction() as tx:
-                    removed = await tx.delete(kind, entity_id)
+                    removed = await tx.delete(kind, entity_id, exc.sent_at)
+                self.summary.kinds[kind].deleted += 1 if removed else 0
                 if kind == "page" and removed:
                     await self._refresh_includers(entity_id)
                 return f"removed {removed}"
             model: Any = read_model.model_validate(raw)
             old_path = await self.store.path_of(kind, entity_id)
-            outcome = await self.reconciler.write(kind, model)
-            if kind == "page" and outcome != "unchanged":
+            outcome = await self.reconciler.write(kind, model, self.summary, read_at)
+            if kind == "page" and outcome not in ("unchanged", "stale"):
                 await self._refresh_includers(entity_id)
             await self._refresh_linkers(kind, entity_id, old_path)
             if kind == "chapter" and MOVE in hints:
-                await self._place_pages(model.pages, f"chapter {entity_id}")
+                await self._place_pages(model.pages, f"chapter {entity_id}", read_at)
             if kind == "book" and (SORT in hints or SUBTREE in hints):
-                await self._book_contents(model, SUBTREE in hints)
+                await self._book_contents(model, SUBTREE in hints, read_at)
             if kind == "chapter" and SUBTREE in hints:
                 await self._subtree("/api/pages", {"chapter_id": entity_id}, "page")
             if kind == "shelf" and SUBTREE in hints:
@@ -164,22 +171,29 @@ class Handlers:
 
     async def _permissions(self, kind: str, entity_id: int) -> bool:
         content_type = CONTENT_TYPES[kind]
+        path = f"/api/content-permissions/{content_type}/{entity_id}"
         try:
-            raw = await self.client.get(f"/api/content-permissions/{content_type}/{entity_id}")
+            raw, read_at = await self.client.read(path)
         except NotFound:
             # The item itself is gone or hidden: its own read settles the mirror.
             await self.queue.enqueue(f"{kind}:{entity_id}", [FETCH])
             return False
         perms = permissions_row(m.ContentPermissions.model_validate(raw))
         async with self.store.transaction() as tx:
-            return await tx.set_permissions(content_type, entity_id, perms)
+            changed = await tx.set_permissions(content_type, entity_id, perms, read_at)
+        self.summary.permissions.add("updated" if changed else "unchanged")
+        return changed
 
-    async def _place_pages(self, pages: list[Any], where: str) -> None:
+    async def _place_pages(self, pages: list[Any], where: str, read_at: float) -> set[int]:
         """Pages moved with their chapter or by a sort: patch their placement from the list
-        items we already have; read only pages whose content may have changed too."""
-        mirror = await self.store.index("page", ("revision_count", "name", *PLACEMENT_FIELDS))
+        items of a parent read at `read_at`; read only pages whose content may have changed
+        too. Returns the chapters the pages were in before (they may be gone now)."""
+        mirror = await self.store.index(
+            "page", ("revision_count", "name", "chapter_id", *PLACEMENT_FIELDS)
+        )
         to_read: list[int] = []
         moved: list[tuple[int, str | None]] = []
+        left: set[int] = set()
         async with self.store.transaction() as tx:
             for item in pages:
                 if getattr(item, "draft", False):
@@ -204,15 +218,19 @@ class Handlers:
                     if row.get(f) is not None or f == "chapter_id"
                 }
                 if any(current[f] != v for f, v in patch.items()):
-                    moved.append((item.id, await self.store.path_of("page", item.id)))
-                    await tx.patch("page", item.id, patch)
+                    old_path = await self.store.path_of("page", item.id)
+                    if await tx.patch("page", item.id, patch, read_at):
+                        moved.append((item.id, old_path))
+                        if current["chapter_id"] and current["chapter_id"] != row["chapter_id"]:
+                            left.add(current["chapter_id"])
         for page_id in to_read:
             await self.queue.enqueue(f"page:{page_id}", [FETCH])
         for page_id, old_path in moved:
             await self._refresh_linkers("page", page_id, old_path)
         log.info("pages placed", where=where, pages=len(pages), reads=len(to_read))
+        return left
 
-    async def _book_contents(self, book: Any, subtree: bool) -> None:
+    async def _book_contents(self, book: Any, subtree: bool, read_at: float) -> None:
         chapter_pages: list[Any] = []
         seen_pages: set[int] = set()
         seen_chapters: set[int] = set()
@@ -231,7 +249,7 @@ class Handlers:
                     if current is None or current["name"] != item.name:
                         await self.queue.enqueue(f"chapter:{item.id}", [FETCH], tx=tx)
                     elif any(current.get(k) != v for k, v in patch.items()):
-                        await tx.patch("chapter", item.id, patch)
+                        await tx.patch("chapter", item.id, patch, read_at)
                     for page in item.pages:
                         page.book_id = book.id
                         page.chapter_id = item.id
@@ -241,7 +259,7 @@ class Handlers:
                     item.chapter_id = None
                     chapter_pages.append(item)
         seen_pages = {p.id for p in chapter_pages}
-        await self._place_pages(chapter_pages, f"book {book.id}")
+        left = await self._place_pages(chapter_pages, f"book {book.id}", read_at)
         # Whatever the mirror still places in this book but the book no longer holds moved
         # to another book or went away: its own read says which.
         for page_id, row in (await self.store.index("page", ("book_id",))).items():
@@ -251,6 +269,10 @@ class Handlers:
             if row["book_id"] == book.id and chapter_id not in seen_chapters:
                 await self.queue.enqueue(f"chapter:{chapter_id}", [FETCH])
         if subtree:
+            # A chapter → book conversion destroys the chapter its pages came from, with no
+            # event (FACTS 2.3): its read finds it gone.
+            for chapter_id in sorted(left - seen_chapters):
+                await self.queue.enqueue(f"chapter:{chapter_id}", [FETCH])
             # Children that reappeared (restore) or moved in (conversion) need their own
             # permissions too; placing them above only enqueued reads of unknown pages.
             for page in chapter_pages:
@@ -275,17 +297,31 @@ class Handlers:
         kind, entity_id = job.kind, job.entity_id
         endpoint, _, read_model = ENDPOINTS[kind]
         try:
-            raw = await self.client.get(f"{endpoint}/{entity_id}")
-        except NotFound:
+            raw, read_at = await self.client.read(f"{endpoint}/{entity_id}")
+        except NotFound as exc:
             self._settle_if(job, EXPECT_PRESENT, "not visible yet")
             members = await self.store.role_members(entity_id) if kind == "role" else set()
             async with self.store.transaction() as tx:
-                removed = await tx.delete(kind, entity_id)
+                removed = await tx.delete(kind, entity_id, exc.sent_at)
+            self.summary.kinds[kind].deleted += 1 if removed else 0
             if kind == "role" and ROLES_REFRESH in job.hints:
                 await self._refresh_roles(len(members))
+            if kind == "user" and removed:
+                await self._reowned(entity_id)
             return f"removed {removed}"
         self._settle_if(job, EXPECT_GONE, "still there")
-        return await self.reconciler.write(kind, read_model.model_validate(raw))
+        model = read_model.model_validate(raw)
+        return await self.reconciler.write(kind, model, self.summary, read_at)
+
+    async def _reowned(self, user_id: int) -> None:
+        """Deleting a user can hand their content to another user (`migrateOwnership`, one
+        bulk update, no events): the owner in those items' permissions is read again."""
+        owned = await self.store.owned_by(user_id)
+        for content_type, content_id in owned:
+            kind = KIND_OF_CONTENT_TYPE[content_type]
+            await self.queue.enqueue(f"{kind}:{content_id}", [PERMISSIONS])
+        if owned:
+            log.info("deleted user's content: re-reading its owner", user=user_id, items=len(owned))
 
     async def _refresh_roles(self, migrated: int) -> None:
         """A deleted role's members may have moved to another role, silently (FACTS 2.5):

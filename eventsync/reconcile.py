@@ -42,6 +42,8 @@ AUDIT_OVERLAP = 20
 # Sync-state keys (see store/SCHEMA.md).
 AUDIT_CURSOR = "audit_cursor"
 AUDIT_LAST_ROW = "audit_last_row"  # "id|type|time" of the row at the cursor: a cleared log
+AUDIT_GAP = "audit_gap"  # why events may have been lost, until a thorough diff sync ran
+LAST_GAP = "last_gap"  # the latest gap ever found, with its time (kept for `status`)
 AUDIT_ACCESS = "audit_access"
 LAST_FULL_SYNC = "last_full_sync_at"
 LAST_FULL_SYNC_STARTED = "last_full_sync_started_at"
@@ -58,6 +60,8 @@ class Tally:
     unchanged: int = 0
 
     def add(self, outcome: str) -> None:
+        # A stale read (the mirror already held a newer one) left the row as it was.
+        outcome = "unchanged" if outcome == "stale" else outcome
         setattr(self, outcome, getattr(self, outcome) + 1)
 
 
@@ -78,6 +82,21 @@ class SyncSummary:
     @property
     def complete(self) -> bool:
         return not self.problems
+
+    def absorb(self, other: SyncSummary) -> None:
+        """Add another run's counts (a diff sync's and the jobs' around it) to these."""
+        for kind, tally in other.kinds.items():
+            mine = self.kinds[kind]
+            for name in ("created", "updated", "deleted", "unchanged"):
+                setattr(mine, name, getattr(mine, name) + getattr(tally, name))
+        for name in ("created", "updated", "deleted", "unchanged"):
+            setattr(
+                self.permissions,
+                name,
+                getattr(self.permissions, name) + getattr(other.permissions, name),
+            )
+        self.memberships_changed += other.memberships_changed
+        self.problems += other.problems
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -139,9 +158,9 @@ class Reconciler:
         audit_id, audit_access, head_rows = await self._audit_head(summary)
         summary.audit_id = audit_id
 
-        listings = await self._listings(summary)
-        await self._remove_missing(listings, summary)
-        jobs = await self._plan(listings, summary, verify_roles)
+        listings, listed_at = await self._listings(summary)
+        await self._remove_missing(listings, listed_at, summary)
+        jobs = await self._plan(listings, listed_at, summary, verify_roles)
         permission_jobs = await self._plan_permissions(listings, all_permissions)
         total = len(jobs) + len(permission_jobs)
         if self._on_plan:
@@ -153,7 +172,13 @@ class Reconciler:
             first_sync=first,
         )
         await self._run(
-            [*jobs, *(self._permission_job(ct, cid, summary) for ct, cid in permission_jobs)]
+            [
+                *jobs,
+                *(
+                    self._permission_job(ct, cid, owner, summary)
+                    for ct, cid, owner in permission_jobs
+                ),
+            ]
         )
         await self._refresh_includers(summary)
         await self._reshelve(summary)
@@ -217,14 +242,19 @@ class Reconciler:
         if top is not None and top.activity_id is not None:
             await tx.set_state(AUDIT_LAST_ROW, audit_signature(top))
 
-    async def _listings(self, summary: SyncSummary) -> dict[str, list[dict[str, Any]] | None]:
-        """Every listing; None for one that failed or came back short (it removes nothing)."""
+    async def _listings(
+        self, summary: SyncSummary
+    ) -> tuple[dict[str, list[dict[str, Any]] | None], dict[str, float]]:
+        """Every listing (None for one that failed or came back short: it removes nothing),
+        and when each was first requested."""
+        listed_at: dict[str, float] = {}
 
         async def one(kind: str) -> tuple[str, list[dict[str, Any]] | None]:
             endpoint = ENDPOINTS[kind][0]
             filters = {"draft": 0} if kind == "page" else None
             try:
-                return kind, await self.client.list_all(endpoint, filters=filters)
+                rows, listed_at[kind] = await self.client.list_timed(endpoint, filters=filters)
+                return kind, rows
             except AuthError:
                 raise
             except ForbiddenError as exc:
@@ -237,10 +267,13 @@ class Reconciler:
             log.warning("listing failed: nothing of this kind is removed", kind=kind)
             return kind, None
 
-        return dict(await asyncio.gather(*(one(k) for k in KINDS)))
+        return dict(await asyncio.gather(*(one(k) for k in KINDS))), listed_at
 
     async def _remove_missing(
-        self, listings: dict[str, list[dict[str, Any]] | None], summary: SyncSummary
+        self,
+        listings: dict[str, list[dict[str, Any]] | None],
+        listed_at: dict[str, float],
+        summary: SyncSummary,
     ) -> None:
         for kind in KINDS:
             rows = listings[kind]
@@ -251,8 +284,9 @@ class Reconciler:
                 continue
             async with self.store.transaction() as tx:
                 for entity_id in sorted(gone):
-                    if await self.store.get(kind, entity_id) is not None:
-                        await tx.delete(kind, entity_id)
+                    # A row read after the listing began (created meanwhile, and written by a
+                    # job beside this sync) is not gone: delete() leaves it alone.
+                    if await tx.delete(kind, entity_id, listed_at[kind]):
                         summary.kinds[kind].add("deleted")
                         if kind == "page":
                             summary.changed_pages.add(entity_id)
@@ -260,6 +294,7 @@ class Reconciler:
     async def _plan(
         self,
         listings: dict[str, list[dict[str, Any]] | None],
+        listed_at: dict[str, float],
         summary: SyncSummary,
         verify_roles: bool = True,
     ) -> list[Awaitable[None]]:
@@ -272,7 +307,7 @@ class Reconciler:
             fields = LISTED_FIELDS[kind]
             mirror = await self.store.index(kind, fields)
             if kind in COMPLETE_FROM_LISTING:
-                await self._write_listed(kind, rows, mirror, summary)
+                await self._write_listed(kind, rows, mirror, summary, listed_at[kind])
                 continue
             for raw in rows:
                 current = mirror.get(raw["id"])
@@ -296,6 +331,7 @@ class Reconciler:
         rows: list[dict[str, Any]],
         mirror: dict[int, dict[str, Any]],
         summary: SyncSummary,
+        read_at: float,
     ) -> None:
         model = ENDPOINTS[kind][1]
         # The listing shows every field the mirror keeps, except an attachment's content: a
@@ -323,7 +359,7 @@ class Reconciler:
                 row = to_row(kind, model.model_validate(raw))
                 if raw["id"] in contents:
                     row["link"], row["content"] = contents[raw["id"]]
-                summary.kinds[kind].add(await tx.upsert(kind, row))
+                summary.kinds[kind].add(await tx.upsert(kind, row, read_at))
 
     async def _attachment_contents(
         self, ids: list[int], summary: SyncSummary
@@ -358,29 +394,33 @@ class Reconciler:
         attachments emit no events at all (FACTS 2.5). A failed listing raises and removes
         nothing."""
         filters = {"uploaded_to": page_id} if page_id is not None else None
-        rows = await self.client.list_all(ENDPOINTS["attachment"][0], filters=filters)
+        endpoint = ENDPOINTS["attachment"][0]
+        rows, listed_at = await self.client.list_timed(endpoint, filters=filters)
         mirror = await self.store.index("attachment", (*LISTED_FIELDS["attachment"],))
         if page_id is not None:
             mirror = {i: r for i, r in mirror.items() if r["uploaded_to"] == page_id}
         summary = SyncSummary()
-        await self._write_listed("attachment", rows, mirror, summary)
+        await self._write_listed("attachment", rows, mirror, summary, listed_at)
         gone = set(mirror) - {r["id"] for r in rows}
         if gone:
             async with self.store.transaction() as tx:
                 for attachment_id in sorted(gone):
-                    if await tx.delete("attachment", attachment_id):
+                    if await tx.delete("attachment", attachment_id, listed_at):
                         summary.kinds["attachment"].add("deleted")
         return summary.kinds["attachment"]
 
     async def _plan_permissions(
         self, listings: dict[str, list[dict[str, Any]] | None], all_permissions: bool
-    ) -> list[tuple[str, int]]:
+    ) -> list[tuple[str, int, int | None]]:
+        """(content type, id, owner as the listing names it) of each item to read."""
         known = set() if all_permissions else await self.store.permission_keys()
         wanted = []
         for kind, content_type in CONTENT_TYPES.items():
             for raw in listings[kind] or ():
                 if (content_type, raw["id"]) not in known:
-                    wanted.append((content_type, raw["id"]))
+                    owner = raw.get("owned_by")
+                    owner = owner if isinstance(owner, int) and owner > 0 else None
+                    wanted.append((content_type, raw["id"], owner))
         return wanted
 
     async def _run(self, jobs: Iterable[Awaitable[None]]) -> None:
@@ -401,11 +441,11 @@ class Reconciler:
     async def _read_job(self, kind: str, entity_id: int, summary: SyncSummary) -> None:
         endpoint, _, read_model = ENDPOINTS[kind]
         try:
-            raw = await self.client.get(f"{endpoint}/{entity_id}")
-        except NotFound:
+            raw, read_at = await self.client.read(f"{endpoint}/{entity_id}")
+        except NotFound as exc:
             # Gone (or hidden from the sync user) since the listing: remove it.
             async with self.store.transaction() as tx:
-                if await tx.delete(kind, entity_id):
+                if await tx.delete(kind, entity_id, exc.sent_at):
                     summary.kinds[kind].add("deleted")
                     if kind == "page":
                         summary.changed_pages.add(entity_id)
@@ -414,7 +454,7 @@ class Reconciler:
             summary.problems.append(f"{endpoint}/{entity_id}: {exc}")
             return
         model = read_model.model_validate(raw)
-        await self.write(kind, model, summary)
+        await self.write(kind, model, summary, read_at)
 
     async def _refresh_includers(self, summary: SyncSummary) -> None:
         # Includes nest; three levels is as deep as BookStack renders them in practice, and
@@ -436,33 +476,44 @@ class Reconciler:
             await tx.forget_tombstones(shelves)
         await self._run([self._read_job("shelf", sid, summary) for sid in sorted(shelves)])
 
-    async def write(self, kind: str, model: Any, summary: SyncSummary | None = None) -> str:
-        """Write one read entity with its relations in one transaction."""
+    async def write(
+        self,
+        kind: str,
+        model: Any,
+        summary: SyncSummary | None = None,
+        read_at: float | None = None,
+    ) -> str:
+        """Write one entity read at `read_at` with its relations in one transaction. A read
+        older than the one the mirror holds changes nothing ('stale')."""
         async with self.store.transaction() as tx:
-            outcome = await tx.upsert(kind, to_row(kind, model))
+            outcome = await tx.upsert(kind, to_row(kind, model), read_at)
             changed = 0
-            if kind == "shelf":
+            if outcome == "stale":
+                pass
+            elif kind == "shelf":
                 changed += await tx.set_shelf_books(model.id, [b.id for b in model.books])
             elif kind == "role":
-                changed += await tx.set_role_users(model.id, [u.id for u in model.users])
+                users = [u.id for u in model.users]
+                changed += await tx.set_role_users(model.id, users, read_at)
             elif kind == "user" and isinstance(model, m.User):
-                changed += await tx.set_user_roles(model.id, [r.id for r in model.roles])
+                roles = [r.id for r in model.roles]
+                changed += await tx.set_user_roles(model.id, roles, read_at)
         if summary is not None:
             summary.kinds[kind].add(outcome)
             summary.memberships_changed += changed
             if kind == "page":
                 summary.read_pages.add(model.id)
-                if outcome != "unchanged":
+                if outcome not in ("unchanged", "stale"):
                     summary.changed_pages.add(model.id)
         return outcome
 
     def _permission_job(
-        self, content_type: str, content_id: int, summary: SyncSummary
+        self, content_type: str, content_id: int, owner: int | None, summary: SyncSummary
     ) -> Awaitable[None]:
         async def run() -> None:
             path = f"/api/content-permissions/{content_type}/{content_id}"
             try:
-                raw = await self.client.get(path)
+                raw, read_at = await self.client.read(path)
             except NotFound:
                 return  # the item went away; its own deletion handles the mirror
             except BookStackError as exc:
@@ -470,7 +521,9 @@ class Reconciler:
                 return
             perms = permissions_row(m.ContentPermissions.model_validate(raw))
             async with self.store.transaction() as tx:
-                changed = await tx.set_permissions(content_type, content_id, perms)
+                changed = await tx.set_permissions(
+                    content_type, content_id, perms, read_at, fallback_owner=owner
+                )
             summary.permissions.add("updated" if changed else "unchanged")
 
         return run()
@@ -488,6 +541,12 @@ def _racy(current: dict[str, Any], now: float) -> bool:
     if updated is None or fetched is None:
         return False
     return updated >= fetched - RACE_WINDOW and now - fetched < 86400
+
+
+async def record_gap(tx: Tx, reason: str) -> None:
+    """Note a gap: events may have been lost, so a thorough diff sync is due."""
+    await tx.set_state(AUDIT_GAP, reason)
+    await tx.set_state(LAST_GAP, f"{_now_iso()} {reason}")
 
 
 def audit_signature(event: Event) -> str:

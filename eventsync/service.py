@@ -7,6 +7,7 @@ import contextlib
 import signal
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -18,13 +19,20 @@ from eventsync.dispatch import Dispatcher, backoff
 from eventsync.errors import AuthError
 from eventsync.events import DIFF_KEY, FETCH, IGNORED, PERMISSIONS, ROUTES, THOROUGH, Event
 from eventsync.handlers import Handlers
-from eventsync.ingest.auditlog import GAP, LAST_POLL, AuditPoller
+from eventsync.ingest.auditlog import LAST_POLL, AuditPoller
 from eventsync.ingest.inbox import Inbox
 from eventsync.ingest.webhook import WebhookReceiver
 from eventsync.logging import get_logger
 from eventsync.metrics import Metrics
 from eventsync.notify import Notifier, watchdog_loop
-from eventsync.reconcile import AUDIT_CURSOR, AUDIT_OVERLAP, LAST_FULL_SYNC, Reconciler
+from eventsync.reconcile import (
+    AUDIT_CURSOR,
+    AUDIT_OVERLAP,
+    LAST_FULL_SYNC,
+    LAST_GAP,
+    Reconciler,
+    record_gap,
+)
 from eventsync.server import build_app
 from eventsync.store.queue import Job, JobQueue
 from eventsync.store.sqlite import KINDS, Store
@@ -45,6 +53,7 @@ def _sweep_key(item: tuple[str, list[str]]) -> str:
 
 
 EVENT_RETENTION = 86400.0  # events are kept a day, for pairing and inspection
+LONG_LIVED = frozenset({"audit poller", "dispatcher", "periodic reconcile", "housekeeping"})
 READY_API_AGE = 300.0  # /readyz: BookStack answered within this many seconds
 
 
@@ -60,6 +69,7 @@ async def status_data(store: Store, queue: JobQueue) -> dict[str, Any]:
         "audit_access": (states["audit_access"] == "1") if "audit_access" in states else None,
         "audit_last_poll_at": num(LAST_POLL, float),
         "audit_gap": states.get("audit_gap"),
+        "last_gap": states.get(LAST_GAP),
         "last_full_sync_at": states.get(LAST_FULL_SYNC),
         "last_full_sync_requests": num("last_full_sync_requests"),
         "last_full_sync_seconds": num("last_full_sync_seconds", float),
@@ -144,13 +154,29 @@ class Service:
         self._spawn(self._initial_sync(), "initial sync")
         self._spawn(self.poller.run(self.stop_event, ready=self.synced), "audit poller")
         self._spawn(self.dispatcher.run(self.stop_event), "dispatcher")
-        self._spawn(self._periodic_reconcile(), "periodic reconcile")
+        self._spawn(self._resilient(self._periodic_reconcile), "periodic reconcile")
         self._spawn(self._housekeeping(), "housekeeping")
-        self._spawn(self._sweep(), "sweep")
+        self._spawn(self._resilient(self._sweep), "sweep")
         interval = self.notifier.watchdog_timeout
         if interval:
             self._spawn(watchdog_loop(self.notifier, self.healthy, interval / 2), "watchdog")
         self.notifier.ready(status=await self._status_line())
+
+    async def _resilient(self, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run a background loop; if it fails (the database locked past its timeout, a disk
+        full), log it and start it again after a back-off rather than stop the service."""
+        failures = 0
+        while not self.stop_event.is_set():
+            try:
+                await loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                failures += 1
+                log.exception("background task failed; restarting it", failures=failures)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), timeout=backoff(failures) + 1)
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -224,8 +250,14 @@ class Service:
                 await asyncio.wait_for(self.stop_event.wait(), timeout=backoff(attempt) + 1)
 
     async def _periodic_reconcile(self) -> None:
-        """Catch what BookStack never reports (FACTS 2.5): a listing diff every interval."""
+        """Catch what BookStack never reports (FACTS 2.5): a listing diff every interval, and
+        one at start-up when the mirror predates this run (what happened while we were down
+        and emitted no event: attachments, link rewrites, cascades)."""
+        had_sync_point = await self.store.get_state(LAST_FULL_SYNC) is not None
         await self.synced.wait()
+        if had_sync_point and not self.stop_event.is_set():
+            await self.queue.enqueue(DIFF_KEY, [FETCH])
+            self.dispatcher.wake()
         while not self.stop_event.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(
@@ -239,7 +271,7 @@ class Service:
         """A gap: something happened that no event told us about. Diff-sync and say so."""
         log.warning("gap detected: diff sync of everything", reason=reason)
         async with self.store.transaction() as tx:
-            await tx.set_state(GAP, reason)
+            await record_gap(tx, reason)
             await self.queue.enqueue(DIFF_KEY, [FETCH], payload=THOROUGH, tx=tx)
         self.dispatcher.wake()
 
@@ -306,12 +338,13 @@ class Service:
                 key, hints = items[i]
                 await self.queue.enqueue(key, hints)
                 self.dispatcher.wake()
+                cost = len(hints)  # one request per hint: a read, a permissions read
                 async with self.store.transaction() as tx:
                     await tx.set_state(SWEEP_POSITION, _sweep_key(items[i]))
                     await tx.set_state(SWEEP_PROGRESS, round((i + 1) / len(items), 4))
                 self.metrics.sweep_progress_ratio.set((i + 1) / len(items))
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.stop_event.wait(), timeout=1.0 / per_second)
+                    await asyncio.wait_for(self.stop_event.wait(), timeout=cost / per_second)
             started = await self.store.get_state(SWEEP_STARTED)
             async with self.store.transaction() as tx:
                 await tx.delete_state(SWEEP_POSITION)
@@ -394,7 +427,9 @@ class Service:
                     await tx.set_state("heartbeat_at", time.time())
         except Exception:
             return False
-        return all(not t.done() for t in self._tasks if t.get_name() != "initial sync")
+        # Tasks that end by design (the initial sync; the sweep when its share is 0) may be
+        # done; the rest run for as long as the service does.
+        return all(not t.done() for t in self._tasks if t.get_name() in LONG_LIVED)
 
     async def readiness(self) -> tuple[bool, list[str]]:
         reasons = []

@@ -486,6 +486,37 @@ async def test_poison_job_is_dead_lettered_and_retried_once_fixed(
         assert await store.export() == fake.truth()
 
 
+async def test_an_outage_dead_letters_nothing_and_the_jobs_finish_after_it(
+    make_fake: FakeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BookStack down for longer than the retries last: the jobs wait it out (their failures
+    do not count while BookStack answers nothing at all), then finish."""
+    monkeypatch.setattr(eventsync.dispatch, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(eventsync.dispatch, "BACKOFF_CAP", 0.05)
+    fake = await make_fake()
+    async with client_for(fake) as client, await Store.open(tmp_path / "outage.db") as store:
+        reconciler = Reconciler(client, store)
+        assert (await reconciler.full_sync(set_cursor=True)).complete
+        queue = JobQueue(store, max_attempts=2)
+        dispatcher = Dispatcher(queue, Handlers(client, store, queue, reconciler), up_window=0.2)
+        for page in (3, 4, 5):
+            await fake.update_page(page, html=f"<p>during the outage {page}</p>")
+        await AuditPoller(client, queue).poll_once()
+        await asyncio.sleep(0.3)  # BookStack's last answer is older than the up window
+        fake.faults.outage = True
+        for job in await queue.lease(10):  # Unavailable.delay would make them wait 30 s
+            await queue.retry(job, "outage", 0, count=False)
+        assert not await dispatcher.drain(2.0)
+        attempts = [r[0] for r in await store.fetchall("SELECT attempts FROM jobs")]
+        assert attempts == [0, 0, 0] and await queue.dead_letters() == []
+        fake.faults.outage = False
+        async with store.transaction() as tx:
+            await tx.execute("UPDATE jobs SET not_before = 0")
+        assert await dispatcher.drain(5.0)
+        assert await queue.dead_letters() == []
+        assert (await store.export())["pages"] == fake.truth()["pages"]
+
+
 # ---- 5. early webhooks settle -----------------------------------------------------------------
 
 

@@ -125,7 +125,7 @@ async def test_audit_log_cleared_while_down_is_a_gap_and_converges(tmp_path: Pat
 
 async def _has_gap(svc: Service) -> bool:
     await svc.poller.poll_once()
-    return await svc.store.get_state("audit_gap") is not None
+    return await svc.store.get_state("last_gap") is not None
 
 
 async def test_webhook_never_in_audit_log_is_a_gap(tmp_path: Path) -> None:
@@ -154,12 +154,41 @@ async def test_webhook_never_in_audit_log_is_a_gap(tmp_path: Path) -> None:
             url = f"http://127.0.0.1:{svc.port}/webhooks/bookstack/{SECRET}"
             async with aiohttp.ClientSession() as http, http.post(url, json=body) as resp:
                 assert resp.status == 202
-            assert await svc.store.get_state("audit_gap") is None
-            await eventually(lambda: _state_is_set(svc, "audit_gap"), timeout=10)
-            gap = await svc.store.get_state("audit_gap")
+            assert await svc.store.get_state("last_gap") is None
+            await eventually(lambda: _state_is_set(svc, "last_gap"), timeout=10)
+            gap = await svc.store.get_state("last_gap")
             assert gap is not None and "never appeared in the audit log" in gap
             # The gap queued a diff sync.
             await svc.dispatcher.drain(20)
+            assert await converged(svc, fake)
+
+
+async def test_duplicated_webhooks_are_not_a_gap(tmp_path: Path) -> None:
+    """Every webhook BookStack sends twice (a retrying proxy or queue worker) is stored, costs
+    no second read, and is no sign of a gap once its one audit row has paired the first."""
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=30, books=3, seed=4)
+        settings = settings_for(fake, tmp_path / "m.db", webhook_confirm_grace=0.5)
+        async with running(settings, webhooks_from=fake) as svc:
+            fake.faults.webhook_duplicate = 1.0
+            fake.reset_requests()
+            for page in (3, 4, 5):
+                await fake.update_page(page, html=f"<p>sent twice {page}</p>")
+            await fake.drain_webhooks()
+            await svc.dispatcher.drain(5)
+            await asyncio.sleep(1.0)  # past the confirmation grace
+            await svc.poller.poll_once()
+            await svc._check_webhooks_confirmed()
+            assert await svc.store.get_state("last_gap") is None
+            rows = await svc.store.fetchall(
+                "SELECT source, outcome, paired FROM events WHERE type = 'page_update'"
+            )
+            assert sorted(tuple(r) for r in rows) == sorted(
+                [("webhook", "duplicate", 1)] * 3
+                + [("webhook", "queued", 1)] * 3
+                + [("audit", "covered", 1)] * 3
+            )
+            assert fake.request_counts()["/api/pages/{id}"] == 3
             assert await converged(svc, fake)
 
 
@@ -221,7 +250,12 @@ async def test_sweep_catches_changes_that_move_no_timestamp(tmp_path: Path) -> N
 async def test_outage_of_eventsync_during_200_changes_then_reconcile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    async with FakeBookStack(requests_per_minute=RPM) as fake:
+    # BookStack's clock an hour behind ours: nothing may depend on the two agreeing (and the
+    # diff at the end re-reads no row as "changed within the second of its read").
+    def an_hour_behind() -> datetime:
+        return datetime.now(UTC) - timedelta(hours=1)
+
+    async with FakeBookStack(requests_per_minute=RPM, clock=an_hour_behind) as fake:
         fake.seed(pages=150, books=6, seed=7)
         settings = settings_for(fake, tmp_path / "m.db")
         async with running(settings):
@@ -265,8 +299,15 @@ async def test_outage_of_eventsync_during_200_changes_then_reconcile(
         async with await Store.open(tmp_path / "m.db") as store:
             mirror = await store.export()
         assert mirror == fake.truth(), first_difference(mirror, fake.truth())
-        # Caught up from the audit log, not by re-reading the wiki: no listing of pages.
-        assert fake.request_counts().get("/api/pages", 0) == 0
+        # Caught up from the audit log (one read per changed item), then one listing of each
+        # kind for what no event reports; nothing read twice.
+        counts = fake.request_counts()
+        changed_pages = len({pages[i % len(pages)] for i in range(120)} | set(pages[-20:])) + 30
+        links = sum(1 for r in fake.requests if r.route == "/api/pages/{id}") - changed_pages
+        assert counts["/api/pages"] == 1
+        assert 0 <= links <= 20, "page reads beyond the changed pages: links rewritten by renames"
+        assert counts["/api/books/{id}"] == len({1 + i % 6 for i in range(10)})
+        assert counts["/api/content-permissions/{type}/{id}"] == 10 + 30
         assert "consistent" in capsys.readouterr().out
 
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import aiohttp
 import structlog
@@ -86,10 +86,9 @@ LISTING_FIELDS: dict[str, tuple[str, ...]] = {
     ),
 }  # fmt: skip
 
-# Operators ListingResponseBuilder knows; an unknown one silently becomes `eq`.
-FILTER_OPERATORS = frozenset(
-    {"eq", "=", "ne", "!=", "gt", ">", "lt", "<", "gte", ">=", "lte", "<=", "like"}
-)
+# Operators ListingResponseBuilder knows, by name only: anything else, the symbols `>`, `!=`
+# and the like included, silently becomes `eq` (`requestFilterToQueryFilter`).
+FILTER_OPERATORS = frozenset({"eq", "ne", "gt", "lt", "gte", "lte", "like"})
 
 # BookStack clamps `count` to 1..API_MAX_ITEM_COUNT (500 by default).
 MAX_COUNT = 500
@@ -153,6 +152,8 @@ class ClientStats:
     rate_limited: int = 0  # 429s received (each followed by a pause and a retry)
     limiter_waits: int = 0  # requests that had to wait for the rate limiter
     limiter_waited_seconds: float = 0.0
+    last_attempt_at: float = 0.0  # our clock, the latest request sent
+    last_answer_at: float = 0.0  # our clock, the latest non-5xx answer: BookStack was up
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -173,16 +174,19 @@ class Listing(AsyncIterator[Row]):
     without error.
     """
 
-    def __init__(self, rows: Callable[[], AsyncIterator[Row]]) -> None:
+    def __init__(self, rows: Callable[[Listing], AsyncIterator[Row]]) -> None:
         self._factory = rows
         self._rows: AsyncIterator[Row] | None = None
+        # When the first page was requested: everything the listing shows is at least that
+        # new, and what it lacks was gone (or not yet there) by then.
+        self.started_at: float | None = None
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> Row:
         if self._rows is None:
-            self._rows = self._factory()
+            self._rows = self._factory(self)
         return await anext(self._rows)
 
     def __await__(self) -> Generator[Any, None, list[Row]]:
@@ -214,6 +218,14 @@ class _Call:
     route: str
     attempt: int = 0
     rate_limited: int = 0
+    sent_at: float = 0.0  # our clock when the latest attempt was sent
+
+
+class Read(NamedTuple):
+    """A JSON object read from BookStack, and when the request that got it was sent."""
+
+    row: Row
+    sent_at: float
 
 
 class BookStackClient:
@@ -302,6 +314,12 @@ class BookStackClient:
 
     async def get(self, path: str, params: Params | None = None) -> Row:
         """GET `path` (like `/api/pages/12`) and return its JSON object."""
+        return (await self.read(path, params)).row
+
+    async def read(self, path: str, params: Params | None = None) -> Read:
+        """GET `path` and return its JSON object with the moment the answering request was
+        sent: the state it shows is at least that new. A BookStackError raised here carries
+        the same moment as `sent_at` (a 404 says "gone as of then")."""
         if not path.startswith("/"):
             raise ValueError(f"path must start with '/': {path!r}")
         query = {k: _query_value(v) for k, v in (params or {}).items()}
@@ -324,7 +342,10 @@ class BookStackClient:
                 status=exc.status,
                 path=path,
             ) from exc
-        return result
+        except BookStackError as exc:
+            exc.sent_at = call.sent_at
+            raise
+        return Read(result, call.sent_at)
 
     def _before_retry(self, call: _Call, state: RetryCallState) -> None:
         self.stats.retries += 1
@@ -351,6 +372,8 @@ class BookStackClient:
                 self.stats.limiter_waits += 1
                 self.stats.limiter_waited_seconds += waited
             started = time.monotonic()
+            call.sent_at = time.time()
+            self.stats.last_attempt_at = call.sent_at
             try:
                 async with session.request(
                     call.method,
@@ -382,6 +405,9 @@ class BookStackClient:
                 self._rate_limited(call, response_headers)
                 continue
             self._learn_limits(response_headers)
+            if status < 500:
+                # BookStack answered (even a 404 is an answer): it is up.
+                self.stats.last_answer_at = time.time()
             if 200 <= status < 300:
                 return self._parse(status, body)
             if status >= 500:
@@ -487,15 +513,26 @@ class BookStackClient:
         if not 1 <= count <= MAX_COUNT:
             raise ValueError(f"count must be within 1..{MAX_COUNT}, not {count}")
         if "id" not in LISTING_FIELDS[endpoint]:
-            return Listing(lambda: self._offset_rows(endpoint, params, count))
+            return Listing(lambda listing: self._offset_rows(listing, endpoint, params, count))
         # A caller's own lower bound on id becomes the starting point of the keyset.
-        after = params.pop("filter[id:gt]", None) or params.pop("filter[id:>]", None)
+        after = params.pop("filter[id:gt]", None)
         start = int(after) if after is not None else None
-        return Listing(lambda: self._keyset_rows(endpoint, params, count, start, None))
+        return Listing(
+            lambda listing: self._keyset_rows(listing, endpoint, params, count, start, None)
+        )
 
     async def list_all(self, endpoint: str, *, filters: Params | None = None) -> list[Row]:
         """`list()` collected; raises IncompleteListing when it came back short."""
         return await self.list(endpoint, filters=filters)
+
+    async def list_timed(
+        self, endpoint: str, *, filters: Params | None = None
+    ) -> tuple[list[Row], float]:
+        """`list_all()` and when its first page was requested (see `Listing.started_at`)."""
+        listing = self.list(endpoint, filters=filters)
+        rows = await listing
+        assert listing.started_at is not None  # every listing makes at least one request
+        return rows, listing.started_at
 
     def audit_log_after(
         self, after_id: int, *, limit_pages: int | None = None, count: int = MAX_COUNT
@@ -509,7 +546,9 @@ class BookStackClient:
         if not 1 <= count <= MAX_COUNT:
             raise ValueError(f"count must be within 1..{MAX_COUNT}, not {count}")
         return Listing(
-            lambda: self._keyset_rows("/api/audit-log", {}, count, after_id, limit_pages)
+            lambda listing: self._keyset_rows(
+                listing, "/api/audit-log", {}, count, after_id, limit_pages
+            )
         )
 
     async def latest_audit_id(self) -> int | None:
@@ -525,8 +564,15 @@ class BookStackClient:
         data, _total = _listing_page("/api/audit-log", body)
         return data
 
+    async def _page(self, listing: Listing, endpoint: str, query: Params) -> tuple[list[Row], int]:
+        read = await self.read(endpoint, query)
+        if listing.started_at is None:
+            listing.started_at = read.sent_at
+        return _listing_page(endpoint, read.row)
+
     async def _keyset_rows(
         self,
+        listing: Listing,
         endpoint: str,
         params: dict[str, str],
         count: int,
@@ -539,7 +585,7 @@ class BookStackClient:
             query: dict[str, FilterValue] = {**params, "sort": "+id", "count": count}
             if last_id is not None:
                 query["filter[id:gt]"] = last_id
-            data, total = _listing_page(endpoint, await self.get(endpoint, query))
+            data, total = await self._page(listing, endpoint, query)
             pages += 1
             for row in data:
                 row_id = _row_id(endpoint, row)
@@ -565,7 +611,7 @@ class BookStackClient:
                 return
 
     async def _offset_rows(
-        self, endpoint: str, params: dict[str, str], count: int
+        self, listing: Listing, endpoint: str, params: dict[str, str], count: int
     ) -> AsyncIterator[Row]:
         # Offset paging over a sort with ties can repeat or skip rows between pages; repeats
         # are dropped here and skips are caught by comparing the unique count with `total`.
@@ -580,7 +626,7 @@ class BookStackClient:
                 "count": count,
                 "offset": offset,
             }
-            data, total = _listing_page(endpoint, await self.get(endpoint, query))
+            data, total = await self._page(listing, endpoint, query)
             for row in data:
                 row_id = _row_id(endpoint, row)
                 if row_id not in seen:

@@ -14,9 +14,11 @@ from eventsync.logging import get_logger
 from eventsync.reconcile import (
     AUDIT_ACCESS,
     AUDIT_CURSOR,
+    AUDIT_GAP,
     AUDIT_LAST_ROW,
     AUDIT_OVERLAP,
     audit_signature,
+    record_gap,
 )
 from eventsync.store.queue import JobQueue
 
@@ -27,7 +29,7 @@ OVERLAP = AUDIT_OVERLAP
 DEBOUNCE = 0.5
 LAST_POLL = "audit_last_poll_at"
 LAST_ROW = AUDIT_LAST_ROW
-GAP = "audit_gap"
+GAP = AUDIT_GAP
 
 
 class AuditPoller:
@@ -123,7 +125,7 @@ class AuditPoller:
             reason = f"audit log highest id {latest} is below our cursor {cursor}"
         log.warning("audit log cleared or pruned behind our cursor: gap", reason=reason)
         async with self.store.transaction() as tx:
-            await tx.set_state(GAP, reason)
+            await record_gap(tx, reason)
             # Ids restart: forget old activity ids so new rows with the same ids are not
             # taken for duplicates; read the new log from its start; diff-sync the rest.
             await tx.execute("UPDATE events SET activity_id = NULL WHERE activity_id IS NOT NULL")
@@ -151,6 +153,13 @@ class AuditPoller:
             except BookStackError as exc:
                 self.last_error = str(exc)
                 log.warning("audit-log poll failed; cursor unchanged", error=str(exc))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # The database (locked past its timeout, disk full): the cursor did not move
+                # with anything it covers, so the next poll simply reads the same rows again.
+                self.last_error = repr(exc)
+                log.exception("audit-log poll failed; cursor unchanged")
             await self._sleep(stop)
 
     async def _sleep(self, stop: asyncio.Event) -> None:

@@ -77,7 +77,8 @@ class WebhookReceiver:
             return self._reject("too_large", 413, f"the body is over {MAX_BODY} bytes")
         try:
             raw = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            # RecursionError: nesting deeper than the parser's stack (`[[[[…`).
             return self._reject("bad_json", 400, "the body is not valid JSON")
         try:
             event = from_webhook(raw, body.decode("utf-8", "replace"))

@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from eventsync.events import FETCH, Event
+from eventsync.events import FETCH, Event, parse_time
 from eventsync.store.sqlite import TABLES, Store, Tx
 
 # A webhook and the audit row of the same change carry the same type and item and times one
 # second apart at most (triggered_at is taken right after the row is saved); 2 s leaves room.
 PAIR_WINDOW = 2.0
-# An event this much older than our last read of its item is already reflected in the mirror
-# (BookStack's clock has one-second resolution, and ours may differ a little).
-COVER_MARGIN = 2.0
+# An event is already reflected in the mirror when the mirrored row's updated_at is at least
+# this much later than the event: both times come from BookStack's clock (so no skew between
+# its clock and ours matters), and both are whole seconds, so a change in the event's own
+# second may or may not be in our read.
+COVER_MARGIN = 1.0
 
 
 @dataclass
@@ -42,8 +46,18 @@ class Job:
         return int(self.key.split(":", 1)[1])
 
 
+# A running worker renews its leases well within this; one not renewed for this long died.
+LEASE_TTL = 120.0
+
+
+# One per process: it tells this process from an earlier one that had the same pid (a
+# restarted container is pid 1 every time).
+_PROCESS_NONCE = uuid.uuid4().hex[:8]
+
+
 def _worker_id() -> str:
-    return str(os.getpid())
+    """host:pid:nonce, the same for every queue of this process."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_PROCESS_NONCE}"
 
 
 class JobQueue:
@@ -93,22 +107,41 @@ class JobQueue:
 
     # ---- workers ----------------------------------------------------------------------------
 
-    async def recover(self) -> int:
-        """Release leases held by workers that are no longer running (e.g. after kill -9)."""
+    async def recover(self, now: float | None = None) -> int:
+        """Release leases of workers that are no longer running: on this host, by their
+        process; anywhere, by a lease not renewed for LEASE_TTL (e.g. after kill -9)."""
+        now = time.time() if now is None else now
         rows = await self.store.fetchall(
-            "SELECT DISTINCT leased_by FROM jobs WHERE leased_by IS NOT NULL"
+            "SELECT leased_by, max(coalesce(leased_at, 0)) FROM jobs "
+            "WHERE leased_by IS NOT NULL GROUP BY leased_by"
         )
-        dead = [r[0] for r in rows if r[0] == self.worker_id or not _alive(r[0])]
+        dead = [
+            owner
+            for owner, renewed in rows
+            if owner != self.worker_id and (renewed < now - LEASE_TTL or not _alive(owner))
+        ]
         if not dead:
             return 0
         async with self.store.transaction() as tx:
             n = 0
             for owner in dead:
                 cur = await tx.execute(
-                    "UPDATE jobs SET leased_by = NULL WHERE leased_by = ?", (owner,)
+                    "UPDATE jobs SET leased_by = NULL, leased_at = NULL WHERE leased_by = ?",
+                    (owner,),
                 )
                 n += cur.rowcount
         return n
+
+    async def renew(self, jobs: Iterable[Job]) -> None:
+        """Confirm this worker still runs these jobs (see LEASE_TTL)."""
+        keys = [(time.time(), job.key, self.worker_id) for job in jobs]
+        if not keys:
+            return
+        async with self.store.transaction() as tx:
+            for params in keys:
+                await tx.execute(
+                    "UPDATE jobs SET leased_at = ? WHERE key = ? AND leased_by = ?", params
+                )
 
     async def lease(self, limit: int, now: float | None = None) -> list[Job]:
         now = time.time() if now is None else now
@@ -121,7 +154,8 @@ class JobQueue:
             )
             for r in rows:
                 await tx.execute(
-                    "UPDATE jobs SET leased_by = ? WHERE key = ?", (self.worker_id, r[0])
+                    "UPDATE jobs SET leased_by = ?, leased_at = ? WHERE key = ?",
+                    (self.worker_id, now, r[0]),
                 )
         return [
             Job(
@@ -142,13 +176,16 @@ class JobQueue:
         if tx is None:
             async with self.store.transaction() as own:
                 return await self.done(job, own)
+        # A key that syncs again has nothing left to say in the dead letters.
+        await tx.execute("DELETE FROM dead_letters WHERE key = ?", (job.key,))
         cur = await tx.execute(
             "DELETE FROM jobs WHERE key = ? AND version = ?", (job.key, job.version)
         )
         if cur.rowcount:
             return True
         await tx.execute(
-            "UPDATE jobs SET leased_by = NULL, attempts = 0, last_error = NULL WHERE key = ?",
+            "UPDATE jobs SET leased_by = NULL, leased_at = NULL, attempts = 0, last_error = NULL "
+            "WHERE key = ?",
             (job.key,),
         )
         return False
@@ -157,6 +194,13 @@ class JobQueue:
         """Put a failed job back after `delay`; dead-letter it after max_attempts. True if kept."""
         attempts = job.attempts + (1 if count else 0)
         async with self.store.transaction() as tx:
+            merged = await tx.fetchall(
+                "SELECT 1 FROM jobs WHERE key = ? AND version != ?", (job.key, job.version)
+            )
+            if attempts >= self.max_attempts and merged:
+                # Events merged while the last attempt ran: the state may have moved on, so
+                # they earn the job one more try rather than going down with it.
+                attempts = self.max_attempts - 1
             if attempts >= self.max_attempts:
                 await tx.execute(
                     "INSERT INTO dead_letters (key, hints, attempts, error, failed_at, payload) "
@@ -173,23 +217,28 @@ class JobQueue:
                 await tx.execute("DELETE FROM jobs WHERE key = ?", (job.key,))
                 return False
             await tx.execute(
-                "UPDATE jobs SET leased_by = NULL, attempts = ?, last_error = ?, "
-                "not_before = ? WHERE key = ?",
+                "UPDATE jobs SET leased_by = NULL, leased_at = NULL, attempts = ?, "
+                "last_error = ?, not_before = ? WHERE key = ?",
                 (attempts, error[:2000], time.time() + delay, job.key),
             )
         return True
 
-    async def cancel(self, key: str) -> bool:
-        """Drop a job nobody is running (its work was done another way). True if dropped."""
+    async def cancel(self, key: str, queued_before: float) -> bool:
+        """Drop a job nobody is running whose work was done another way since
+        `queued_before`; one queued later (new reasons) stays. True if dropped."""
         async with self.store.transaction() as tx:
-            cur = await tx.execute("DELETE FROM jobs WHERE key = ? AND leased_by IS NULL", (key,))
+            cur = await tx.execute(
+                "DELETE FROM jobs WHERE key = ? AND leased_by IS NULL AND first_seen < ?",
+                (key, queued_before),
+            )
             return bool(cur.rowcount)
 
     async def release(self, jobs: Iterable[Job]) -> None:
         async with self.store.transaction() as tx:
             for job in jobs:
                 await tx.execute(
-                    "UPDATE jobs SET leased_by = NULL WHERE key = ? AND leased_by = ?",
+                    "UPDATE jobs SET leased_by = NULL, leased_at = NULL "
+                    "WHERE key = ? AND leased_by = ?",
                     (job.key, self.worker_id),
                 )
 
@@ -276,10 +325,23 @@ def _job_payload(event: Event) -> dict[str, Any] | None:
 
 
 def _alive(worker: str) -> bool:
-    if not worker.isdigit():
+    """Could `worker` still be running? Only a worker on this host can be ruled out (its
+    process is gone); elsewhere the lease's age decides."""
+    parts = worker.split(":")
+    if len(parts) == 1 and worker.isdigit():  # a lease taken before worker ids had hosts
+        host, pid = socket.gethostname(), worker
+    elif len(parts) == 3:
+        host, pid, _nonce = parts
+    else:
         return False
+    if host != socket.gethostname():
+        return True
+    if not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return False  # an earlier process with our pid; we would know our own leases
     try:
-        os.kill(int(worker), 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -297,11 +359,13 @@ def record_sync(conn: sqlite3.Connection, events: Sequence[Event], now: float) -
     outcomes = []
     for event in events:
         outcome = _outcome_sync(conn, event)
-        if outcome == "duplicate":
-            outcomes.append(outcome)
+        if outcome == "duplicate" and event.source == "audit":
+            outcomes.append(outcome)  # the row is in the table already (by activity id)
             continue
-        paired = outcome == "paired"
-        if paired:
+        # A webhook copy is stored (it was accepted) but counts as paired: it is no sign of
+        # a gap when no second audit row turns up for it.
+        paired = outcome in ("paired", "duplicate")
+        if outcome == "paired":
             outcome = "covered"
         conn.execute(
             "INSERT INTO events (source, activity_id, type, entity_key, event_time, received_at, "
@@ -357,6 +421,17 @@ def _outcome_sync(conn: sqlite3.Connection, event: Event) -> str:
         return "duplicate"
     if event.key is None:
         return "ignored"
+    if (
+        event.source == "webhook"
+        and event.at is not None
+        and event.raw is not None
+        and conn.execute(
+            "SELECT 1 FROM events WHERE source = 'webhook' AND entity_key = ? AND type = ? "
+            "AND event_time = ? AND payload = ? LIMIT 1",
+            (event.key, event.type, event.at, event.raw),
+        ).fetchone()
+    ):
+        return "duplicate"
     if event.at is not None and event.source in ("webhook", "audit"):
         other = "audit" if event.source == "webhook" else "webhook"
         pair = conn.execute(
@@ -376,13 +451,17 @@ def _outcome_sync(conn: sqlite3.Connection, event: Event) -> str:
 
 
 def _read_since_sync(conn: sqlite3.Connection, key: str, at: float) -> bool:
+    """Does the mirror hold a read of `key` taken after a change later than `at`? Then the
+    change at `at` is in it too. A change that moves no updated_at (a shelf's books, a user's
+    roles) never counts as covered: its read is always made."""
     kind, _, raw_id = key.partition(":")
     table = TABLES.get(kind)
-    if table is None or not raw_id.isdigit():
+    if table is None or "updated_at" not in table.columns or not raw_id.isdigit():
         return False
-    row = conn.execute(f"SELECT fetched_at FROM {table.name} WHERE id = ?", (int(raw_id),))
+    row = conn.execute(f"SELECT updated_at FROM {table.name} WHERE id = ?", (int(raw_id),))
     found = row.fetchone()
-    return found is not None and found[0] > at + COVER_MARGIN
+    updated = parse_time(found[0]) if found is not None else None
+    return updated is not None and updated >= at + COVER_MARGIN
 
 
 def merge_job_sync(

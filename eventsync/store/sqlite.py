@@ -408,6 +408,15 @@ class Store:
         )
         return {r[0] for r in rows}
 
+    async def owned_by(self, user_id: int) -> list[tuple[str, int]]:
+        """Items whose content permissions name `user_id` as their owner."""
+        rows = await self.fetchall(
+            "SELECT content_type, content_id FROM content_permissions WHERE owner_id = ? "
+            "ORDER BY content_type, content_id",
+            (user_id,),
+        )
+        return [(r[0], r[1]) for r in rows]
+
     async def role_members(self, role_id: int) -> set[int]:
         rows = await self.fetchall("SELECT user_id FROM user_roles WHERE role_id = ?", (role_id,))
         return {r[0] for r in rows}
@@ -607,9 +616,18 @@ class Tx:
 
     # ---- entities ---------------------------------------------------------------------------
 
-    async def upsert(self, kind: str, row: dict[str, Any]) -> str:
-        """Write one entity; returns 'created', 'updated' or 'unchanged'."""
+    async def _fetched_at(self, kind: str, entity_id: int) -> float | None:
+        rows = await self._rows(
+            f"SELECT fetched_at FROM {TABLES[kind].name} WHERE id = ?", (entity_id,)
+        )
+        return None if not rows else float(rows[0][0])
+
+    async def upsert(self, kind: str, row: dict[str, Any], read_at: float | None = None) -> str:
+        """Write one entity read at `read_at` (when its request was sent; default now).
+        Returns 'created', 'updated', 'unchanged', or 'stale' when the mirror already holds
+        a newer read of it (a slow or queued older read must not undo a newer one)."""
         table = TABLES[kind]
+        read_at = time.time() if read_at is None else read_at
         values = {c: row.get(c) for c in table.columns}
         for c in table.json_columns:
             if not isinstance(values[c], str):
@@ -618,31 +636,42 @@ class Tx:
             if isinstance(v, bool):
                 values[c] = int(v)
         existing = await self._rows(
-            f"SELECT {', '.join(_q(c) for c in table.columns)} FROM {table.name} WHERE id = ?",
+            f"SELECT {', '.join(_q(c) for c in table.columns)}, fetched_at FROM {table.name} "
+            "WHERE id = ?",
             (row["id"],),
         )
-        fetched_at = time.time()
-        if existing and dict(existing[0]) == values:
-            await self._db.execute(
-                f"UPDATE {table.name} SET fetched_at = ? WHERE id = ?", (fetched_at, row["id"])
-            )
-            return "unchanged"
+        if existing:
+            current = dict(existing[0])
+            if current.pop("fetched_at") > read_at:
+                return "stale"
+            if current == values:
+                await self._db.execute(
+                    f"UPDATE {table.name} SET fetched_at = ? WHERE id = ?", (read_at, row["id"])
+                )
+                return "unchanged"
         cols = ("id", *table.columns, "fetched_at")
         await self._db.execute(
             f"INSERT INTO {table.name} ({', '.join(_q(c) for c in cols)}) "
             f"VALUES ({', '.join('?' for _ in cols)}) ON CONFLICT (id) DO UPDATE SET "
             + ", ".join(f"{_q(c)} = excluded.{_q(c)}" for c in cols[1:]),
-            (row["id"], *values.values(), fetched_at),
+            (row["id"], *values.values(), read_at),
         )
         await self.change("upsert", kind, row["id"])
         return "updated" if existing else "created"
 
-    async def patch(self, kind: str, entity_id: int, fields: dict[str, Any]) -> bool:
-        """Change some columns of an existing row (placement after a move or sort)."""
+    async def patch(
+        self, kind: str, entity_id: int, fields: dict[str, Any], read_at: float | None = None
+    ) -> bool:
+        """Change some columns of an existing row (placement after a move or sort) from a
+        parent's read at `read_at`; skipped when the row itself was read after that. The
+        row's fetched_at stays: its content was not read."""
         table = TABLES[kind]
         unknown = set(fields) - set(table.columns)
         if unknown:
             raise ValueError(f"not columns of {table.name}: {sorted(unknown)}")
+        fetched = await self._fetched_at(kind, entity_id)
+        if fetched is None or (read_at is not None and fetched > read_at):
+            return False
         cur = await self._db.execute(
             f"UPDATE {table.name} SET "
             + ", ".join(f"{_q(c)} = ?" for c in fields)
@@ -667,19 +696,24 @@ class Tx:
             (time.time(), entity_id),
         )
 
-    async def delete(self, kind: str, entity_id: int) -> int:
-        """Remove an entity and what BookStack hides with it; returns entities removed."""
+    async def delete(self, kind: str, entity_id: int, read_at: float | None = None) -> int:
+        """Remove an entity found gone by a read sent at `read_at` (default now), and what
+        BookStack hides with it; returns entities removed. An entity (or child) read after
+        that moment is left alone: the newer read is the truth."""
         table = TABLES[kind]
+        fetched = await self._fetched_at(kind, entity_id)
+        if fetched is not None and read_at is not None and fetched > read_at:
+            return 0
         removed = 0
         if kind == "book":
             for (chapter_id,) in await self._rows(
                 "SELECT id FROM chapters WHERE book_id = ?", (entity_id,)
             ):
-                removed += await self.delete("chapter", chapter_id)
+                removed += await self.delete("chapter", chapter_id, read_at)
             for (page_id,) in await self._rows(
                 "SELECT id FROM pages WHERE book_id = ?", (entity_id,)
             ):
-                removed += await self.delete("page", page_id)
+                removed += await self.delete("page", page_id, read_at)
             for (shelf_id,) in await self._rows(
                 "SELECT shelf_id FROM shelf_books WHERE book_id = ?", (entity_id,)
             ):
@@ -693,12 +727,12 @@ class Tx:
             for (page_id,) in await self._rows(
                 "SELECT id FROM pages WHERE chapter_id = ?", (entity_id,)
             ):
-                removed += await self.delete("page", page_id)
+                removed += await self.delete("page", page_id, read_at)
         elif kind == "page":
             for (attachment_id,) in await self._rows(
                 "SELECT id FROM attachments WHERE uploaded_to = ?", (entity_id,)
             ):
-                removed += await self.delete("attachment", attachment_id)
+                removed += await self.delete("attachment", attachment_id, read_at)
         elif kind == "shelf":
             await self._db.execute("DELETE FROM shelf_books WHERE shelf_id = ?", (entity_id,))
             await self._db.execute(
@@ -751,42 +785,93 @@ class Tx:
         rows = await self._rows(f"SELECT {other} FROM user_roles WHERE {column} = ?", (key,))
         return {r[0] for r in rows}
 
-    async def _set_membership(self, column: str, key: int, wanted: Iterable[int]) -> bool:
+    async def _newer_than(self, column: str, others: Iterable[int], read_at: float) -> set[int]:
+        """The other side's ids whose own membership list was read after `read_at`: a user's
+        roles (from a user read) or a role's users (from a role read)."""
+        ids = sorted(set(others))
+        if not ids:
+            return set()
+        marks = ", ".join("?" for _ in ids)
+        if column == "user_id":  # the others are roles
+            sql = f"SELECT id FROM roles WHERE id IN ({marks}) AND fetched_at > ?"
+        else:
+            sql = f"SELECT id FROM users WHERE id IN ({marks}) AND roles_read_at > ?"
+        return {r[0] for r in await self._rows(sql, (*ids, read_at))}
+
+    async def _set_membership(
+        self, column: str, key: int, wanted: Iterable[int], read_at: float | None
+    ) -> bool:
         wanted_set = set(wanted)
         current = await self._membership(column, key)
-        for other in sorted(current - wanted_set):
+        # A pair whose other side was read more recently is left as that read said.
+        newer = (
+            set()
+            if read_at is None
+            else await self._newer_than(column, current ^ wanted_set, read_at)
+        )
+        changed = False
+        for other in sorted(current - wanted_set - newer):
             user, role = (key, other) if column == "user_id" else (other, key)
             await self._db.execute(
                 "DELETE FROM user_roles WHERE user_id = ? AND role_id = ?", (user, role)
             )
             await self.change("delete", "user_role", user, data={"role_id": role})
-        for other in sorted(wanted_set - current):
+            changed = True
+        for other in sorted(wanted_set - current - newer):
             user, role = (key, other) if column == "user_id" else (other, key)
             await self._db.execute(
                 "INSERT INTO user_roles (user_id, role_id) VALUES (?, ?)", (user, role)
             )
             await self.change("upsert", "user_role", user, data={"role_id": role})
-        return current != wanted_set
+            changed = True
+        return changed
 
-    async def set_user_roles(self, user_id: int, role_ids: Iterable[int]) -> bool:
-        return await self._set_membership("user_id", user_id, role_ids)
+    async def set_user_roles(
+        self, user_id: int, role_ids: Iterable[int], read_at: float | None = None
+    ) -> bool:
+        changed = await self._set_membership("user_id", user_id, role_ids, read_at)
+        await self._db.execute(
+            "UPDATE users SET roles_read_at = ? WHERE id = ?",
+            (time.time() if read_at is None else read_at, user_id),
+        )
+        return changed
 
-    async def set_role_users(self, role_id: int, user_ids: Iterable[int]) -> bool:
-        return await self._set_membership("role_id", role_id, user_ids)
+    async def set_role_users(
+        self, role_id: int, user_ids: Iterable[int], read_at: float | None = None
+    ) -> bool:
+        return await self._set_membership("role_id", role_id, user_ids, read_at)
 
     # ---- content permissions ----------------------------------------------------------------
 
     async def set_permissions(
-        self, content_type: str, content_id: int, perms: dict[str, Any]
+        self,
+        content_type: str,
+        content_id: int,
+        perms: dict[str, Any],
+        read_at: float | None = None,
+        fallback_owner: int | None = None,
     ) -> bool:
-        """perms: owner_id, inheriting, fallback {view,create,update,delete}, role_permissions."""
+        """perms: owner_id, inheriting, fallback {view,create,update,delete}, role_permissions,
+        as read at `read_at` (default now); an older read than the stored one is ignored.
+
+        BookStack answers `owner: null` when the owning user was deleted without handing
+        their content on: the item's `owned_by` still names that user (the listings show
+        it), so the owner we knew, or `fallback_owner` from a listing, is kept."""
         fb = perms.get("fallback") or {}
 
         def flag(v: Any) -> int | None:
             return None if v is None else int(bool(v))
 
+        owner_id = perms.get("owner_id")
+        if owner_id is None:
+            known = await self._rows(
+                "SELECT owner_id FROM content_permissions WHERE content_type = ? "
+                "AND content_id = ?",
+                (content_type, content_id),
+            )
+            owner_id = known[0][0] if known and known[0][0] is not None else fallback_owner
         head = (
-            perms.get("owner_id"),
+            owner_id,
             int(bool(perms.get("inheriting"))),
             flag(fb.get("view")),
             flag(fb.get("create")),
@@ -805,9 +890,14 @@ class Tx:
         )
         old_head = await self._rows(
             "SELECT owner_id, inheriting, fallback_view, fallback_create, fallback_update, "
-            "fallback_delete FROM content_permissions WHERE content_type = ? AND content_id = ?",
+            "fallback_delete, fetched_at FROM content_permissions WHERE content_type = ? "
+            "AND content_id = ?",
             (content_type, content_id),
         )
+        now = time.time() if read_at is None else read_at
+        if old_head and old_head[0][6] > now:
+            return False
+        old_head = [tuple(old_head[0])[:6]] if old_head else []
         old_roles = [
             tuple(r)
             for r in await self._rows(
@@ -817,7 +907,6 @@ class Tx:
                 (content_type, content_id),
             )
         ]
-        now = time.time()
         if old_head and tuple(old_head[0]) == head and old_roles == roles:
             await self._db.execute(
                 "UPDATE content_permissions SET fetched_at = ? WHERE content_type = ? "

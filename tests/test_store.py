@@ -1,0 +1,251 @@
+"""The SQLite store and the job queue on a real database file: what a write may and may not
+overwrite, memberships read from both sides, the owner BookStack stops naming, tombstones,
+leases of dead workers, and dead letters (DESIGN guarantees 2, 3 and 10)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from eventsync.records import ENDPOINTS, to_row
+from eventsync.store import queue as queue_module
+from eventsync.store.queue import LEASE_TTL, JobQueue
+from eventsync.store.sqlite import Store
+
+StoreFactory = Callable[[], Awaitable[Store]]
+
+T0 = 1_700_000_000.0  # a moment "read at" times are relative to
+
+
+@pytest.fixture
+async def make_store(tmp_path: Path) -> AsyncIterator[StoreFactory]:
+    """Factory: a fresh store in its own file (several may be open at once)."""
+    stores: list[Store] = []
+
+    async def make() -> Store:
+        store = await Store.open(tmp_path / f"store-{len(stores)}.db")
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        await store.close()
+
+
+def page(page_id: int, **fields: Any) -> dict[str, Any]:
+    row = {
+        "id": page_id,
+        "book_id": 1,
+        "chapter_id": None,
+        "name": f"Page {page_id}",
+        "slug": f"page-{page_id}",
+        "priority": 1,
+        "draft": False,
+        "template": False,
+        "revision_count": 1,
+        "html": "<p>x</p>",
+        "raw_html": "<p>x</p>",
+        "markdown": "",
+        "updated_at": "2024-10-15T10:00:00.000000Z",
+        "tags": [],
+    }
+    row.update(fields)
+    return row
+
+
+def entity(kind: str, **raw: Any) -> dict[str, Any]:
+    """A mirror row as the sync makes it from a BookStack read."""
+    return to_row(kind, ENDPOINTS[kind][2].model_validate(raw))
+
+
+async def feed(store: Store) -> list[tuple[str, str, int]]:
+    return [(c["op"], c["entity"], c["entity_id"]) for c in await store.changes(0, 10_000)]
+
+
+# ---- reads never go back in time -------------------------------------------------------------
+
+
+async def test_an_older_read_never_overwrites_a_newer_one(make_store: StoreFactory) -> None:
+    store = await make_store()
+    async with store.transaction() as tx:
+        assert await tx.upsert("page", page(1, name="New"), read_at=T0 + 10) == "created"
+    async with store.transaction() as tx:
+        # A read sent before the stored one, written after it (slow, or queued behind it).
+        assert await tx.upsert("page", page(1, name="Old"), read_at=T0 + 5) == "stale"
+        assert not await tx.patch("page", 1, {"book_id": 9}, read_at=T0 + 5)
+        assert await tx.delete("page", 1, read_at=T0 + 5) == 0
+    row = await store.get("page", 1)
+    assert row is not None and row["name"] == "New" and row["book_id"] == 1
+    assert await feed(store) == [("upsert", "page", 1)]
+
+    # Newer reads do apply; a placement patch leaves the row's read time alone (its content
+    # was not read), so the content read it came with still counts.
+    async with store.transaction() as tx:
+        assert await tx.patch("page", 1, {"book_id": 2}, read_at=T0 + 20)
+        assert await tx.upsert("page", page(1, name="New", book_id=2), read_at=T0 + 15) == (
+            "unchanged"
+        )
+        assert await tx.delete("page", 1, read_at=T0 + 30) == 1
+    assert await store.get("page", 1) is None
+
+
+async def test_a_delete_spares_children_read_after_it(make_store: StoreFactory) -> None:
+    store = await make_store()
+    async with store.transaction() as tx:
+        await tx.upsert("book", entity("book", id=1, name="B", slug="b"), read_at=T0)
+        await tx.upsert("page", page(1), read_at=T0)
+        await tx.upsert("page", page(2), read_at=T0 + 50)  # read after the book's 404
+    async with store.transaction() as tx:
+        assert await tx.delete("book", 1, read_at=T0 + 10) == 2  # the book and page 1
+    assert await store.get("page", 1) is None
+    assert await store.get("page", 2) is not None
+
+
+async def test_membership_follows_the_newest_read_of_either_side(make_store: StoreFactory) -> None:
+    store = await make_store()
+    async with store.transaction() as tx:
+        await tx.upsert("user", entity("user", id=5, name="U", slug="u"), read_at=T0)
+        await tx.upsert("role", entity("role", id=3, display_name="R"), read_at=T0)
+        await tx.upsert("role", entity("role", id=4, display_name="S"), read_at=T0)
+        # The user, read at T0 + 20: in roles 3 and 4.
+        await tx.set_user_roles(5, [3, 4], read_at=T0 + 20)
+    async with store.transaction() as tx:
+        # Role 3 read earlier (T0 + 10, before the user was added): its stale member list
+        # must not take the user out again.
+        assert await tx.upsert("role", entity("role", id=3, display_name="R"), T0 + 10) == (
+            "unchanged"
+        )
+        assert not await tx.set_role_users(3, [], read_at=T0 + 10)
+        # Role 4 read later (T0 + 30) without the user: the user left it since.
+        await tx.upsert("role", entity("role", id=4, display_name="S"), read_at=T0 + 30)
+        assert await tx.set_role_users(4, [], read_at=T0 + 30)
+    assert await store.role_members(3) == {5}
+    assert await store.role_members(4) == set()
+    async with store.transaction() as tx:
+        # A user read older than role 4's read cannot put the user back into role 4.
+        await tx.set_user_roles(5, [3, 4], read_at=T0 + 25)
+    assert await store.role_members(4) == set()
+
+
+async def test_content_permissions_keep_the_owner_bookstack_stops_naming(
+    make_store: StoreFactory,
+) -> None:
+    """After its owner is deleted without handing content on, BookStack answers `owner: null`
+    while the item's owned_by still names the deleted user: the mirror keeps that id."""
+    store = await make_store()
+    restricted = {
+        "owner_id": 7,
+        "inheriting": False,
+        "fallback": {"view": False, "create": False, "update": False, "delete": False},
+        "role_permissions": [],
+    }
+    async with store.transaction() as tx:
+        assert await tx.set_permissions("page", 1, restricted, read_at=T0)
+        assert not await tx.set_permissions("page", 1, {**restricted, "owner_id": None}, T0 + 1)
+        # Never read before: the owner the listing named.
+        assert await tx.set_permissions(
+            "page", 2, {**restricted, "owner_id": None}, T0, fallback_owner=9
+        )
+        # Older than the stored read: ignored.
+        assert not await tx.set_permissions("page", 1, {**restricted, "owner_id": 8}, T0 - 1)
+    doc = await store.export()
+    assert [(p["content_id"], p["owner_id"]) for p in doc["permissions"]] == [(1, 7), (2, 9)]
+
+
+async def test_a_trashed_book_leaves_a_tombstone_on_its_shelves(make_store: StoreFactory) -> None:
+    store = await make_store()
+    async with store.transaction() as tx:
+        await tx.upsert("shelf", entity("shelf", id=1, name="S", slug="s"), read_at=T0)
+        await tx.upsert("book", entity("book", id=2, name="B", slug="b"), read_at=T0)
+        await tx.set_shelf_books(1, [2])
+    async with store.transaction() as tx:
+        await tx.delete("book", 2, read_at=T0 + 1)
+    assert (await store.export())["shelves"][0]["books"] == []
+    assert await store.shelves_of_returned_books() == set()  # the book is not back yet
+    async with store.transaction() as tx:
+        await tx.upsert("book", entity("book", id=2, name="B", slug="b"), read_at=T0 + 2)
+    assert await store.shelves_of_returned_books() == {1}
+    async with store.transaction() as tx:
+        await tx.forget_tombstones({1})
+    assert await store.shelves_of_returned_books() == set()
+
+
+async def test_the_database_file_is_private(make_store: StoreFactory, tmp_path: Path) -> None:
+    await make_store()
+    assert stat.S_IMODE(os.stat(tmp_path / "store-0.db").st_mode) == 0o600
+
+
+# ---- the job queue ------------------------------------------------------------------------------
+
+
+async def test_leases_of_dead_workers_are_released(
+    make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await make_store()
+    queue = JobQueue(store)
+    for key in ("page:1", "page:2", "page:3", "page:4"):
+        await queue.enqueue(key, ["fetch"])
+    host = socket.gethostname()
+    now = time.time()
+    owners = {
+        "page:1": (f"{host}:{os.getpid()}:0ldnonce", now),  # an earlier process, our pid
+        "page:2": (f"{host}:999999999:abcdef12", now),  # a process that is gone
+        "page:3": ("elsewhere:1:abcdef12", now - LEASE_TTL - 1),  # not renewed: dead
+        "page:4": ("elsewhere:1:12345678", now),  # another host, renewed: alive
+    }
+    async with store.transaction() as tx:
+        for key, (owner, at) in owners.items():
+            await tx.execute(
+                "UPDATE jobs SET leased_by = ?, leased_at = ? WHERE key = ?", (owner, at, key)
+            )
+    assert await queue.recover() == 3
+    leased = await store.fetchall("SELECT key FROM jobs WHERE leased_by IS NOT NULL")
+    assert [r[0] for r in leased] == ["page:4"]
+    # A renewed lease of this process stays, whatever its age.
+    jobs = await queue.lease(10)
+    assert {j.key for j in jobs} == {"page:1", "page:2", "page:3"}
+    await queue.renew(jobs)
+    assert await queue.recover(now=time.time() + LEASE_TTL / 2) == 0
+    monkeypatch.setattr(queue_module, "_PROCESS_NONCE", "restart0")  # "we" restarted
+    assert await JobQueue(store).recover() == 3
+
+
+async def test_dead_letters_keep_merged_events_and_clear_once_the_key_syncs(
+    make_store: StoreFactory,
+) -> None:
+    store = await make_store()
+    queue = JobQueue(store, max_attempts=2)
+    await queue.enqueue("role:4", ["fetch"])
+    (job,) = await queue.lease(1)
+    assert await queue.retry(job, "HTTP 500", 0)  # attempt 1 of 2
+    (job,) = await queue.lease(1)
+    # An event merges while the last attempt runs: one more try, not a dead letter.
+    await queue.enqueue("role:4", ["fetch"])
+    assert await queue.retry(job, "HTTP 500", 0)
+    assert await queue.dead_letters() == []
+    (job,) = await queue.lease(1)
+    assert not await queue.retry(job, "HTTP 500", 0)
+    letters = await queue.dead_letters()
+    assert [(d["key"], d["attempts"]) for d in letters] == [("role:4", 2)]
+    assert "HTTP 500" in letters[0]["error"]
+    # Transient failures while BookStack is down are not counted at all.
+    await queue.enqueue("page:9", ["fetch"])
+    for _ in range(5):
+        (job,) = await queue.lease(1)
+        assert await queue.retry(job, "Unavailable", 0, count=False)
+    # The key syncs again later (a new event): its dead letter goes.
+    await queue.enqueue("role:4", ["fetch"])
+    for job in await queue.lease(10):
+        await queue.done(job)
+    assert await queue.dead_letters() == []
+    rows = await store.fetchall("SELECT key, hints FROM jobs")
+    assert rows == []
+    assert json.loads(json.dumps(await queue.event_counts())) == {}
