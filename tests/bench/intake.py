@@ -376,8 +376,8 @@ async def profile_inbox(events: int, pages: int) -> None:
         round_trip = (time.perf_counter() - round_trip) / 2000 / 3  # execute, fetch, close
         print(
             f"in-process inbox: {events} events in {took:.2f} s = {events / took:.0f}/s; "
-            f"{trips / events:.1f} aiosqlite thread round trips per event; one round trip "
-            f"alone costs {round_trip * 1e6:.0f} us, i.e. {trips / events * round_trip * 1e3:.2f} "
+            f"{trips / events:.3f} aiosqlite thread round trips per event; one round trip "
+            f"alone costs {round_trip * 1e6:.0f} us, i.e. {trips / events * round_trip * 1e3:.3f} "
             f"ms of the {took / events * 1e3:.2f} ms per event"
         )
         profiler = cProfile.Profile()
