@@ -171,6 +171,9 @@ _URL_KIND = [
 ]
 _DELETION_URL = re.compile(r"/settings/recycle-bin/(\d+)(?:/|$)")
 _ID_DETAIL = re.compile(r"^\((\d+)\)")
+# auth_register's detail is the new User, or for a social login its SocialAccount, whose
+# descriptor is "{driver}; ({user id}) {user name}" (FACTS 1.2).
+_SOCIAL_DETAIL = re.compile(r"^[\w-]+; \((\d+)\)")
 _DELETION_DETAIL = re.compile(r"^Deletion \((\d+)\)(?: for (\w+) \((\d+)\))?")
 _REVISION_DETAIL = re.compile(r"for page ID (\d+)")
 
@@ -238,6 +241,10 @@ def from_webhook(raw: Any, text: str | None = None) -> Event:
         match = _DELETION_URL.search(body.url or "")
         deletion_id = _digits_id(match.group(1)) if match else None
         key = f"deletion:{deletion_id}" if deletion_id is not None else None
+    elif body.event == "auth_register" and "driver" in item:
+        # A SocialAccount: its own id is not the user's.
+        user_id = as_id(item.get("user_id"))
+        key = f"user:{user_id}" if user_id is not None else None
     elif item_id is not None and route.kind is not None:
         key = f"{route.kind}:{item_id}"
     if key is None:
@@ -276,7 +283,9 @@ def from_audit(row: dict[str, Any]) -> Event:
                 if entity_kind and entity_id is not None:
                     payload["entity"] = f"{entity_kind}:{entity_id}"
         elif route.kind in ("user", "role"):
-            match = _ID_DETAIL.match(detail)
+            match = _ID_DETAIL.match(detail) or (
+                _SOCIAL_DETAIL.match(detail) if activity_type == "auth_register" else None
+            )
             entity_id = _digits_id(match.group(1)) if match else None
             key = f"{route.kind}:{entity_id}" if entity_id is not None else None
     return Event(

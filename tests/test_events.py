@@ -552,3 +552,32 @@ async def test_webhook_and_audit_row_of_each_change_agree_on_type_and_key(
         assert hook.hints == audit.hints, hook.type
         assert hook.at is not None and audit.at is not None
         assert abs(hook.at - audit.at) <= 2.0  # queue.PAIR_WINDOW
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        # A registration by password: the detail is the User.
+        ({"event": "auth_register", "related_item": {"id": 7, "name": "A", "slug": "a"}}, 7),
+        # A social registration: the detail is the SocialAccount, whose own id is not the
+        # user's (FACTS 1.2, SocialAccount descriptor).
+        (
+            {
+                "event": "auth_register",
+                "related_item": {"id": 12, "user_id": 7, "driver": "github", "driver_id": "9"},
+            },
+            7,
+        ),
+    ],
+    ids=["user", "social-account"],
+)
+def test_auth_register_keys_the_registered_user(raw: dict[str, Any], key: int) -> None:
+    event = from_webhook(raw)
+    assert event.key == f"user:{key}"
+    assert EXPECT_PRESENT in event.hints
+
+
+@pytest.mark.parametrize("detail", ["(7) Alice", "github; (7) Alice", "azure-ad; (7) Alice"])
+def test_audit_auth_register_keys_the_user_from_either_descriptor(detail: str) -> None:
+    event = from_audit({"id": 9, "type": "auth_register", "detail": detail})
+    assert event.key == "user:7"
