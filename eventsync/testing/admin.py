@@ -9,10 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from eventsync.testing.models import Attachment, Role, User
+from eventsync.testing.models import ALL_PERMISSIONS, Attachment, Role, User, columns
 from eventsync.testing.mutations import Completed, MutationBase, NotFoundError
 from eventsync.testing.shapes import deletion_row
-from eventsync.testing.state import ADMIN_USER_ID, admin_permissions
+from eventsync.testing.state import ADMIN_ROLE_ID, ADMIN_USER_ID, admin_permissions
+
+
+def _role_permissions(role: Role, names: Iterable[str]) -> set[str]:
+    """PermissionsRepo::assignRolePermissions: known names only; admin keeps the vital ones."""
+    permissions = admin_permissions(names) if role.system_name == "admin" else set(names)
+    return permissions & set(ALL_PERMISSIONS)
 
 
 class AdminMutations(MutationBase):
@@ -67,15 +73,17 @@ class AdminMutations(MutationBase):
         roles: Iterable[int] | None = None,
         acting_user_id: int = ADMIN_USER_ID,
     ) -> int:
+        """UserRepo::update: a role change is a pivot sync, so only name/email move updated_at."""
         user = self._user(user_id)
-        if name is not None and name != user.name:
+        before = columns(user)
+        if name:  # !empty($data['name']): refreshSlug runs even for the same name
             user.name = name
             user.slug = self.state.unique_slug(user, name)
-        if email is not None:
+        if email:
             user.email = email
         if roles is not None:
             user.roles = {r for r in roles if r in self.state.roles}
-        user.updated_at = self.state.now()
+        self._save(user, before)
         await self._announce("user_update", user, acting_user_id)
         return user.id
 
@@ -86,12 +94,20 @@ class AdminMutations(MutationBase):
         *,
         acting_user_id: int = ADMIN_USER_ID,
     ) -> int:
+        """UserRepo::destroy; ensureDeletable refuses the guest and the only admin."""
         user = self._user(user_id)
+        if user.system_name == "public":
+            raise ValueError("the guest user cannot be deleted")
+        admins = [u for u in self.state.users.values() if ADMIN_ROLE_ID in u.roles]
+        if ADMIN_ROLE_ID in user.roles and len(admins) <= 1:
+            raise ValueError("the only admin cannot be deleted")
         del self.state.users[user_id]
         for token_id in [t.token_id for t in self.state.tokens.values() if t.user_id == user_id]:
             del self.state.tokens[token_id]
-        if migrate_ownership_to is not None and migrate_ownership_to in self.state.users:
-            # UserRepo::migrateOwnership: a bulk update, no events, updated_at untouched.
+        if migrate_ownership_to and migrate_ownership_to in self.state.users:
+            # UserRepo::migrateOwnership: one Eloquent query update per entity type, so the
+            # SoftDeletes scope skips trashed items and updated_at is set on every row. Silent.
+            now = self.state.now()
             for table in (
                 self.state.pages,
                 self.state.chapters,
@@ -99,8 +115,9 @@ class AdminMutations(MutationBase):
                 self.state.shelves,
             ):
                 for entity in table.values():
-                    if entity.owned_by == user_id:
+                    if entity.owned_by == user_id and not entity.trashed:
                         entity.owned_by = migrate_ownership_to
+                        entity.updated_at = now
         await self._announce("user_delete", user, acting_user_id)
         return user.id
 
@@ -123,11 +140,11 @@ class AdminMutations(MutationBase):
             id=self.state.next_id("roles"),
             display_name=display_name,
             description=description,
-            permissions=set(permissions),
             created_at=now,
             updated_at=now,
             committed=False,
         )
+        role.permissions = _role_permissions(role, permissions)
         self.state.roles[role.id] = role
         activity = self._log("role_create", role, acting_user_id, committed=False)
         await self._flush()
@@ -143,15 +160,16 @@ class AdminMutations(MutationBase):
         permissions: Iterable[str] | None = None,
         acting_user_id: int = ADMIN_USER_ID,
     ) -> int:
+        """PermissionsRepo::updateRole: permissions are a pivot sync; fill + save the rest."""
         role = self._role(role_id)
+        before = columns(role)
+        if permissions is not None:
+            role.permissions = _role_permissions(role, permissions)
         if display_name is not None:
             role.display_name = display_name
         if description is not None:
             role.description = description
-        if permissions is not None:
-            perms = set(permissions)
-            role.permissions = admin_permissions(perms) if role.system_name == "admin" else perms
-        role.updated_at = self.state.now()
+        self._save(role, before)
         await self._announce("role_update", role, acting_user_id)
         return role.id
 
@@ -228,7 +246,12 @@ class AdminMutations(MutationBase):
         uploaded_to: int | None = None,
         acting_user_id: int = ADMIN_USER_ID,
     ) -> int:
+        """AttachmentService::updateFile: silent; saved (updated_at bumped) only when dirty.
+
+        Nothing sets updated_by on an attachment update, so it keeps the uploader.
+        """
         attachment = self._get(self.state.attachments, attachment_id, "attachment")
+        before = columns(attachment)
         if name is not None:
             attachment.name = name
         if uploaded_to is not None:
@@ -241,8 +264,9 @@ class AdminMutations(MutationBase):
             attachment.path = f"uploads/files/{attachment_id}.{extension or attachment.extension}"
         if extension is not None and not attachment.external:
             attachment.extension = extension
-        attachment.updated_by = acting_user_id
-        attachment.updated_at = self.state.now()
+        if content is not None:
+            attachment.updated_at = self.state.now()  # a new upload always gets a new path
+        self._save(attachment, before)
         return attachment_id
 
     async def delete_attachment(self, attachment_id: int) -> int:

@@ -73,6 +73,19 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return data
 
 
+def _model_not_found(model: str, model_id: object) -> ApiError:
+    """A ModelNotFoundException from findOrFail, as Handler::renderApiException shows it."""
+    return ApiError(404, f"No query results for model [BookStack\\{model}] {model_id}")
+
+
+MODEL_CLASSES = {
+    "page": "Entities\\Models\\Page",
+    "chapter": "Entities\\Models\\Chapter",
+    "book": "Entities\\Models\\Book",
+    "bookshelf": "Entities\\Models\\Bookshelf",
+}
+
+
 def _invalid(field: str, message: str) -> ApiError:
     return ApiError(422, "The given data was invalid.", validation={field: [message]})
 
@@ -89,7 +102,8 @@ def _visible_entity(request: web.Request, entity_type: str, entity_id: int) -> E
     state = _fake(request).state
     entity = state.entity(entity_type, entity_id)
     if entity is None or not state.can_view(_user_id(request), entity):
-        label = {"bookshelf": "Bookshelf"}.get(entity_type, entity_type.capitalize())
+        # lang/en/errors.php: bookshelf_not_found is "Shelf not found".
+        label = {"bookshelf": "Shelf"}.get(entity_type, entity_type.capitalize())
         raise ApiError(404, f"{label} not found")
     return entity
 
@@ -158,6 +172,17 @@ def _name(data: dict[str, Any], *, required: bool) -> str | None:
     return name
 
 
+def _priority(data: dict[str, Any]) -> int | None:
+    """`priority` is fillable on pages and chapters: given, it overrides the computed one."""
+    value = data.get("priority")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise _invalid("priority", "The priority must be an integer.") from exc
+
+
 def _visible_parent(request: web.Request, entity_type: str, raw: Any) -> Entity:
     try:
         parent_id = int(raw)
@@ -194,18 +219,29 @@ async def create_content(request: web.Request) -> web.Response:
             html=data.get("html"),
             markdown=data.get("markdown"),
             tags=tags,
+            priority=_priority(data),
             acting_user_id=user_id,
         )
     elif entity_type == "chapter":
         parent = _visible_parent(request, "book", data.get("book_id"))
         _check_can(request, "create", parent)
         new_id = await fake.create_chapter(
-            parent.id, name, data.get("description") or "", tags, acting_user_id=user_id
+            parent.id,
+            name,
+            data.get("description") or "",
+            tags,
+            description_html=data.get("description_html"),
+            priority=_priority(data),
+            acting_user_id=user_id,
         )
     elif entity_type == "book":
         _require(request, "book-create-all")
         new_id = await fake.create_book(
-            name, data.get("description") or "", tags, acting_user_id=user_id
+            name,
+            data.get("description") or "",
+            tags,
+            description_html=data.get("description_html"),
+            acting_user_id=user_id,
         )
     else:
         _require(request, "bookshelf-create-all")
@@ -214,6 +250,7 @@ async def create_content(request: web.Request) -> web.Response:
             [int(b) for b in data.get("books") or []],
             data.get("description") or "",
             tags,
+            description_html=data.get("description_html"),
             acting_user_id=user_id,
         )
     entity = fake.state.entity(entity_type, new_id)
@@ -232,6 +269,9 @@ async def update_content(request: web.Request) -> web.Response:
     name = _name(data, required=False)
     tags = data.get("tags")
     description = data.get("description")
+    description_html = data.get("description_html")
+    # array_key_exists('default_template_id'): null or 0 clears it.
+    template_id = int(data["default_template_id"] or 0) if "default_template_id" in data else None
     if entity_type == "page":
         assert isinstance(entity, Page)
         parent: Entity | None = None
@@ -263,6 +303,7 @@ async def update_content(request: web.Request) -> web.Response:
             markdown=data.get("markdown"),
             tags=tags,
             summary=data.get("summary"),
+            priority=_priority(data),
             acting_user_id=user_id,
         )
     elif entity_type == "chapter":
@@ -271,11 +312,24 @@ async def update_content(request: web.Request) -> web.Response:
             _check_can(request, "delete", entity)
             await fake.move_chapter(entity.id, book.id, acting_user_id=user_id)
         await fake.update_chapter(
-            entity.id, name=name, description=description, tags=tags, acting_user_id=user_id
+            entity.id,
+            name=name,
+            description=description,
+            description_html=description_html,
+            tags=tags,
+            default_template_id=template_id,
+            priority=_priority(data),
+            acting_user_id=user_id,
         )
     elif entity_type == "book":
         await fake.update_book(
-            entity.id, name=name, description=description, tags=tags, acting_user_id=user_id
+            entity.id,
+            name=name,
+            description=description,
+            description_html=description_html,
+            tags=tags,
+            default_template_id=template_id,
+            acting_user_id=user_id,
         )
     else:
         books = data.get("books")
@@ -283,6 +337,7 @@ async def update_content(request: web.Request) -> web.Response:
             entity.id,
             name=name,
             description=description,
+            description_html=description_html,
             tags=tags,
             books=[int(b) for b in books] if books is not None else None,
             acting_user_id=user_id,
@@ -319,7 +374,7 @@ async def read_attachment(request: web.Request) -> web.Response:
     attachment = state.attachments.get(_id(request))
     page = state.pages.get(attachment.uploaded_to) if attachment else None
     if attachment is None or page is None or not state.can_view(_user_id(request), page):
-        raise ApiError(404, "Attachment not found")
+        raise _model_not_found("Uploads\\Attachment", request.match_info["id"])
     return web.json_response(shapes.attachment_read(state, attachment))
 
 
@@ -341,7 +396,7 @@ async def read_user(request: web.Request) -> web.Response:
     state = _fake(request).state
     user = state.users.get(_id(request))
     if user is None or not user.committed:
-        raise ApiError(404, "User not found")
+        raise _model_not_found("Users\\Models\\User", _id(request))
     return web.json_response(shapes.user_read(state, user))
 
 
@@ -357,7 +412,7 @@ async def read_role(request: web.Request) -> web.Response:
     state = _fake(request).state
     role = state.roles.get(_id(request))
     if role is None or not role.committed:
-        raise ApiError(404, "Role not found")
+        raise _model_not_found("Users\\Models\\Role", _id(request))
     return web.json_response(shapes.role_read(state, role))
 
 
@@ -383,7 +438,7 @@ async def restore_recycle_bin(request: web.Request) -> web.Response:
     try:
         count = await fake.recycle_bin_restore(_id(request), acting_user_id=_user_id(request))
     except NotFoundError as exc:
-        raise ApiError(404, "Deletion not found") from exc
+        raise _model_not_found("Entities\\Models\\Deletion", _id(request)) from exc
     return web.json_response({"restore_count": count})
 
 
@@ -393,17 +448,22 @@ async def destroy_recycle_bin(request: web.Request) -> web.Response:
     try:
         count = await fake.recycle_bin_destroy(_id(request), acting_user_id=_user_id(request))
     except NotFoundError as exc:
-        raise ApiError(404, "Deletion not found") from exc
+        raise _model_not_found("Entities\\Models\\Deletion", _id(request)) from exc
     return web.json_response({"delete_count": count})
 
 
 # ------------------------------------------------------- content permissions
 def _permissions_target(request: web.Request) -> Entity:
-    entity_type = request.match_info["type"]
+    # EntityProvider::get lower-cases the type and throws (a 500) for an unknown one.
+    entity_type = request.match_info["type"].lower()
     if entity_type not in CONTENT_TYPES:
-        raise ApiError(404, "Not found")
-    entity = _visible_entity(request, entity_type, _id(request))
+        raise ApiError(500, f'Provided type "{entity_type}" is not a valid entity type')
     state, user_id = _fake(request).state, _user_id(request)
+    found = state.entity(entity_type, _id(request))
+    if found is None or not state.can_view(user_id, found):
+        # ->scopes(['visible'])->findOrFail($contentId)
+        raise _model_not_found(MODEL_CLASSES[entity_type], request.match_info["id"])
+    entity: Entity = found
     # checkOwnableUserAccess('restrictions-manage'): all, or own for the owner.
     allowed = state.user_can(user_id, "restrictions-manage-all") or (
         state.user_can(user_id, "restrictions-manage-own") and entity.owned_by == user_id
@@ -436,7 +496,7 @@ async def update_permissions(request: web.Request) -> web.Response:
         fallback = dict(given) if inheriting is not None and inheriting is not True else None
     owner_id = data.get("owner_id")
     if owner_id is not None and int(owner_id) not in fake.state.users:
-        raise _invalid("owner_id", "The selected owner id is invalid.")
+        owner_id = None  # updateOwnerFromId ignores users that do not exist
     for row in role_rows:
         Perm.of(row)  # shape check; bad rows would be a 422 in BookStack
     await fake.set_permissions(

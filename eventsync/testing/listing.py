@@ -114,9 +114,10 @@ LISTING_FIELDS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# ListingResponseBuilder::$filterOperators: only these names; anything else (symbols such
+# as ">" or "!=" included) falls back to eq.
 _OPS = {"eq", "ne", "gt", "lt", "gte", "lte", "like"}
-_OP_ALIASES = {"=": "eq", "!=": "ne", ">": "gt", "<": "lt", ">=": "gte", "<=": "lte"}
-_FILTER_KEY = re.compile(r"^filter\[([^\]:]+)(?::([^\]]*))?\]$")
+_FILTER_KEY = re.compile(r"^filter\[([^\]]*)\]$")
 _LEADING_NUMBER = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _TIMESTAMP = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:[T ](\d{2}:\d{2}(?::\d{2})?))?")
 
@@ -195,11 +196,14 @@ def parse_filters(query: Mapping[str, str], fields: Sequence[str]) -> list[tuple
     filters = []
     for key, value in query.items():
         match = _FILTER_KEY.match(key)
-        if not match or match.group(1) not in fields:
+        if not match:
             continue
-        op = match.group(2) or "eq"
-        op = _OP_ALIASES.get(op, op)
-        filters.append((match.group(1), op if op in _OPS else "eq", value))
+        # requestFilterToQueryFilter: explode(':', $key); [0] is the field, [1] the op.
+        parts = match.group(1).split(":")
+        field, op = parts[0], parts[1] if len(parts) > 1 else "eq"
+        if field not in fields:
+            continue
+        filters.append((field, op if op in _OPS else "eq", value))
     return filters
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import ClassVar
+from typing import Any, ClassVar
 
 # BookStack's built-in role permission names (database/migrations), all given to Admin.
 CONTENT_PERMISSIONS: tuple[str, ...] = tuple(
@@ -101,6 +101,21 @@ ACTIVITY_TEXT: dict[str, str] = {
     "permissions_update": "updated permissions",
 }
 
+# Dataclass fields that are not columns of the row: relations, pivots and fake bookkeeping.
+_NOT_COLUMNS = frozenset(
+    {"tags", "books", "revisions", "roles", "permissions", "committed", "updated_at"}
+)
+
+
+def columns(row: Any) -> tuple[Any, ...]:
+    """The row's column values except updated_at: what Eloquent's isDirty() compares.
+
+    Laravel's save() writes, and bumps updated_at, only when one of these changed; pivot
+    syncs (shelf books, user roles, role permissions) and tags are not columns.
+    """
+    return tuple(getattr(row, f.name) for f in fields(row) if f.name not in _NOT_COLUMNS)
+
+
 _NON_SLUG = re.compile(r"[^a-z0-9]+")
 
 
@@ -147,6 +162,8 @@ class Shelf(Entity):
     TYPE: ClassVar[str] = "bookshelf"
 
     description: str = ""
+    # HasHtmlDescription: the stored html ('' = none; descriptionHtml() then builds one).
+    description_html: str = ""
     # The bookshelves_books pivot, in `order`; rows survive a soft delete on either side.
     books: list[int] = field(default_factory=list)
 
@@ -156,6 +173,7 @@ class Book(Entity):
     TYPE: ClassVar[str] = "book"
 
     description: str = ""
+    description_html: str = ""
     default_template_id: int | None = None
 
 
@@ -165,6 +183,7 @@ class Chapter(Entity):
 
     book_id: int
     description: str = ""
+    description_html: str = ""
     priority: int = 0
     default_template_id: int | None = None
 

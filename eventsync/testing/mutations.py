@@ -11,6 +11,7 @@ import contextvars
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from typing import Any
 
+from eventsync.testing import links
 from eventsync.testing.models import (
     Activity,
     Book,
@@ -19,6 +20,7 @@ from eventsync.testing.models import (
     Page,
     Perm,
     Shelf,
+    columns,
 )
 from eventsync.testing.state import ADMIN_USER_ID, WikiState
 
@@ -112,19 +114,72 @@ class MutationBase:
             "owned_by": user_id,
         }
 
+    def _save(self, row: Any, before: tuple[Any, ...]) -> None:
+        """Model::save(): written, and updated_at bumped, only when a column is dirty."""
+        if columns(row) != before:
+            row.updated_at = self.state.now()
+
+    @staticmethod
+    def _set_description(
+        entity: Entity, description: str | None, description_html: str | None
+    ) -> None:
+        """BaseRepo::updateDescription: description_html wins; plain text gets a <p>."""
+        if not isinstance(entity, Shelf | Book | Chapter):
+            return
+        if description_html is not None:
+            entity.description_html = description_html
+            entity.description = links.html_to_description(description_html)
+        elif description is not None:
+            entity.description = description
+            entity.description_html = links.description_html(description)
+
+    def _create_entity(
+        self,
+        entity: Entity,
+        *,
+        description: str | None = None,
+        description_html: str | None = None,
+    ) -> None:
+        """BaseRepo::create (minus the row insert): description, slug, references."""
+        self._set_description(entity, description, description_html)
+        entity.slug = self.state.unique_slug(entity, entity.name)
+        self.state.store_references(entity)
+
     def _update_entity(
-        self, entity: Entity, user_id: int, *, name: str | None, tags: TagsIn | None
-    ) -> str:
-        """BaseRepo::update; returns the old path so callers can fix references afterwards."""
-        old_path = self.state.path_of(entity)
-        if name is not None and name != entity.name:
+        self,
+        entity: Entity,
+        user_id: int,
+        *,
+        name: str | None,
+        tags: TagsIn | None,
+        description: str | None = None,
+        description_html: str | None = None,
+        priority: int | None = None,
+        before: tuple[Any, ...] | None = None,
+    ) -> None:
+        """BaseRepo::update: fill, save, tags (touch), then references.
+
+        The save bumps updated_at only when a column changed (updated_by included: it changes
+        when another user saves); given tags always bump it through touch(). `before` holds
+        the columns from before the caller's own changes (a page's content, say).
+        """
+        before = columns(entity) if before is None else before
+        old_url = self.state.url_of(entity)
+        old_name = entity.name
+        if name is not None:
             entity.name = name
-            entity.slug = self.state.unique_slug(entity, name)
+        if priority is not None and isinstance(entity, Page | Chapter):
+            entity.priority = priority  # fillable on pages and chapters
+        self._set_description(entity, description, description_html)
+        entity.updated_by = user_id
+        if entity.name != old_name or not entity.slug:
+            entity.slug = self.state.unique_slug(entity, entity.name)
+        self._save(entity, before)
         if tags is not None:
             entity.tags = _tags(tags)
-        entity.updated_by = user_id
-        entity.updated_at = self.state.now()
-        return old_path
+            entity.updated_at = self.state.now()  # $entity->touch()
+        self.state.store_references(entity)
+        self.state.update_references(entity, old_url, user_id=user_id)
 
 
 class ContentMutations(MutationBase):
@@ -132,16 +187,21 @@ class ContentMutations(MutationBase):
 
     # ------------------------------------------------------------ shelves
     def _new_shelf(
-        self, name: str, books: Sequence[int], description: str, tags: TagsIn, user_id: int
+        self,
+        name: str,
+        books: Sequence[int],
+        description: str,
+        tags: TagsIn,
+        user_id: int,
+        description_html: str | None = None,
     ) -> Shelf:
         shelf = Shelf(
             id=self.state.next_id("bookshelves"),
-            description=description,
             tags=_tags(tags),
             **self._new_entity_fields(name, user_id),
         )
-        shelf.slug = self.state.unique_slug(shelf, name)
         self.state.shelves[shelf.id] = shelf
+        self._create_entity(shelf, description=description, description_html=description_html)
         self._sync_shelf_books(shelf, books, user_id)
         return shelf
 
@@ -161,9 +221,12 @@ class ContentMutations(MutationBase):
         description: str = "",
         tags: TagsIn = (),
         *,
+        description_html: str | None = None,
         acting_user_id: int = ADMIN_USER_ID,
     ) -> int:
-        shelf = self._new_shelf(name, books, description, tags, acting_user_id)
+        shelf = self._new_shelf(
+            name, books, description, tags, acting_user_id, description_html=description_html
+        )
         await self._announce("bookshelf_create", shelf, acting_user_id)
         return shelf.id
 
@@ -175,15 +238,21 @@ class ContentMutations(MutationBase):
         description: str | None = None,
         books: Sequence[int] | None = None,
         tags: TagsIn | None = None,
+        description_html: str | None = None,
         acting_user_id: int = ADMIN_USER_ID,
     ) -> int:
         shelf = self._shelf(shelf_id)
-        old_path = self._update_entity(shelf, acting_user_id, name=name, tags=tags)
-        if description is not None:
-            shelf.description = description
+        self._update_entity(
+            shelf,
+            acting_user_id,
+            name=name,
+            tags=tags,
+            description=description,
+            description_html=description_html,
+        )
         if books is not None:
+            # A pivot sync: the shelf row itself is not saved, so updated_at stays.
             self._sync_shelf_books(shelf, books, acting_user_id)
-        self.state.update_references(old_path, self.state.path_of(shelf))
         await self._announce("bookshelf_update", shelf, acting_user_id)
         return shelf.id
 
@@ -195,15 +264,26 @@ class ContentMutations(MutationBase):
         return shelf.id
 
     # -------------------------------------------------------------- books
-    def _new_book(self, name: str, description: str, tags: TagsIn, user_id: int) -> Book:
+    def _new_book(
+        self,
+        name: str,
+        description: str | None,
+        tags: TagsIn,
+        user_id: int,
+        *,
+        description_html: str | None = None,
+        default_template_id: int | None = None,
+    ) -> Book:
+        """BookRepo::create (minus the activity)."""
         book = Book(
             id=self.state.next_id("books"),
-            description=description,
             tags=_tags(tags),
             **self._new_entity_fields(name, user_id),
         )
-        book.slug = self.state.unique_slug(book, name)
         self.state.books[book.id] = book
+        self._create_entity(book, description=description, description_html=description_html)
+        if default_template_id:
+            book.default_template_id = self._template_or_none(default_template_id)
         return book
 
     async def create_book(
@@ -213,10 +293,13 @@ class ContentMutations(MutationBase):
         tags: TagsIn = (),
         shelf_id: int | None = None,
         *,
+        description_html: str | None = None,
         acting_user_id: int = ADMIN_USER_ID,
     ) -> int:
         shelf = self._shelf(shelf_id) if shelf_id is not None else None
-        book = self._new_book(name, description, tags, acting_user_id)
+        book = self._new_book(
+            name, description, tags, acting_user_id, description_html=description_html
+        )
         await self._announce("book_create", book, acting_user_id)
         if shelf is not None:
             # BookController::store inside a shelf: Bookshelf::appendBook, then an update event.
@@ -233,15 +316,22 @@ class ContentMutations(MutationBase):
         description: str | None = None,
         tags: TagsIn | None = None,
         default_template_id: int | None = None,
+        description_html: str | None = None,
         acting_user_id: int = ADMIN_USER_ID,
     ) -> int:
         book = self._book(book_id)
-        old_path = self._update_entity(book, acting_user_id, name=name, tags=tags)
-        if description is not None:
-            book.description = description
+        self._update_entity(
+            book,
+            acting_user_id,
+            name=name,
+            tags=tags,
+            description=description,
+            description_html=description_html,
+        )
         if default_template_id is not None:
+            before = columns(book)
             book.default_template_id = self._template_or_none(default_template_id)
-        self.state.update_references(old_path, self.state.path_of(book))
+            self._save(book, before)
         await self._announce("book_update", book, acting_user_id)
         return book.id
 
@@ -265,20 +355,23 @@ class ContentMutations(MutationBase):
         description: str = "",
         tags: TagsIn = (),
         *,
+        description_html: str | None = None,
+        priority: int | None = None,
         acting_user_id: int = ADMIN_USER_ID,
     ) -> int:
         book = self._book(book_id)
         chapter = Chapter(
             id=self.state.next_id("chapters"),
             book_id=0,
-            description=description,
             tags=_tags(tags),
             priority=self.state.book_last_priority(book.id) + 1,
             **self._new_entity_fields(name, acting_user_id),
         )
+        if priority is not None:
+            chapter.priority = priority  # BaseRepo::create fills it over the computed one
         self.state.chapters[chapter.id] = chapter
         self.state.place_chapter(chapter, book.id)
-        chapter.slug = self.state.unique_slug(chapter, name)
+        self._create_entity(chapter, description=description, description_html=description_html)
         await self._announce("chapter_create", chapter, acting_user_id)
         return chapter.id
 
@@ -290,15 +383,24 @@ class ContentMutations(MutationBase):
         description: str | None = None,
         tags: TagsIn | None = None,
         default_template_id: int | None = None,
+        description_html: str | None = None,
+        priority: int | None = None,
         acting_user_id: int = ADMIN_USER_ID,
     ) -> int:
         chapter = self._chapter(chapter_id)
-        old_path = self._update_entity(chapter, acting_user_id, name=name, tags=tags)
-        if description is not None:
-            chapter.description = description
+        self._update_entity(
+            chapter,
+            acting_user_id,
+            name=name,
+            tags=tags,
+            description=description,
+            description_html=description_html,
+            priority=priority,
+        )
         if default_template_id is not None:
+            before = columns(chapter)
             chapter.default_template_id = self._template_or_none(default_template_id)
-        self.state.update_references(old_path, self.state.path_of(chapter))
+            self._save(chapter, before)
         await self._announce("chapter_update", chapter, acting_user_id)
         return chapter.id
 
@@ -308,7 +410,7 @@ class ContentMutations(MutationBase):
         chapter = self._chapter(chapter_id)
         self._book(book_id)
         # changeBook moves every page of the chapter, trashed ones too, without events.
-        self.state.change_book(chapter, book_id)
+        self.state.change_book(chapter, book_id, user_id=acting_user_id)
         await self._announce("chapter_move", chapter, acting_user_id)
         return chapter.id
 
@@ -348,16 +450,24 @@ class ContentMutations(MutationBase):
         page.slug = ""
         return page
 
-    def _set_content(self, page: Page, html: str | None, markdown: str | None) -> None:
-        if markdown is not None:
+    def _set_content(
+        self, page: Page, html: str | None, markdown: str | None, user_id: int = ADMIN_USER_ID
+    ) -> None:
+        """PageRepo::updateTemplateStatusAndContentFromInput's content part."""
+        editor = page.editor
+        if (markdown is not None or html is not None) and not markdown and not html:
+            page.html, page.markdown = "", ""  # setNewHTML(''); the editor stays
+        elif markdown:
             page.markdown = markdown
             page.html = _markdown_to_html(markdown)
-            page.editor = "markdown"
+            editor = "markdown"
         elif html is not None:
             # PageContent::setNewHTML drops any markdown source.
             page.html = html
             page.markdown = ""
-            page.editor = "wysiwyg"
+            editor = "wysiwyg"
+        if editor != page.editor and self.state.user_can(user_id, "editor-change"):
+            page.editor = editor
 
     def _publish(
         self,
@@ -369,19 +479,17 @@ class ContentMutations(MutationBase):
         markdown: str | None,
         tags: TagsIn,
         template: bool = False,
+        priority: int | None = None,
     ) -> None:
         """PageRepo::publishDraft (minus the activity)."""
-        if name is not None:
-            page.name = name
-        self._set_content(page, html, markdown)
-        page.tags = _tags(tags)
-        page.template = template
+        before = columns(page)
         page.draft = False
         page.revision_count = 1
         page.priority = self.state.new_page_priority(page)
-        page.slug = self.state.unique_slug(page, page.name)
-        page.updated_by = user_id
-        page.updated_at = self.state.now()
+        page.template = template
+        self._set_content(page, html, markdown, user_id)
+        # BaseRepo::update: the slug is empty, so it is made now; references are stored.
+        self._update_entity(page, user_id, name=name, tags=tags, priority=priority, before=before)
         self.state.store_revision(page, "Initial publish", user_id)
 
     async def create_page(
@@ -394,6 +502,7 @@ class ContentMutations(MutationBase):
         markdown: str | None = None,
         tags: TagsIn = (),
         template: bool = False,
+        priority: int | None = None,
         acting_user_id: int = ADMIN_USER_ID,
     ) -> int:
         parent_book, parent_chapter = self._parent(book_id, chapter_id)
@@ -406,6 +515,7 @@ class ContentMutations(MutationBase):
             markdown=markdown,
             tags=tags,
             template=template,
+            priority=priority,
         )
         await self._announce("page_create", page, acting_user_id)
         return page.id
@@ -453,18 +563,23 @@ class ContentMutations(MutationBase):
         tags: TagsIn | None = None,
         template: bool | None = None,
         summary: str | None = None,
+        priority: int | None = None,
         acting_user_id: int = ADMIN_USER_ID,
     ) -> int:
         page = self._page(page_id)
-        before = (page.html, page.name, page.markdown)
+        before = columns(page)
+        content = (page.html, page.name, page.markdown)
         if template is not None:
             page.template = template
-        self._set_content(page, html, markdown)
-        old_path = self._update_entity(page, acting_user_id, name=name, tags=tags)
-        self.state.update_references(old_path, self.state.path_of(page), skip=page.id)
-        # revision_count is a save counter: it moves even when no revision is stored.
+        self._set_content(page, html, markdown, acting_user_id)
+        self._update_entity(
+            page, acting_user_id, name=name, tags=tags, priority=priority, before=before
+        )
+        # revision_count is a save counter: it moves (and so does updated_at) on every
+        # update, even when no revision is stored.
         page.revision_count += 1
-        if before != (page.html, page.name, page.markdown) or summary:
+        page.updated_at = self.state.now()
+        if content != (page.html, page.name, page.markdown) or summary:
             self.state.store_revision(page, summary or "", acting_user_id)
         await self._announce("page_update", page, acting_user_id)
         return page.id
@@ -480,8 +595,9 @@ class ContentMutations(MutationBase):
         page = self._page(page_id)
         new_book, new_chapter = self._parent(book_id, chapter_id)
         # PageRepo::move: chapter first, then changeBook (new slug, references); no priority.
+        before = columns(page)
         self.state.place_page(page, page.book_id, new_chapter)
-        self.state.change_book(page, new_book)
+        self.state.change_book(page, new_book, user_id=acting_user_id, before=before)
         await self._announce("page_move", page, acting_user_id)
         return page.id
 
@@ -511,16 +627,17 @@ class ContentMutations(MutationBase):
             if not matches:
                 raise NotFoundError(f"no revision {revision_id} on page {page_id}")
             revision = matches[0]
-        old_path = self.state.path_of(page)
+        old_url = self.state.url_of(page)
+        page.revision_count += 1
         page.name, page.html, page.markdown = revision.name, revision.html, revision.markdown
         page.updated_by = acting_user_id
         page.slug = self.state.unique_slug(page, page.name)
-        page.revision_count += 1
-        page.updated_at = self.state.now()
+        page.updated_at = self.state.now()  # revision_count is always dirty
+        self.state.store_references(page)
         self.state.store_revision(
             page, f"Restored from #{revision.id}; {revision.summary or ''}", acting_user_id
         )
-        self.state.update_references(old_path, self.state.path_of(page), skip=page.id)
+        self.state.update_references(page, old_url, user_id=acting_user_id)
         await self._announce("page_restore", page, acting_user_id)
         await self._announce("revision_restore", revision, acting_user_id)
         return page.id
@@ -550,7 +667,7 @@ class ContentMutations(MutationBase):
         items.sort(key=lambda entry: 0 if isinstance(entry[0], Chapter) else 1)
         for item, new_book, new_chapter, priority in items:
             if item.book_id != new_book:
-                self.state.change_book(item, new_book)
+                self.state.change_book(item, new_book, user_id=acting_user_id)
             changed = False
             if isinstance(item, Page) and item.chapter_id != new_chapter:
                 self.state.place_page(item, item.book_id, new_chapter)
@@ -560,7 +677,8 @@ class ContentMutations(MutationBase):
                 changed = True
             if changed:
                 item.updated_at = self.state.now()
-        for book_id in involved:
+        # The involved books come from one whereIn query with no ORDER BY: id order.
+        for book_id in sorted(involved):
             await self._announce("book_sort", self.state.books[book_id], acting_user_id)
         return involved
 
@@ -573,14 +691,23 @@ class ContentMutations(MutationBase):
 
     async def _chapter_to_book(self, chapter: Chapter, user_id: int) -> Book:
         """HierarchyTransformer::transformChapterToBook."""
-        book = self._new_book(chapter.name, chapter.description, chapter.tags, user_id)
+        # Cloner::entityToInputData: the chapter's attributes, tags and default template.
+        book = self._new_book(
+            chapter.name,
+            chapter.description,
+            chapter.tags,
+            user_id,
+            description_html=chapter.description_html or None,
+            default_template_id=chapter.default_template_id,
+        )
         await self._announce("book_create", book, user_id)
         self.state.copy_permissions(chapter, book)
-        for page in self.state.chapter_pages(chapter.id):
-            if page.trashed:
-                continue
+        # $chapter->pages: live pages (drafts too), by priority.
+        pages = [p for p in self.state.chapter_pages(chapter.id) if not p.trashed]
+        for page in sorted(pages, key=lambda p: (p.priority, p.id)):
+            before = columns(page)
             self.state.place_page(page, page.book_id, 0)
-            self.state.change_book(page, book.id)
+            self.state.change_book(page, book.id, user_id=user_id, before=before)
         # Permanent, not recycled: trashed pages left inside go too, and no chapter_delete.
         self.state.destroy(chapter)
         await self._announce("book_create_from_chapter", book, user_id)
@@ -591,16 +718,25 @@ class ContentMutations(MutationBase):
     ) -> int:
         """HierarchyTransformer::transformBookToShelf."""
         book = self._book(book_id)
-        shelf = self._new_shelf(book.name, (), book.description, book.tags, acting_user_id)
+        shelf = self._new_shelf(
+            book.name,
+            (),
+            book.description,
+            book.tags,
+            acting_user_id,
+            description_html=book.description_html or None,
+        )
         await self._announce("bookshelf_create", shelf, acting_user_id)
         self.state.copy_permissions(book, shelf)
         shelf_books: list[int] = []
+        # $book->chapters: an unordered hasMany, so the rows come in id order.
         chapters = [c for c in self.state.book_chapters(book.id) if not c.trashed]
-        for chapter in sorted(chapters, key=lambda c: (c.priority, c.id)):
+        for chapter in chapters:
             new_book = await self._chapter_to_book(chapter, acting_user_id)
             shelf_books.append(new_book.id)
             if not self.state.has_permissions(new_book):
                 self.state.copy_permissions(shelf, new_book)
+        # $book->directPages: live pages with chapter_id 0, drafts included.
         direct = [p for p in self.state.book_pages(book.id) if not p.trashed and not p.chapter_id]
         if direct:
             # A plain save(): the slug stays and no book_update is logged.
@@ -652,7 +788,12 @@ class ContentMutations(MutationBase):
     async def copy_shelf_permissions_to_books(self, shelf_id: int) -> list[int]:
         """PermissionsUpdater::updateBookPermissionsFromShelf: silent, one-off copy."""
         shelf = self._shelf(shelf_id)
-        books = [self.state.books[b] for b in shelf.books if b in self.state.books]
+        # $shelf->books(): the SoftDeletes scope leaves trashed books out.
+        books = [
+            self.state.books[b]
+            for b in shelf.books
+            if b in self.state.books and not self.state.books[b].trashed
+        ]
         for book in books:
             self.state.copy_permissions(shelf, book)
         return [b.id for b in books]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta
 
+from eventsync.testing.links import description_html, html_to_description
 from eventsync.testing.models import (
     CONTENT_PERMISSIONS,
     Attachment,
@@ -101,8 +102,15 @@ def seed_wiki(
     permission_share: float = 0.05,
     seed: int = 0,
 ) -> None:
-    """Add `roles` roles, `users` users and the content to `state`, silently."""
+    """Add `roles` roles, `users` users and the content to `state`, silently.
+
+    The content reads as if it had been saved through BookStack: descriptions have their
+    description_html and the references table holds every link to the app, so renames and
+    moves rewrite the absolute links (and leave the host-less ones alone) as BookStack does.
+    """
     s = _Seeder(state, seed)
+    # Link choices draw from their own generator, so the rest of the wiki stays the same.
+    link_rng = random.Random(f"links:{seed}")
 
     for i in range(roles):
         role_id = state.next_id("roles")
@@ -216,15 +224,17 @@ def seed_wiki(
         page.slug = state.unique_slug(page, page.name)
         new_pages.append(page)
 
-    # Links and includes, made once every page has its final URL.
+    # Links and includes, made once every page has its final URL. Most links are absolute
+    # URLs to the app (ReferenceStore records them, ReferenceUpdater rewrites them); some are
+    # host-less paths, which BookStack neither records nor rewrites.
     for page in new_pages:
         if len(new_pages) < 2:
             break
         roll = s.rng.random()
         if roll < 0.2:
             target = s.rng.choice([p for p in s.rng.sample(new_pages, 2) if p is not page])
-            # Host-less links keep truth() independent of the port the fake listens on.
-            url = state.path_of(target)
+            relative = link_rng.random() < 0.25
+            url = state.path_of(target) if relative else state.url_of(target)
             page.html += f'\n<p>See <a href="{url}">{target.name}</a>.</p>'
         elif roll < 0.23:
             target = s.rng.choice([p for p in s.rng.sample(new_pages, 2) if p is not page])
@@ -232,6 +242,16 @@ def seed_wiki(
     for page in new_pages:
         state.store_revision(page, "Initial publish", page.created_by)
         page.revisions[-1].created_at = page.created_at
+
+    # Descriptions as BaseRepo stores them; a few books and chapters link to a page.
+    for holder in [*new_shelves, *new_books, *new_chapters]:
+        holder.description_html = description_html(holder.description)
+        if new_pages and not isinstance(holder, Shelf) and link_rng.random() < 0.15:
+            target = link_rng.choice(new_pages)
+            holder.description_html = (
+                f'<p>{holder.description} <a href="{state.url_of(target)}">{target.name}</a></p>'
+            )
+            holder.description = html_to_description(holder.description_html)
 
     for _ in range(attachments if new_pages else 0):
         attachment_id = state.next_id("attachments")
@@ -260,6 +280,8 @@ def seed_wiki(
         )
 
     entities: list[Entity] = [*new_shelves, *new_books, *new_chapters, *new_pages]
+    for entity in entities:
+        state.store_references(entity)
     role_choices = [*s.roles, 2, 3]
     for entity in entities:
         if s.rng.random() >= permission_share:

@@ -117,7 +117,10 @@ class FakeBookStack(ContentMutations, AdminMutations):
         sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
         bound_port = sockets[0].getsockname()[1]
         self.url = f"http://{host}:{bound_port}"
-        self.state.app_url = self.url
+        # APP_URL follows the address; content seeded before start() gets its links moved
+        # along, as `bookstack:update-url` would.
+        old_url, self.state.app_url = self.state.app_url, self.url
+        self.state.update_url(old_url, self.url)
         return self.url
 
     async def stop(self) -> None:

@@ -6,6 +6,7 @@ import base64
 import html as html_lib
 from typing import TYPE_CHECKING, Any
 
+from eventsync.testing import links
 from eventsync.testing.models import (
     ACTIVITY_TEXT,
     Activity,
@@ -29,8 +30,9 @@ if TYPE_CHECKING:
 JSON = dict[str, Any]
 
 
-def description_html(text: str) -> str:
-    return f"<p>{html_lib.escape(text)}</p>" if text else ""
+def description_html(entity: Shelf | Book | Chapter) -> str:
+    """forJsonDisplay: HasHtmlDescription::descriptionHtml()."""
+    return links.description_html(entity.description, entity.description_html)
 
 
 def tags_read(entity: Entity) -> list[JSON]:
@@ -163,8 +165,8 @@ def deletion_row(state: WikiState, deletion: Deletion) -> JSON:
     entity = state.entity(deletion.deletable_type, deletion.deletable_id)
     deletable: JSON | None = None
     if entity is not None:
+        # Every entity model lists deleted_at in $hidden.
         deletable = _entity_columns(state, entity)
-        deletable["deleted_at"] = iso(entity.deleted_at)
         if isinstance(entity, Book | Chapter):
             pages = (
                 state.book_pages(entity.id)
@@ -284,7 +286,7 @@ def book_read(state: WikiState, book: Book, viewer_id: int) -> JSON:
         **book_item(state, book),
         **_users(state, book, objects=True),
         "default_template_id": book.default_template_id,
-        "description_html": description_html(book.description),
+        "description_html": description_html(book),
         "tags": tags_read(book),
         "cover": None,
         "contents": contents,
@@ -297,7 +299,7 @@ def chapter_read(state: WikiState, chapter: Chapter, viewer_id: int) -> JSON:
         **chapter_item(state, chapter),
         **_users(state, chapter, objects=True),
         "default_template_id": chapter.default_template_id,
-        "description_html": description_html(chapter.description),
+        "description_html": description_html(chapter),
         "tags": tags_read(chapter),
         "pages": [page_item(state, p) for p in pages],  # type: ignore[arg-type]
     }
@@ -308,7 +310,7 @@ def shelf_read(state: WikiState, shelf: Shelf, viewer_id: int) -> JSON:
     return {
         **book_item(state, shelf),
         **_users(state, shelf, objects=True),
-        "description_html": description_html(shelf.description),
+        "description_html": description_html(shelf),
         "tags": tags_read(shelf),
         "cover": None,
         "books": [_entity_columns(state, b) for b in state.visible(viewer_id, books)],

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from eventsync.testing import shapes
+from eventsync.testing.links import anchor_hrefs, rewrite_hrefs, rewrite_markdown
 from eventsync.testing.models import (
     ADMIN_REQUIRED_PERMISSIONS,
     ALL_PERMISSIONS,
@@ -29,6 +30,7 @@ from eventsync.testing.models import (
     Shelf,
     User,
     Webhook,
+    columns,
     slugify,
 )
 from eventsync.testing.truth import build_truth
@@ -92,6 +94,10 @@ class WikiState:
         # (entity type, id) -> {role id (0 = everyone else): flags}
         self.entity_permissions: dict[tuple[str, int], dict[int, Perm]] = {}
         self.outbox: list[Outgoing] = []
+
+        # The references table (from -> to), kept in insertion order both ways.
+        self._refs_from: dict[tuple[str, int], list[tuple[str, int]]] = {}
+        self._refs_to: dict[tuple[str, int], dict[tuple[str, int], None]] = {}
 
         # Hierarchy indexes, trashed rows included (BookStack's withTrashed relations need them).
         self._book_pages: dict[int, set[int]] = {}
@@ -214,15 +220,14 @@ class WikiState:
         return max([*pages, *chapters, 1])
 
     def new_page_priority(self, page: Page) -> int:
-        """PageRepo::getNewPriority: after the chapter's last page, else at the book's end."""
+        """PageRepo::getNewPriority: after the chapter's last page, else at the book's end.
+
+        `$chapter->pages('desc')->first()` counts every live page of the chapter, drafts and
+        the page being published included, so a chapter's first page gets its priority + 1.
+        """
         if page.chapter_id:
-            siblings = [
-                p.priority
-                for p in self.chapter_pages(page.chapter_id)
-                if p.id != page.id and not p.trashed and not p.draft
-            ]
-            if siblings:
-                return max(siblings) + 1
+            siblings = [p.priority for p in self.chapter_pages(page.chapter_id) if not p.trashed]
+            return max(siblings) + 1 if siblings else 0
         return self.book_last_priority(page.book_id) + 1
 
     # -------------------------------------------------------------- slugs/urls
@@ -271,31 +276,148 @@ class WikiState:
     def url_of(self, entity: Entity) -> str:
         return self.url(self.path_of(entity))
 
-    def update_references(self, old_path: str, new_path: str, *, skip: int | None = None) -> None:
-        """ReferenceUpdater: rewrite links to a moved/renamed item in every other live page.
-
-        Silent, as in BookStack: html and markdown change, revision_count and updated_at move,
-        and a revision is stored, but no activity is logged.
-        """
-        if old_path == new_path:
+    def update_url(self, old_url: str, new_url: str) -> None:
+        """bookstack:update-url: a plain REPLACE in stored content, silent, no timestamps."""
+        old_url, new_url = old_url.rstrip("/"), new_url.rstrip("/")
+        if old_url == new_url:
             return
-        # A link is to the item (or, for a book, to one of its children) when the path is
-        # followed by something that cannot continue a slug.
-        pattern = re.compile(re.escape(old_path) + r"(?![\w-])")
-        now = self.now()
         for page in self.pages.values():
-            if page.trashed or page.draft or page.id == skip:
+            page.html = page.html.replace(old_url, new_url)
+            page.markdown = page.markdown.replace(old_url, new_url)
+        holders: list[Shelf | Book | Chapter] = [
+            *self.shelves.values(),
+            *self.books.values(),
+            *self.chapters.values(),
+        ]
+        for holder in holders:
+            holder.description_html = holder.description_html.replace(old_url, new_url)
+        for attachment in self.attachments.values():
+            attachment.path = attachment.path.replace(old_url, new_url)
+
+    # ----------------------------------------------------------- references
+    def resolve_link(self, link: str) -> Entity | None:
+        """CrossLinkParser's resolvers, in order: permalink, page, chapter, book, shelf.
+
+        Only absolute links to this app resolve; slugs compare case-insensitively (MySQL).
+        """
+        match = re.match(re.escape(self.url("/link")) + r"/(\d+)", link)
+        if match:
+            page = self.pages.get(int(match.group(1)))
+            return page if page is not None and not page.trashed else None
+        books = re.escape(self.url("/books"))
+        end = r"(?:[#?/]|$)"
+        match = re.match(books + r"/([\w-]+)/page/([\w-]+)" + end, link, re.ASCII)
+        if match:
+            found = self._child_by_slugs(match.group(1), match.group(2), self.book_pages)
+            if found is not None:
+                return found
+        match = re.match(books + r"/([\w-]+)/chapter/([\w-]+)" + end, link, re.ASCII)
+        if match:
+            found = self._child_by_slugs(match.group(1), match.group(2), self.book_chapters)
+            if found is not None:
+                return found
+        match = re.match(books + r"/([\w-]+)" + end, link, re.ASCII)
+        if match:
+            return self._by_slug(self.books.values(), match.group(1))
+        match = re.match(re.escape(self.url("/shelves")) + r"/([\w-]+)" + end, link, re.ASCII)
+        if match:
+            return self._by_slug(self.shelves.values(), match.group(1))
+        return None
+
+    @staticmethod
+    def _by_slug(items: Iterable[Any], slug: str) -> Any:
+        slug = slug.casefold()
+        found = [e for e in items if not e.trashed and e.slug.casefold() == slug]
+        return min(found, key=lambda e: e.id) if found else None
+
+    def _child_by_slugs(
+        self, book_slug: str, slug: str, children: Callable[[int], list[Any]]
+    ) -> Entity | None:
+        book_slug = book_slug.casefold()
+        found: list[Entity] = []
+        for book in self.books.values():
+            if not book.trashed and book.slug.casefold() == book_slug:
+                match = self._by_slug(children(book.id), slug)
+                if match is not None:
+                    found.append(match)
+        return min(found, key=lambda e: e.id) if found else None
+
+    def store_references(self, entity: Entity) -> None:
+        """ReferenceStore::updateForEntity: replace the links going out of the item's html.
+
+        BookStack runs it when an item is created or updated (BaseRepo) and when a revision
+        is restored; not on moves, sorts or reference rewrites.
+        """
+        key = (entity.TYPE, entity.id)
+        for target in self._refs_from.pop(key, []):
+            self._refs_to.get(target, {}).pop(key, None)
+        html = entity.html if isinstance(entity, Page) else getattr(entity, "description_html", "")
+        targets: dict[tuple[str, int], None] = {}
+        for link in anchor_hrefs(html):
+            model = self.resolve_link(link)
+            if model is not None:
+                targets[(model.TYPE, model.id)] = None
+        if targets:
+            self._refs_from[key] = list(targets)
+            for target in targets:
+                self._refs_to.setdefault(target, {})[key] = None
+
+    def references_to(self, entity: Entity) -> list[tuple[str, int]]:
+        """(type, id) of the items holding a stored link to `entity`, oldest first."""
+        return list(self._refs_to.get((entity.TYPE, entity.id), {}))
+
+    def _drop_references(self, entity: Entity) -> None:
+        key = (entity.TYPE, entity.id)
+        for target in self._refs_from.pop(key, []):
+            self._refs_to.get(target, {}).pop(key, None)
+        for source in self._refs_to.pop(key, {}):
+            targets = self._refs_from.get(source, [])
+            if key in targets:
+                targets.remove(key)
+
+    def update_references(
+        self, entity: Entity, old_url: str, *, user_id: int = ADMIN_USER_ID
+    ) -> None:
+        """ReferenceUpdater::updateEntityReferences after `entity`'s URL changed.
+
+        Only items holding a stored reference to it (for a book: to it or to any of its
+        pages and chapters) that the acting user can see are touched, silently: a page gets
+        its `<a href>`s and markdown links rewritten, revision_count + 1 and a new revision
+        (saved even if no link text matched); a shelf, book or chapter gets its
+        description_html hrefs rewritten and is saved when that changed it.
+        """
+        new_url = self.url_of(entity)
+        if old_url == new_url:
+            return
+        targets = [entity]
+        if isinstance(entity, Book):
+            targets += [p for p in self.book_pages(entity.id) if not p.trashed]
+            targets += [c for c in self.book_chapters(entity.id) if not c.trashed]
+        sources: dict[tuple[str, int], None] = {}
+        for target in targets:
+            for source in self.references_to(target):
+                sources.setdefault(source, None)
+        now = self.now()
+        for source_type, source_id in sources:
+            source = self.entity(source_type, source_id)
+            # whereHas('from') skips trashed items; restrictEntityRelationQuery skips drafts
+            # and items the acting user cannot see.
+            if source is None or source.trashed or not self.can_view(user_id, source):
                 continue
-            if old_path not in page.html and old_path not in page.markdown:
-                continue
-            html = pattern.sub(new_path, page.html)
-            markdown = pattern.sub(new_path, page.markdown)
-            if html == page.html and markdown == page.markdown:
-                continue
-            page.html, page.markdown = html, markdown
-            page.revision_count += 1
-            page.updated_at = now
-            self.store_revision(page, "System auto-update of internal links", page.updated_by)
+            if isinstance(source, Page):
+                if source.draft:
+                    continue
+                source.html = rewrite_hrefs(source.html, old_url, new_url)
+                source.markdown = rewrite_markdown(source.markdown, old_url, new_url)
+                source.revision_count += 1
+                source.updated_at = now
+                self.store_revision(source, "System auto-update of internal links", user_id)
+            else:
+                assert isinstance(source, Shelf | Book | Chapter)
+                html = rewrite_hrefs(source.description_html, old_url, new_url)
+                if html != source.description_html:
+                    source.description_html = html
+                    source.updated_at = now
 
     def store_revision(self, page: Page, summary: str | None, user_id: int | None) -> Revision:
         book = self.books.get(page.book_id)
@@ -308,27 +430,42 @@ class WikiState:
             html=page.html,
             markdown=page.markdown,
             created_by=user_id,
-            created_at=self.now(),
+            # RevisionRepo::storeNewForPage copies the page's updated_at.
+            created_at=page.updated_at,
             summary=summary,
             revision_number=page.revision_count,
         )
         page.revisions.append(revision)
         return revision
 
-    def change_book(self, child: Page | Chapter, book_id: int) -> None:
-        """BookChild::changeBook: new book, refreshed slug, references; a chapter's pages follow."""
-        old_path = self.path_of(child)
+    def change_book(
+        self,
+        child: Page | Chapter,
+        book_id: int,
+        *,
+        user_id: int = ADMIN_USER_ID,
+        before: tuple[Any, ...] | None = None,
+    ) -> None:
+        """BookChild::changeBook: new book, refreshed slug, save, references; pages follow.
+
+        The save bumps updated_at only when a column changed (`before` holds the columns
+        as they were before the caller's own changes, e.g. PageRepo::move's chapter_id).
+        """
+        before = columns(child) if before is None else before
+        old_url = self.url_of(child)
         if isinstance(child, Page):
             self.place_page(child, book_id, child.chapter_id)
         else:
             self.place_chapter(child, book_id)
         child.slug = self.unique_slug(child, child.name)
-        child.updated_at = self.now()
-        skip = child.id if isinstance(child, Page) else None
-        self.update_references(old_path, self.path_of(child), skip=skip)
+        if columns(child) != before:
+            child.updated_at = self.now()
+        self.update_references(child, old_url, user_id=user_id)
         if isinstance(child, Chapter):
-            for page in self.chapter_pages(child.id):
-                self.change_book(page, book_id)
+            # $this->pages()->withTrashed(): ordered by priority, trashed pages included.
+            pages = sorted(self.chapter_pages(child.id), key=lambda p: (p.priority, p.id))
+            for page in pages:
+                self.change_book(page, book_id, user_id=user_id)
 
     # ------------------------------------------------------------ rendering
     def render_html(self, page: Page, viewer_id: int, depth: int = 0) -> str:
@@ -551,7 +688,15 @@ class WikiState:
         return count
 
     def _restore_entity(self, entity: Entity) -> int:
-        entity.deleted_at = None
+        """TrashCan::restoreEntity: restore() saves, so each restored row's updated_at moves."""
+        now = self.now()
+
+        def restore(item: Entity) -> None:
+            if item.trashed:
+                item.deleted_at = None
+                item.updated_at = now
+
+        restore(entity)
         count = 1
         children: list[Entity] = []
         if isinstance(entity, Book | Chapter):
@@ -564,7 +709,7 @@ class WikiState:
             children += self.book_chapters(entity.id)
         for child in children:
             self._drop_deletion_of(child)
-            child.deleted_at = None
+            restore(child)
             count += 1
         return count
 
@@ -603,6 +748,7 @@ class WikiState:
         elif isinstance(entity, Shelf):
             del self.shelves[entity.id]
         self.anonymise_activities(entity)
+        self._drop_references(entity)
         self.entity_permissions.pop((entity.TYPE, entity.id), None)
         self._drop_deletion_of(entity)
         return count + 1
