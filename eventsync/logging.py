@@ -12,6 +12,10 @@ import structlog
 REDACTED = "[redacted]"
 MIN_SECRET = 6
 
+# The level configure_logging() set: hot paths ask `debug_enabled()` before building a debug
+# line, since even a filtered call through a lazy module logger costs a bind.
+_level = logging.INFO
+
 
 class _Redactor:
     """Replaces every known secret inside any string field, whatever put it there."""
@@ -44,6 +48,8 @@ def configure_logging(
     fmt: str = "auto", level: str = "info", secrets: Iterable[str] = (), stream: Any = None
 ) -> None:
     """Configure structlog and the stdlib root logger (aiohttp logs through it)."""
+    global _level
+    _level = getattr(logging, level.upper())
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     redactor = _Redactor(secrets)
@@ -79,6 +85,10 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
+
+
+def debug_enabled() -> bool:
+    return _level <= logging.DEBUG
 
 
 def get_logger(name: str) -> Any:

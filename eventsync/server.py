@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from eventsync.ingest.webhook import json_error
-from eventsync.logging import get_logger
+from eventsync.logging import debug_enabled, get_logger
 
 if TYPE_CHECKING:
     from eventsync.service import Service
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 log = get_logger("eventsync.http")
 
 MAX_CHANGES = 1000
+WEBHOOK_ROUTE = "/webhooks/bookstack/{secret}"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -34,7 +35,13 @@ async def _errors_and_access_log(request: web.Request, handler: Handler) -> web.
     except Exception:
         log.exception("request failed", route=name)
         response = json_error(500, "internal error")
-    log.info(
+    # An accepted webhook is the hot path (thousands a second in a burst) and its job logs
+    # one line of its own: its access line is debug. Everything else, rejections included,
+    # is info.
+    if name == WEBHOOK_ROUTE and response.status < 300 and not debug_enabled():
+        return response
+    level = log.debug if name == WEBHOOK_ROUTE and response.status < 300 else log.info
+    level(
         "http",
         method=request.method,
         route=name,
@@ -85,7 +92,7 @@ def build_app(service: Service) -> web.Application:
         response.headers["Content-Type"] = content_type
         return response
 
-    app.router.add_post("/webhooks/bookstack/{secret}", service.receiver.handle)
+    app.router.add_post(WEBHOOK_ROUTE, service.receiver.handle)
     app.router.add_get("/changes", changes)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

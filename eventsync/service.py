@@ -129,6 +129,8 @@ class Service:
         # Client counters already reported to Prometheus (its counters only go up by deltas).
         self._reported: Counter[Any] = Counter()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._accepted = self.metrics.webhooks_received_total.labels(outcome="accepted")
+        self._event_counters: dict[tuple[str, str], Any] = {}
         self._runner: web.AppRunner | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -377,7 +379,7 @@ class Service:
         self.dispatcher.wake()
 
     def _webhook_event(self, event: Event, outcome: str) -> None:
-        self.metrics.webhooks_received_total.labels(outcome="accepted").inc()
+        self._accepted.inc()
         self._count_event(event, outcome)
         self.poller.trigger()  # its audit row exists already: pair it soon
 
@@ -395,7 +397,11 @@ class Service:
         # otherwise mint unbounded metric series.
         known = event.type in ROUTES or event.type in IGNORED
         label = event.type if known else "other"
-        self.metrics.events_total.labels(type=label, source=event.source).inc()
+        counter = self._event_counters.get((label, event.source))
+        if counter is None:  # labels() costs a lock and a lookup: once per series, not event
+            counter = self.metrics.events_total.labels(type=label, source=event.source)
+            self._event_counters[(label, event.source)] = counter
+        counter.inc()
         if outcome in ("duplicate", "covered"):
             self.metrics.events_deduplicated_total.labels(source=event.source).inc()
 

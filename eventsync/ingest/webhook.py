@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -11,7 +12,7 @@ from aiohttp import web
 
 from eventsync.events import BadEvent, Event, from_webhook
 from eventsync.ingest.inbox import Inbox
-from eventsync.logging import get_logger
+from eventsync.logging import debug_enabled, get_logger
 
 log = get_logger("eventsync.webhook")
 
@@ -20,6 +21,12 @@ MAX_BODY = 1024 * 1024
 
 def _digest(value: str) -> bytes:
     return hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
+
+
+@functools.cache
+def _accepted_body(outcome: str) -> bytes:
+    # A handful of outcomes: encode each once, not once per webhook.
+    return json.dumps({"status": "accepted", "outcome": outcome}).encode()
 
 
 def json_error(status: int, message: str) -> web.Response:
@@ -90,5 +97,8 @@ class WebhookReceiver:
             return json_error(503, "shutting down")
         if self._on_event is not None:
             self._on_event(event, outcome)
-        log.debug("webhook accepted", type=event.type, key=event.key, outcome=outcome)
-        return web.json_response({"status": "accepted", "outcome": outcome}, status=202)
+        if debug_enabled():
+            log.debug("webhook accepted", type=event.type, key=event.key, outcome=outcome)
+        return web.Response(
+            body=_accepted_body(outcome), status=202, content_type="application/json"
+        )

@@ -367,6 +367,11 @@ def record_sync(conn: sqlite3.Connection, events: Sequence[Event], now: float) -
         paired = outcome in ("paired", "duplicate")
         if outcome == "paired":
             outcome = "covered"
+        elif outcome == "job":
+            existed = merge_job_sync(
+                conn, event.key or "", event.hints, now, event.at, _job_payload(event)
+            )
+            outcome = "merged" if existed else "queued"
         conn.execute(
             "INSERT INTO events (source, activity_id, type, entity_key, event_time, received_at, "
             "outcome, paired, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -382,8 +387,6 @@ def record_sync(conn: sqlite3.Connection, events: Sequence[Event], now: float) -
                 event.raw or (json.dumps(event.payload) if event.payload else None),
             ),
         )
-        if outcome in ("queued", "merged"):
-            merge_job_sync(conn, event.key or "", event.hints, now, event.at, _job_payload(event))
         outcomes.append(outcome)
     return outcomes
 
@@ -446,8 +449,7 @@ def _outcome_sync(conn: sqlite3.Connection, event: Event) -> str:
             return "paired"
         if event.hints <= {FETCH} and _read_since_sync(conn, event.key, event.at):
             return "covered"
-    exists = conn.execute("SELECT 1 FROM jobs WHERE key = ?", (event.key,)).fetchone()
-    return "merged" if exists else "queued"
+    return "job"  # queued or merged: merge_job_sync says which
 
 
 def _read_since_sync(conn: sqlite3.Connection, key: str, at: float) -> bool:
@@ -471,7 +473,8 @@ def merge_job_sync(
     now: float,
     event_time: float | None,
     payload: dict[str, Any] | None = None,
-) -> None:
+) -> bool:
+    """Merge into `key`'s job, or create it; True if it existed."""
     row = conn.execute("SELECT hints, payload FROM jobs WHERE key = ?", (key,)).fetchone()
     if row:
         merged = sorted(set(json.loads(row[0])) | set(hints))
@@ -483,16 +486,17 @@ def merge_job_sync(
             "not_before = min(not_before, ?), payload = ? WHERE key = ?",
             (json.dumps(merged), event_time, now, json.dumps(data) if data else None, key),
         )
-    else:
-        conn.execute(
-            "INSERT INTO jobs (key, hints, first_seen, newest_event, not_before, payload) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                key,
-                json.dumps(sorted(set(hints))),
-                now,
-                event_time,
-                now,
-                json.dumps(payload) if payload else None,
-            ),
-        )
+        return True
+    conn.execute(
+        "INSERT INTO jobs (key, hints, first_seen, newest_event, not_before, payload) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            key,
+            json.dumps(sorted(set(hints))),
+            now,
+            event_time,
+            now,
+            json.dumps(payload) if payload else None,
+        ),
+    )
+    return False
