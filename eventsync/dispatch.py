@@ -7,6 +7,7 @@ import contextlib
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 from eventsync.errors import BookStackError, EventsyncError, RetryLater
 from eventsync.handlers import Handlers, Settle
@@ -150,7 +151,14 @@ class Dispatcher:
 
     async def _process(self, job: Job) -> None:
         started = time.monotonic()
-        bound = log.bind(job=job.key, hints=sorted(job.hints), attempt=job.attempts + 1)
+        bound = log.bind(
+            entity=job.key,
+            # structlog's `event` is the message: the BookStack event type is `activity`.
+            activity=job.last_event,
+            source=job.sources,
+            hints=sorted(job.hints),
+            attempt=job.attempts + 1,
+        )
         try:
             outcome = await self.handlers.run(job)
         except asyncio.CancelledError:
@@ -158,7 +166,7 @@ class Dispatcher:
         except Settle as exc:
             self.settling += 1
             await self.queue.retry(job, str(exc), exc.delay)
-            bound.info("job settling", reason=str(exc), delay=exc.delay)
+            bound.info("job settling", outcome="settling", reason=str(exc), delay=exc.delay)
             self._report(job, "settling", started)
             return
         except (RetryLater, BookStackError, EventsyncError) as exc:
@@ -182,7 +190,7 @@ class Dispatcher:
         self._report(job, "done", started)
 
     async def _failed(
-        self, job: Job, exc: BaseException, bound: object, started: float, *, transient: bool
+        self, job: Job, exc: BaseException, bound: Any, started: float, *, transient: bool
     ) -> None:
         delay = getattr(exc, "delay", None) if transient else None
         delay = max(delay or 0.0, backoff(job.attempts))
@@ -192,23 +200,19 @@ class Dispatcher:
         try:
             kept = await self.queue.retry(job, error, delay, count=count)
         except Exception:
-            log.exception("could not record a failed job; it will run again", job=job.key)
+            bound.exception("could not record a failed job; it will run again")
             with contextlib.suppress(Exception):
                 await self.queue.release([job])
             return
         if kept:
             self.retried += 1
-            log.warning(
-                "job failed, will retry",
-                job=job.key,
-                error=error,
-                attempt=job.attempts + 1,
-                delay=round(delay, 2),
+            bound.warning(
+                "job failed, will retry", outcome="retry", error=error, delay=round(delay, 2)
             )
             self._report(job, "retried", started)
         else:
             self.dead += 1
-            log.error("job dead-lettered", job=job.key, error=error, attempts=job.attempts + 1)
+            bound.error("job dead-lettered", outcome="dead-lettered", error=error)
             self._report(job, "dead_lettered", started)
 
     def _report(self, job: Job, outcome: str, started: float) -> None:

@@ -139,7 +139,7 @@ class Handlers:
         async with self.store.transaction() as tx:
             await tx.forget_tombstones(shelves)
             for shelf_id in sorted(shelves):
-                await self.queue.enqueue(f"shelf:{shelf_id}", [FETCH], tx=tx)
+                await self.queue.enqueue(f"shelf:{shelf_id}", [FETCH], tx=tx, reason="reshelve")
 
     async def _refresh_linkers(self, kind: str, entity_id: int, old_path: str | None) -> None:
         """A rename or move changed the item's URL: BookStack rewrote the links to it in other
@@ -153,7 +153,7 @@ class Handlers:
         linkers = await self.store.pages_linking(old_path)
         linkers.discard(entity_id if kind == "page" else -1)
         for page_id in sorted(linkers):
-            await self.queue.enqueue(f"page:{page_id}", [FETCH])
+            await self.queue.enqueue(f"page:{page_id}", [FETCH], reason="link rewrite")
         if linkers:
             log.info(
                 "links rewritten by BookStack: re-reading",
@@ -167,7 +167,7 @@ class Handlers:
         them again. Their own jobs do the same in turn, so nested includes follow, and an
         unchanged read ends the chain."""
         for includer in sorted(await self.store.includers([page_id])):
-            await self.queue.enqueue(f"page:{includer}", [FETCH])
+            await self.queue.enqueue(f"page:{includer}", [FETCH], reason="include")
 
     async def _permissions(self, kind: str, entity_id: int) -> bool:
         content_type = CONTENT_TYPES[kind]
@@ -319,7 +319,7 @@ class Handlers:
         owned = await self.store.owned_by(user_id)
         for content_type, content_id in owned:
             kind = KIND_OF_CONTENT_TYPE[content_type]
-            await self.queue.enqueue(f"{kind}:{content_id}", [PERMISSIONS])
+            await self.queue.enqueue(f"{kind}:{content_id}", [PERMISSIONS], reason="owner")
         if owned:
             log.info("deleted user's content: re-reading its owner", user=user_id, items=len(owned))
 
@@ -336,7 +336,7 @@ class Handlers:
             count = raw.get("users_count")
             candidate = migrated > 0 and count == migrated
             if current is None or current["users_count"] != count or candidate:
-                await self.queue.enqueue(f"role:{raw['id']}", [FETCH])
+                await self.queue.enqueue(f"role:{raw['id']}", [FETCH], reason="role migration")
 
     # ---- recycle bin ------------------------------------------------------------------------
 
@@ -348,7 +348,9 @@ class Handlers:
                 # diff finds what came back.
                 await self.queue.enqueue(DIFF_KEY, [FETCH])
                 return "restore: diff"
-            await self.queue.enqueue(entity, [FETCH, PERMISSIONS, SUBTREE, EXPECT_PRESENT])
+            await self.queue.enqueue(
+                entity, [FETCH, PERMISSIONS, SUBTREE, EXPECT_PRESENT], reason="recycle_bin_restore"
+            )
             return f"restore: {entity}"
         if entity is not None and await self.store.get(*_split(entity)) is not None:
             await self.queue.enqueue(entity, [FETCH])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
@@ -44,6 +45,23 @@ class _Redactor:
         return {k: self._clean(v) for k, v in event_dict.items()}
 
 
+class _LineWriter:
+    """structlog's output: each line written whole, under the lock the stdlib handler uses
+    too. (structlog's PrintLogger writes the line and its newline as two writes, so a line
+    from another thread, such as aiosqlite's, can land between them.)"""
+
+    def __init__(self, stream: Any, lock: threading.RLock) -> None:
+        self._stream = stream
+        self._lock = lock
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            self._stream.write(message + "\n")
+            self._stream.flush()
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
+
+
 def configure_logging(
     fmt: str = "auto", level: str = "info", secrets: Iterable[str] = (), stream: Any = None
 ) -> None:
@@ -53,6 +71,8 @@ def configure_logging(
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     redactor = _Redactor(secrets)
+    lock = threading.RLock()
+    writer = _LineWriter(stream, lock)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -73,10 +93,11 @@ def configure_logging(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=lambda *_args: writer,
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(stream)
+    handler.lock = lock  # one lock for both writers: whole lines, never interleaved
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name], processor=renderer
@@ -85,6 +106,8 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
+    # aiosqlite logs every statement at debug: noise even when debugging eventsync.
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, root.level))
 
 
 def debug_enabled() -> bool:

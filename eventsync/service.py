@@ -258,7 +258,7 @@ class Service:
         had_sync_point = await self.store.get_state(LAST_FULL_SYNC) is not None
         await self.synced.wait()
         if had_sync_point and not self.stop_event.is_set():
-            await self.queue.enqueue(DIFF_KEY, [FETCH])
+            await self.queue.enqueue(DIFF_KEY, [FETCH], reason="start-up diff")
             self.dispatcher.wake()
         while not self.stop_event.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
@@ -266,7 +266,7 @@ class Service:
                     self.stop_event.wait(), timeout=self.settings.reconcile_interval
                 )
             if not self.stop_event.is_set():
-                await self.queue.enqueue(DIFF_KEY, [FETCH])
+                await self.queue.enqueue(DIFF_KEY, [FETCH], reason="periodic diff")
                 self.dispatcher.wake()
 
     async def _gap(self, reason: str) -> None:
@@ -274,7 +274,7 @@ class Service:
         log.warning("gap detected: diff sync of everything", reason=reason)
         async with self.store.transaction() as tx:
             await record_gap(tx, reason)
-            await self.queue.enqueue(DIFF_KEY, [FETCH], payload=THOROUGH, tx=tx)
+            await self.queue.enqueue(DIFF_KEY, [FETCH], payload=THOROUGH, tx=tx, reason="gap")
         self.dispatcher.wake()
 
     async def _check_downtime(self) -> None:
@@ -338,7 +338,7 @@ class Service:
                 if self.stop_event.is_set():
                     return
                 key, hints = items[i]
-                await self.queue.enqueue(key, hints)
+                await self.queue.enqueue(key, hints, reason="sweep")
                 self.dispatcher.wake()
                 cost = len(hints)  # one request per hint: a read, a permissions read
                 async with self.store.transaction() as tx:

@@ -486,6 +486,21 @@ async def test_secrets_never_in_logs_status_or_errors(tmp_path: Path) -> None:
         assert json.loads(status_body)["synced"] is True
         log = serve.output()
         assert '"route": "/webhooks/bookstack/{secret}"' in log  # the webhooks were logged
+        # Every line is one whole JSON object (nothing interleaved by another thread), and
+        # each unit of work is one line naming its entity, event (`activity`: the BookStack
+        # event type), source, attempt and outcome.
+        lines = [
+            json.loads(line)
+            for part in (serve.stdout, serve.stderr)
+            for line in part.read_text(errors="replace").splitlines()
+            if line.startswith("{")
+        ]
+        jobs = [line for line in lines if line.get("event") == "job done"]
+        page_jobs = [j for j in jobs if j.get("entity") == "page:1"]
+        assert page_jobs, "no job line for page 1"
+        first = page_jobs[0]
+        assert first["attempt"] >= 1 and first["outcome"] and first["activity"]
+        assert first["source"] in ("webhook", "audit", "audit,webhook", "eventsync")
         texts = {
             "serve output": log,
             "GET /status": status_body,

@@ -131,7 +131,7 @@ class AuditPoller:
             await tx.execute("UPDATE events SET activity_id = NULL WHERE activity_id IS NOT NULL")
             await tx.set_state(AUDIT_CURSOR, 0)
             await tx.delete_state(LAST_ROW)
-            await self.queue.enqueue(DIFF_KEY, [FETCH], payload=THOROUGH, tx=tx)
+            await self.queue.enqueue(DIFF_KEY, [FETCH], payload=THOROUGH, tx=tx, reason="gap")
         if self._on_gap is not None:
             self._on_gap(reason)
         return False

@@ -36,6 +36,8 @@ class Job:
     newest_event: float | None
     payload: dict[str, Any] = field(default_factory=dict)
     last_error: str | None = None
+    last_event: str | None = None  # the latest event type merged in
+    sources: str | None = None  # "audit,webhook": where its events came from
 
     @property
     def kind(self) -> str:
@@ -94,16 +96,21 @@ class JobQueue:
         payload: dict[str, Any] | None = None,
         tx: Tx | None = None,
         delay: float = 0.0,
+        reason: str = "follow-up",
     ) -> None:
-        """Add follow-up work that no BookStack event announces (cascades, resolutions)."""
+        """Add work that no BookStack event announces (cascades, resolutions, the sweep):
+        `reason` names it in the job's log line."""
         due = time.time() + delay
         hint_list = list(hints)
+        origin = (reason, "eventsync")
+
+        def merge(conn: sqlite3.Connection) -> bool:
+            return merge_job_sync(conn, key, hint_list, due, None, payload, origin)
+
         if tx is not None:
-            await tx.run(lambda conn: merge_job_sync(conn, key, hint_list, due, None, payload))
+            await tx.run(merge)
             return
-        await self.store.run_tx(
-            lambda conn: merge_job_sync(conn, key, hint_list, due, None, payload)
-        )
+        await self.store.run_tx(merge)
 
     # ---- workers ----------------------------------------------------------------------------
 
@@ -148,7 +155,8 @@ class JobQueue:
         async with self.store.transaction() as tx:
             rows = await tx.fetchall(
                 "SELECT key, hints, version, attempts, first_seen, newest_event, payload, "
-                "last_error FROM jobs WHERE leased_by IS NULL AND not_before <= ? "
+                "last_error, last_event, sources FROM jobs "
+                "WHERE leased_by IS NULL AND not_before <= ? "
                 "ORDER BY not_before LIMIT ?",
                 (now, limit),
             )
@@ -167,6 +175,8 @@ class JobQueue:
                 r[5],
                 json.loads(r[6]) if r[6] else {},
                 r[7],
+                r[8],
+                r[9],
             )
             for r in rows
         ]
@@ -280,7 +290,9 @@ class JobQueue:
                 key, hints = r[1], json.loads(r[2])
                 payload = json.loads(r[3]) if r[3] else None
                 await tx.run(
-                    lambda conn, k=key, h=hints, p=payload: merge_job_sync(conn, k, h, now, None, p)
+                    lambda conn, k=key, h=hints, p=payload: merge_job_sync(
+                        conn, k, h, now, None, p, ("dead-letter retry", "eventsync")
+                    )
                 )
                 await tx.execute("DELETE FROM dead_letters WHERE id = ?", (r[0],))
         return len(rows)
@@ -369,7 +381,13 @@ def record_sync(conn: sqlite3.Connection, events: Sequence[Event], now: float) -
             outcome = "covered"
         elif outcome == "job":
             existed = merge_job_sync(
-                conn, event.key or "", event.hints, now, event.at, _job_payload(event)
+                conn,
+                event.key or "",
+                event.hints,
+                now,
+                event.at,
+                _job_payload(event),
+                (event.type, event.source),
             )
             outcome = "merged" if existed else "queued"
         conn.execute(
@@ -473,23 +491,38 @@ def merge_job_sync(
     now: float,
     event_time: float | None,
     payload: dict[str, Any] | None = None,
+    origin: tuple[str, str] | None = None,
 ) -> bool:
-    """Merge into `key`'s job, or create it; True if it existed."""
-    row = conn.execute("SELECT hints, payload FROM jobs WHERE key = ?", (key,)).fetchone()
+    """Merge into `key`'s job, or create it; True if it existed. `origin` is the (event type,
+    source) behind it, kept for the job's log line."""
+    event_type, source = origin or (None, None)
+    row = conn.execute("SELECT hints, payload, sources FROM jobs WHERE key = ?", (key,)).fetchone()
     if row:
         merged = sorted(set(json.loads(row[0])) | set(hints))
         data = {**json.loads(row[1] or "{}"), **(payload or {})}
+        sources = ",".join(
+            sorted({*filter(None, (row[2] or "").split(",")), *filter(None, [source])})
+        )
         # A new event makes a job in retry back-off due now: the state may have settled.
         conn.execute(
             "UPDATE jobs SET hints = ?, events = events + 1, version = version + 1, "
             "newest_event = max(coalesce(newest_event, 0), coalesce(?, 0)), "
-            "not_before = min(not_before, ?), payload = ? WHERE key = ?",
-            (json.dumps(merged), event_time, now, json.dumps(data) if data else None, key),
+            "not_before = min(not_before, ?), payload = ?, "
+            "last_event = coalesce(?, last_event), sources = ? WHERE key = ?",
+            (
+                json.dumps(merged),
+                event_time,
+                now,
+                json.dumps(data) if data else None,
+                event_type,
+                sources or None,
+                key,
+            ),
         )
         return True
     conn.execute(
-        "INSERT INTO jobs (key, hints, first_seen, newest_event, not_before, payload) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO jobs (key, hints, first_seen, newest_event, not_before, payload, "
+        "last_event, sources) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
             key,
             json.dumps(sorted(set(hints))),
@@ -497,6 +530,8 @@ def merge_job_sync(
             event_time,
             now,
             json.dumps(payload) if payload else None,
+            event_type,
+            source,
         ),
     )
     return False
