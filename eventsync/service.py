@@ -450,6 +450,11 @@ class Service:
             limit = 3 * self.settings.poll_interval + 60
             if last_poll is None or time.time() - float(last_poll) > limit:
                 reasons.append("BookStack's audit log not read successfully recently")
+        else:
+            # No audit log to poll: the periodic diff and the sweep are what talk to BookStack.
+            limit = max(READY_API_AGE, self.settings.reconcile_interval + 60)
+            if time.time() - self.client.stats.last_answer_at > limit:
+                reasons.append("BookStack has not answered recently")
         return not reasons, reasons
 
     async def refresh_metrics(self) -> None:
