@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from eventsync.store.sqlite import KINDS, Store
+from eventsync.store.sqlite import KINDS, SECTION_OF, Store
 from eventsync.testing import FakeBookStack
 from eventsync.testing.models import ALL_PERMISSIONS
 
@@ -33,15 +33,6 @@ pytestmark = pytest.mark.timeout(90)
 FAKE_RPM = 100_000
 CLIENT_RPM = "60000"  # below the fake's limit: no throttling, no "limit lowered" warning
 SUBCOMMANDS = ("serve", "reconcile", "status", "export", "check", "dead-letters", "changes")
-SECTIONS = {
-    "shelf": "shelves",
-    "book": "books",
-    "chapter": "chapters",
-    "page": "pages",
-    "attachment": "attachments",
-    "user": "users",
-    "role": "roles",
-}
 # An address nothing is asked of: commands that must stop on their settings never get there.
 NOWHERE = "http://127.0.0.1:1"
 GOOD_WEBHOOK_SECRET = "whsec-test-cli-3b9e0c7a5d1f48e2"
@@ -480,7 +471,7 @@ async def test_full_reconcile_then_export_status_and_dead_letters(
     truth = fake.truth()
     rows = summary_rows(result.stdout)
     for kind, (created, updated, deleted, unchanged) in rows.items():
-        assert (created, updated, deleted, unchanged) == (len(truth[SECTIONS[kind]]), 0, 0, 0), (
+        assert (created, updated, deleted, unchanged) == (len(truth[SECTION_OF[kind]]), 0, 0, 0), (
             kind,
             result.stdout,
         )
@@ -501,7 +492,7 @@ async def test_full_reconcile_then_export_status_and_dead_letters(
     assert data["dead_letters"] == 0
     assert data["last_full_sync_at"]
     assert data["counts"] == {
-        **{kind: len(truth[section]) for kind, section in SECTIONS.items()},
+        **{kind: len(truth[section]) for kind, section in SECTION_OF.items()},
         "permissions": len(truth["permissions"]),
     }
 
@@ -524,7 +515,7 @@ async def test_full_reconcile_then_export_status_and_dead_letters(
     assert summary["complete"] is True and summary["problems"] == []
     for kind, tally in summary["kinds"].items():
         assert tally["created"] == tally["deleted"] == 0, (kind, tally)
-        assert tally["updated"] + tally["unchanged"] == len(truth[SECTIONS[kind]]), (kind, tally)
+        assert tally["updated"] + tally["unchanged"] == len(truth[SECTION_OF[kind]]), (kind, tally)
     assert summary["requests"] > 0
     assert stat.S_IMODE(database.stat().st_mode) == 0o600
     for run in (result, exported, status_json, status, letters, again):

@@ -28,7 +28,7 @@ import eventsync.testing.server as fake_server
 from eventsync.bookstack.client import BookStackClient
 from eventsync.bookstack.ratelimit import default_burst
 from eventsync.reconcile import AUDIT_CURSOR, LAST_FULL_SYNC, Reconciler, SyncSummary
-from eventsync.store.sqlite import Store
+from eventsync.store.sqlite import SECTION_OF, Store
 from eventsync.testing import FakeBookStack
 from eventsync.testing.models import Entity, Page
 from eventsync.testing.state import ADMIN_USER_ID
@@ -69,15 +69,6 @@ LISTING = {
     "attachment": "/api/attachments",
     "user": "/api/users",
     "role": "/api/roles",
-}
-SECTION = {
-    "shelf": "shelves",
-    "book": "books",
-    "chapter": "chapters",
-    "page": "pages",
-    "attachment": "attachments",
-    "user": "users",
-    "role": "roles",
 }
 # BookStack's content type of each content kind (content-permission URLs).
 CONTENT_TYPE = {"shelf": "bookshelf", "book": "book", "chapter": "chapter", "page": "page"}
@@ -228,7 +219,7 @@ def permission_reads(fake: FakeBookStack) -> list[tuple[str, int]]:
 
 
 def live_ids(truth: dict[str, Any], kind: str) -> set[int]:
-    return {row["id"] for row in truth[SECTION[kind]]}
+    return {row["id"] for row in truth[SECTION_OF[kind]]}
 
 
 def content_keys(truth: dict[str, Any]) -> set[tuple[str, int]]:
@@ -236,7 +227,7 @@ def content_keys(truth: dict[str, Any]) -> set[tuple[str, int]]:
 
 
 def expected_listing_counts(truth: dict[str, Any]) -> Counter[str]:
-    return Counter({LISTING[k]: listing_requests(len(truth[SECTION[k]])) for k in LISTING})
+    return Counter({LISTING[k]: listing_requests(len(truth[SECTION_OF[k]])) for k in LISTING})
 
 
 def permissions_by_key(doc: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
@@ -366,13 +357,13 @@ async def test_first_full_sync_mirrors_everything_with_the_minimum_of_requests(
     truth = fake.truth()
     assert_mirror_is_truth(await rig.mirror(), truth)
     for kind in ("page", "chapter", "attachment", "user"):
-        assert len(truth[SECTION[kind]]) > MAX_COUNT, kind
+        assert len(truth[SECTION_OF[kind]]) > MAX_COUNT, kind
 
     # Listing pages + one read per shelf, book, chapter, page and role (users and attachments
     # are complete in their listings) + every item's content permissions + the audit head.
     expected = expected_listing_counts(truth)
     for kind in ("shelf", "book", "chapter", "page", "role"):
-        expected[READ_ROUTE[kind]] = len(truth[SECTION[kind]])
+        expected[READ_ROUTE[kind]] = len(truth[SECTION_OF[kind]])
     expected[PERMISSIONS_ROUTE] = len(content_keys(truth))
     expected[AUDIT_ROUTE] = 1
     assert route_counts(fake) == expected

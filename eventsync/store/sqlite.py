@@ -150,6 +150,9 @@ TABLES: dict[str, Table] = {
     ),
 }
 
+# The export section (and table) of each kind: "page" → "pages".
+SECTION_OF: dict[str, str] = {kind: table.name for kind, table in TABLES.items()}
+
 SCHEMA_VERSION_KEY = "user_version"
 
 # The export document (DESIGN.md): section → (table, fields in order). Fields that are not

@@ -31,21 +31,11 @@ from eventsync.bookstack.client import BookStackClient
 from eventsync.logging import configure_logging
 from eventsync.reconcile import Reconciler
 from eventsync.records import COMPLETE_FROM_LISTING, ENDPOINTS
-from eventsync.store.sqlite import Store
+from eventsync.store.sqlite import SECTION_OF, Store
 from eventsync.testing import FakeBookStack
 
 PAGE_SIZE = 500  # BookStack's maximum `count` per listing request
 AUDIT = "/api/audit-log"
-# truth() section of each kind, to count what the listings return.
-SECTIONS = {
-    "shelf": "shelves",
-    "book": "books",
-    "chapter": "chapters",
-    "page": "pages",
-    "attachment": "attachments",
-    "user": "users",
-    "role": "roles",
-}
 CONTENT = ("shelf", "book", "chapter", "page")  # the kinds that carry content permissions
 GOAL_REQUESTS = 1.05
 GOAL_WALL = 1.1
@@ -54,7 +44,7 @@ GOAL_RSS_MB = 150.0
 
 def lower_bound(truth: dict[str, Any]) -> dict[str, int]:
     """The fewest requests any correct first sync can make, by part."""
-    counts = {kind: len(truth[section]) for kind, section in SECTIONS.items()}
+    counts = {kind: len(truth[section]) for kind, section in SECTION_OF.items()}
     return {
         # An empty listing still takes one request to learn that it is empty.
         "listing pages": sum(max(1, math.ceil(n / PAGE_SIZE)) for n in counts.values()),
@@ -241,7 +231,7 @@ async def run(args: argparse.Namespace) -> int:
     print(f"  export equals fake.truth(): {'OK' if difference is None else difference}")
 
     second_total = sum(second.values())
-    listing_routes = {ENDPOINTS[k][0] for k in SECTIONS} | {AUDIT}
+    listing_routes = {ENDPOINTS[k][0] for k in SECTION_OF} | {AUDIT}
     listings = sum(n for r, n in second.items() if r in listing_routes)
     reads = collections.Counter({r: n for r, n in second.items() if r not in listing_routes})
     role_reads = reads.pop("/api/roles/{id}", 0)
