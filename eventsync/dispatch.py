@@ -25,6 +25,10 @@ MAINTAIN_EVERY = LEASE_TTL / 4
 # within this many seconds: then this job is failing, not BookStack. During an outage jobs
 # wait (at the capped back-off) however long it lasts, and none is dead-lettered for it.
 UP_WINDOW = 60.0
+# ...but a job failing this long counts its attempts whatever else BookStack does: with no
+# other traffic (no audit access, the sweep off) a page BookStack cannot render would
+# otherwise be retried forever (guarantee 10 says bounded).
+PATIENCE = 3600.0
 
 
 def backoff(attempt: int) -> float:
@@ -196,7 +200,12 @@ class Dispatcher:
         delay = max(delay or 0.0, backoff(job.attempts))
         error = f"{type(exc).__name__}: {exc}"
         # BookStack silent for a while: an outage, not this job's fault; it waits it out.
-        count = not transient or time.time() - self._last_answer() < self._up_window
+        now = time.time()
+        count = (
+            not transient
+            or now - self._last_answer() < self._up_window
+            or now - job.first_seen > PATIENCE
+        )
         try:
             kept = await self.queue.retry(job, error, delay, count=count)
         except Exception:

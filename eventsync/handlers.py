@@ -26,7 +26,7 @@ from eventsync.logging import get_logger
 from eventsync.reconcile import AUDIT_GAP, Reconciler, SyncSummary
 from eventsync.records import ENDPOINTS, listed, permissions_row, to_row
 from eventsync.store.queue import Job, JobQueue
-from eventsync.store.sqlite import CONTENT_TYPES, KIND_OF_CONTENT_TYPE, Store
+from eventsync.store.sqlite import CONTENT_TYPES, KIND_OF_CONTENT_TYPE, PLACEMENT, Store
 
 log = get_logger("eventsync.handlers")
 
@@ -44,7 +44,7 @@ class Settle(EventsyncError):
 
 
 # Page fields a move or sort can change without touching content (FACTS 2.2).
-PLACEMENT_FIELDS = ("book_id", "chapter_id", "slug", "priority", "updated_at")
+PLACEMENT_FIELDS = PLACEMENT["page"]
 
 
 class Handlers:
@@ -73,7 +73,7 @@ class Handlers:
         if kind == "diff":
             thorough = bool(job.payload.get("thorough"))
             summary = await self.reconciler.full_sync(
-                all_permissions=thorough, set_cursor=False, verify_roles=thorough
+                all_permissions=thorough, set_cursor=False, verify_memberships=thorough
             )
             if not summary.complete:
                 raise EventsyncError("; ".join(summary.problems[:3]))

@@ -14,7 +14,7 @@ from typing import Any
 from eventsync.bookstack import models as m
 from eventsync.bookstack.client import BookStackClient
 from eventsync.errors import AuthError, BookStackError, ForbiddenError, NotFound
-from eventsync.events import PERMISSIONS, Event, as_id, from_audit
+from eventsync.events import FETCH, MOVE, PERMISSIONS, SORT, SUBTREE, Event, as_id, from_audit
 from eventsync.logging import get_logger
 from eventsync.records import (
     COMPLETE_FROM_LISTING,
@@ -139,14 +139,16 @@ class Reconciler:
         *,
         all_permissions: bool | None = None,
         set_cursor: bool = True,
-        verify_roles: bool = True,
+        verify_memberships: bool = True,
     ) -> SyncSummary:
         """Diff-sync everything. Records a sync point only when every step succeeded.
 
         `set_cursor=False` for diffs run beside the audit-log poller: a listing diff does not
         re-read permissions of known items, so it must not skip the events that announce
-        such changes. `verify_roles=False` reads a role only when its listing row changed
-        (member counts included); the background sweep re-reads roles for swaps."""
+        such changes. `verify_memberships` reads every role and every shelf: their members
+        and books change without moving any listed field (pivot syncs, FACTS 2.5); with it
+        off they are read only when their listing row changed, and the background sweep
+        re-reads them in turn."""
         started = time.monotonic()
         requests_before = self.client.stats.requests
         summary = SyncSummary()
@@ -160,7 +162,7 @@ class Reconciler:
 
         listings, listed_at = await self._listings(summary)
         await self._remove_missing(listings, listed_at, summary)
-        jobs = await self._plan(listings, listed_at, summary, verify_roles)
+        jobs = await self._plan(listings, listed_at, summary, verify_memberships)
         permission_jobs = await self._plan_permissions(listings, all_permissions)
         total = len(jobs) + len(permission_jobs)
         if self._on_plan:
@@ -232,11 +234,12 @@ class Reconciler:
         items, so rows asking for permissions are left to the poller unless this sync read
         every item's permissions."""
         events = [from_audit(r) for r in rows]
-        covered = [
-            e
-            for e in events
-            if e.activity_id is not None and (all_permissions or PERMISSIONS not in e.hints)
-        ]
+        # Rows of changes made before they were logged, which the listings read after this
+        # reflect. Not: BookStack logs recycle_bin_restore/_destroy and role_delete before
+        # acting, and user_create/role_create before their commit (FACTS 2.6), so the listing
+        # may predate them; nor permission changes, unless this sync read every item's.
+        safe = {FETCH, MOVE, SORT, SUBTREE} | ({PERMISSIONS} if all_permissions else set())
+        covered = [e for e in events if e.activity_id is not None and e.hints <= safe]
         await tx.run(lambda conn: record_covered_sync(conn, covered, time.time()))
         top = max(events, key=lambda e: e.activity_id or 0, default=None)
         if top is not None and top.activity_id is not None:
@@ -296,7 +299,7 @@ class Reconciler:
         listings: dict[str, list[dict[str, Any]] | None],
         listed_at: dict[str, float],
         summary: SyncSummary,
-        verify_roles: bool = True,
+        verify_memberships: bool = True,
     ) -> list[Awaitable[None]]:
         jobs: list[Awaitable[None]] = []
         now = time.time()
@@ -312,10 +315,11 @@ class Reconciler:
             for raw in rows:
                 current = mirror.get(raw["id"])
                 wanted = listed(kind, raw)
-                # Roles are few and their membership changes move no timestamp: a full sync
-                # reads them all; a periodic diff leaves swaps of members to the sweep.
+                # Roles and shelves are few, and their members and books change with no
+                # timestamp moving: a full sync reads them all; a periodic diff leaves that
+                # to the sweep.
                 if (
-                    (kind == "role" and verify_roles)
+                    (kind in ("role", "shelf") and verify_memberships)
                     or current is None
                     or _differs(current, wanted)
                     or _racy(current, now)
@@ -472,9 +476,12 @@ class Reconciler:
         shelves = await self.store.shelves_of_returned_books()
         if not shelves:
             return
-        async with self.store.transaction() as tx:
-            await tx.forget_tombstones(shelves)
+        problems = len(summary.problems)
         await self._run([self._read_job("shelf", sid, summary) for sid in sorted(shelves)])
+        if len(summary.problems) == problems:
+            # Forgotten only once read: a failed read leaves them for the next diff sync.
+            async with self.store.transaction() as tx:
+                await tx.forget_tombstones(shelves)
 
     async def write(
         self,
@@ -488,16 +495,18 @@ class Reconciler:
         async with self.store.transaction() as tx:
             outcome = await tx.upsert(kind, to_row(kind, model), read_at)
             changed = 0
-            if outcome == "stale":
+            if kind == "user" and isinstance(model, m.User):
+                # Even under a newer row from a listing (which has no roles): the membership
+                # has its own read time.
+                roles = [r.id for r in model.roles]
+                changed += await tx.set_user_roles(model.id, roles, read_at)
+            elif outcome == "stale":
                 pass
             elif kind == "shelf":
                 changed += await tx.set_shelf_books(model.id, [b.id for b in model.books])
             elif kind == "role":
                 users = [u.id for u in model.users]
                 changed += await tx.set_role_users(model.id, users, read_at)
-            elif kind == "user" and isinstance(model, m.User):
-                roles = [r.id for r in model.roles]
-                changed += await tx.set_user_roles(model.id, roles, read_at)
         if summary is not None:
             summary.kinds[kind].add(outcome)
             summary.memberships_changed += changed

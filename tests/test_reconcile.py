@@ -381,9 +381,9 @@ async def test_first_full_sync_mirrors_everything_with_the_minimum_of_requests(
 # ---- 2. nothing changed -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("verify_roles", [True, False])
+@pytest.mark.parametrize("verify_memberships", [True, False])
 async def test_second_sync_with_nothing_changed_reads_no_bodies(
-    make_fake: FakeFactory, make_rig: RigFactory, verify_roles: bool
+    make_fake: FakeFactory, make_rig: RigFactory, verify_memberships: bool
 ) -> None:
     # A clock in the past: no item is close enough to the time it was read to count as racy
     # (reconcile.RACE_WINDOW), which would have it re-read on purpose.
@@ -391,7 +391,7 @@ async def test_second_sync_with_nothing_changed_reads_no_bodies(
     rig = await make_rig(fake)
     assert (await rig.sync()).complete
 
-    summary = await rig.sync(verify_roles=verify_roles)
+    summary = await rig.sync(verify_memberships=verify_memberships)
 
     assert summary.complete, summary.problems
     truth = fake.truth()
@@ -399,10 +399,12 @@ async def test_second_sync_with_nothing_changed_reads_no_bodies(
     expected = expected_listing_counts(truth)
     assert expected["/api/pages"] == 2
     expected[AUDIT_ROUTE] = 1
-    if verify_roles:
-        # By design a full sync reads every role: a swap of members moves no timestamp and
-        # keeps users_count, so the role listing cannot show it.
+    if verify_memberships:
+        # By design a full sync reads every role and every shelf: a swap of members keeps
+        # users_count, and neither a role's members nor a shelf's books move a timestamp,
+        # so their listings cannot show it.
         expected[READ_ROUTE["role"]] = len(truth["roles"])
+        expected[READ_ROUTE["shelf"]] = len(truth["shelves"])
     assert route_counts(fake) == expected
     assert permission_reads(fake) == []
     assert summary.kinds["page"].unchanged == len(truth["pages"])
@@ -534,9 +536,11 @@ async def test_changes_between_syncs_are_mirrored_reading_only_what_changed(
 
     expected = expected_listing_counts(truth)
     expected[AUDIT_ROUTE] = 1
-    for kind in ("shelf", "book", "chapter", "page"):
+    for kind in ("book", "chapter", "page"):
         expected[READ_ROUTE[kind]] = len(changed[kind])
+    # Every role and every shelf, by design (their members and books move no timestamp).
     expected[READ_ROUTE["role"]] = len(truth["roles"])
+    expected[READ_ROUTE["shelf"]] = len(truth["shelves"])
     new_items = content_keys(truth) - content_keys(truth_before)
     expected[PERMISSIONS_ROUTE] = len(new_items)
     # Pages that include a changed or deleted page are read too (their rendered html embeds
@@ -546,8 +550,9 @@ async def test_changes_between_syncs_are_mirrored_reading_only_what_changed(
     assert extra_pages <= includers(fake, changed["page"] | deleted_pages), extra_pages
     expected[READ_ROUTE["page"]] += len(extra_pages)
     assert route_counts(fake) == expected
-    for kind in ("shelf", "book", "chapter"):
+    for kind in ("book", "chapter"):
         assert set(read_ids(fake, kind)) == changed[kind], kind
+    assert sorted(read_ids(fake, "shelf")) == sorted(live_ids(truth, "shelf"))
     assert changed["page"] | {includer} <= page_reads
     assert sorted(read_ids(fake, "role")) == sorted(live_ids(truth, "role"))
     assert set(permission_reads(fake)) == new_items
@@ -561,6 +566,7 @@ async def test_changes_between_syncs_are_mirrored_reading_only_what_changed(
     expected = expected_listing_counts(truth)
     expected[AUDIT_ROUTE] = 1
     expected[READ_ROUTE["role"]] = len(truth["roles"])
+    expected[READ_ROUTE["shelf"]] = len(truth["shelves"])
     expected[PERMISSIONS_ROUTE] = len(content_keys(truth))
     assert route_counts(fake) == expected
     assert sorted(permission_reads(fake)) == sorted(content_keys(truth))

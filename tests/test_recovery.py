@@ -365,7 +365,7 @@ async def test_periodic_diff_of_an_unchanged_wiki_makes_listing_requests_only(
             assert (await reconciler.full_sync()).complete
             fake.reset_requests()
             summary = await reconciler.full_sync(
-                all_permissions=False, set_cursor=False, verify_roles=False
+                all_permissions=False, set_cursor=False, verify_memberships=False
             )
             assert summary.complete
             reads = {r: n for r, n in fake.request_counts().items() if "{" in r}

@@ -10,11 +10,13 @@ import socket
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from eventsync.events import Event
 from eventsync.records import ENDPOINTS, to_row
 from eventsync.store import queue as queue_module
 from eventsync.store.queue import LEASE_TTL, JobQueue
@@ -249,3 +251,77 @@ async def test_dead_letters_keep_merged_events_and_clear_once_the_key_syncs(
     rows = await store.fetchall("SELECT key, hints FROM jobs")
     assert rows == []
     assert json.loads(json.dumps(await queue.event_counts())) == {}
+
+
+async def test_a_move_patch_survives_an_older_read_and_proves_no_content_read(
+    make_store: StoreFactory,
+) -> None:
+    """A sort patches a page's placement from its book's contents. An older read of the page
+    written after it keeps the sort's placement (and brings its own content); and the
+    patched updated_at does not count as a read of the page's content when an event asks
+    whether the mirror already reflects it."""
+    store = await make_store()
+    queue = JobQueue(store)
+    async with store.transaction() as tx:
+        await tx.upsert("page", page(1, updated_at="2024-10-15T10:00:00.000000Z"), read_at=T0)
+        assert await tx.patch(
+            "page",
+            1,
+            {"book_id": 2, "priority": 9, "updated_at": "2024-10-15T10:05:00.000000Z"},
+            read_at=T0 + 20,
+        )
+    async with store.transaction() as tx:
+        # The page's own read, sent before the sort (T0 + 10), with newer content.
+        outcome = await tx.upsert(
+            "page",
+            page(1, html="<p>new</p>", updated_at="2024-10-15T10:02:00.000000Z"),
+            read_at=T0 + 10,
+        )
+    assert outcome == "updated"
+    row = await store.get("page", 1)
+    assert row is not None
+    assert (row["book_id"], row["priority"], row["html"]) == (2, 9, "<p>new</p>")
+    assert row["updated_at"] == "2024-10-15T10:05:00.000000Z"
+    # An edit at 10:03 (its webhook lost): the sort's updated_at (10:05) is later, but only
+    # the page's own read (10:02) says what content the mirror holds: the edit is read.
+    edit_at = datetime(2024, 10, 15, 10, 3, tzinfo=UTC).timestamp()
+    event = Event("audit", "page_update", "page:1", frozenset({"fetch"}), at=edit_at, activity_id=7)
+    assert await queue.submit([event]) == ["queued"]
+    # An edit before the page's own read is in the mirror already.
+    older = Event(
+        "audit", "page_update", "page:1", frozenset({"fetch"}), at=edit_at - 120, activity_id=8
+    )
+    assert await queue.submit([older]) == ["covered"]
+
+
+async def test_read_times_from_before_a_clock_step_do_not_block_writes(
+    make_store: StoreFactory,
+) -> None:
+    """The clock stepped back an hour (NTP, a restored VM): rows read "in the future" must not
+    make every correct write look stale."""
+    store = await make_store()
+    future = time.time() + 3600
+    async with store.transaction() as tx:
+        await tx.upsert("page", page(1, name="Before the step"), read_at=future)
+    async with store.transaction() as tx:
+        assert await tx.upsert("page", page(1, name="After the step"), read_at=time.time()) == (
+            "updated"
+        )
+    row = await store.get("page", 1)
+    assert row is not None and row["name"] == "After the step"
+
+
+async def test_a_users_roles_apply_under_a_newer_listing_row(make_store: StoreFactory) -> None:
+    """The user listing carries no roles: a user read sent just before the listing still
+    sets the roles, though the listing's row (newer) keeps the user's other fields."""
+    store = await make_store()
+    async with store.transaction() as tx:
+        await tx.upsert("role", entity("role", id=3, display_name="R"), read_at=T0)
+        await tx.upsert("user", entity("user", id=5, name="Listed", slug="u"), read_at=T0 + 20)
+        assert await tx.upsert("user", entity("user", id=5, name="Read", slug="u"), T0 + 10) == (
+            "stale"
+        )
+        assert await tx.set_user_roles(5, [3], read_at=T0 + 10)
+    user = await store.get("user", 5)
+    assert user is not None and user["name"] == "Listed"
+    assert await store.role_members(3) == {5}

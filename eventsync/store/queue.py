@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from eventsync.events import FETCH, Event, parse_time
-from eventsync.store.sqlite import TABLES, Store, Tx
+from eventsync.store.sqlite import PLACEMENT, TABLES, Store, Tx
 
 # A webhook and the audit row of the same change carry the same type and item and times one
 # second apart at most (triggered_at is taken right after the row is saved); 2 s leaves room.
@@ -478,7 +478,9 @@ def _read_since_sync(conn: sqlite3.Connection, key: str, at: float) -> bool:
     table = TABLES.get(kind)
     if table is None or "updated_at" not in table.columns or not raw_id.isdigit():
         return False
-    row = conn.execute(f"SELECT updated_at FROM {table.name} WHERE id = ?", (int(raw_id),))
+    # A move or sort patches updated_at without reading the item: only its own read counts.
+    column = "coalesce(read_updated_at, updated_at)" if kind in PLACEMENT else "updated_at"
+    row = conn.execute(f"SELECT {column} FROM {table.name} WHERE id = ?", (int(raw_id),))
     found = row.fetchone()
     updated = parse_time(found[0]) if found is not None else None
     return updated is not None and updated >= at + COVER_MARGIN

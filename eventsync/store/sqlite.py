@@ -150,6 +150,22 @@ TABLES: dict[str, Table] = {
     ),
 }
 
+# Columns a move or sort patches from the parent's listing (FACTS 2.2: changeBook refreshes
+# the slug and saves; a sort sets priority and chapter).
+PLACEMENT: dict[str, tuple[str, ...]] = {
+    "page": ("book_id", "chapter_id", "slug", "priority", "updated_at"),
+    "chapter": ("book_id", "slug", "priority", "updated_at"),
+}
+# A stored read time this far ahead of our clock is not trusted to be newer than anything:
+# the clock was stepped back (NTP, a restored VM), and every correct write would be refused.
+FUTURE_SLACK = 60.0
+
+
+def newer(stored: float | None, read_at: float) -> bool:
+    """Is a stored read time later than `read_at` (and not from before a clock step)?"""
+    return stored is not None and read_at < stored <= time.time() + FUTURE_SLACK
+
+
 # The export section (and table) of each kind: "page" → "pages".
 SECTION_OF: dict[str, str] = {kind: table.name for kind, table in TABLES.items()}
 
@@ -638,29 +654,41 @@ class Tx:
         for c, v in values.items():
             if isinstance(v, bool):
                 values[c] = int(v)
+        placement = PLACEMENT.get(kind, ())
+        extra = ", placed_at" if placement else ""
         existing = await self._rows(
-            f"SELECT {', '.join(_q(c) for c in table.columns)}, fetched_at FROM {table.name} "
-            "WHERE id = ?",
+            f"SELECT {', '.join(_q(c) for c in table.columns)}, fetched_at{extra} "
+            f"FROM {table.name} WHERE id = ?",
             (row["id"],),
         )
+        outcome = "created"
         if existing:
             current = dict(existing[0])
-            if current.pop("fetched_at") > read_at:
+            if newer(current.pop("fetched_at"), read_at):
                 return "stale"
-            if current == values:
-                await self._db.execute(
-                    f"UPDATE {table.name} SET fetched_at = ? WHERE id = ?", (read_at, row["id"])
-                )
-                return "unchanged"
-        cols = ("id", *table.columns, "fetched_at")
-        await self._db.execute(
-            f"INSERT INTO {table.name} ({', '.join(_q(c) for c in cols)}) "
-            f"VALUES ({', '.join('?' for _ in cols)}) ON CONFLICT (id) DO UPDATE SET "
-            + ", ".join(f"{_q(c)} = excluded.{_q(c)}" for c in cols[1:]),
-            (row["id"], *values.values(), read_at),
-        )
-        await self.change("upsert", kind, row["id"])
-        return "updated" if existing else "created"
+            if newer(current.pop("placed_at", None), read_at):
+                # Moved since this read was sent: the move's placement stands.
+                values.update({c: current[c] for c in placement})
+            outcome = "unchanged" if current == values else "updated"
+        if outcome == "unchanged":
+            await self._db.execute(
+                f"UPDATE {table.name} SET fetched_at = ? WHERE id = ?", (read_at, row["id"])
+            )
+        else:
+            cols = ("id", *table.columns, "fetched_at")
+            await self._db.execute(
+                f"INSERT INTO {table.name} ({', '.join(_q(c) for c in cols)}) "
+                f"VALUES ({', '.join('?' for _ in cols)}) ON CONFLICT (id) DO UPDATE SET "
+                + ", ".join(f"{_q(c)} = excluded.{_q(c)}" for c in cols[1:]),
+                (row["id"], *values.values(), read_at),
+            )
+            await self.change("upsert", kind, row["id"])
+        if placement:
+            await self._db.execute(
+                f"UPDATE {table.name} SET read_updated_at = ? WHERE id = ?",
+                (row.get("updated_at"), row["id"]),
+            )
+        return outcome
 
     async def patch(
         self, kind: str, entity_id: int, fields: dict[str, Any], read_at: float | None = None
@@ -672,14 +700,18 @@ class Tx:
         unknown = set(fields) - set(table.columns)
         if unknown:
             raise ValueError(f"not columns of {table.name}: {sorted(unknown)}")
-        fetched = await self._fetched_at(kind, entity_id)
-        if fetched is None or (read_at is not None and fetched > read_at):
+        read_at = time.time() if read_at is None else read_at
+        rows = await self._rows(
+            f"SELECT fetched_at, placed_at FROM {table.name} WHERE id = ?", (entity_id,)
+        )
+        if not rows or newer(rows[0][0], read_at) or newer(rows[0][1], read_at):
             return False
+        # placed_at: an older read of the item itself must not put the old placement back.
         cur = await self._db.execute(
             f"UPDATE {table.name} SET "
             + ", ".join(f"{_q(c)} = ?" for c in fields)
-            + " WHERE id = ?",
-            (*fields.values(), entity_id),
+            + ", placed_at = ? WHERE id = ?",
+            (*fields.values(), read_at, entity_id),
         )
         if cur.rowcount:
             await self.change("upsert", kind, entity_id)
@@ -704,8 +736,7 @@ class Tx:
         BookStack hides with it; returns entities removed. An entity (or child) read after
         that moment is left alone: the newer read is the truth."""
         table = TABLES[kind]
-        fetched = await self._fetched_at(kind, entity_id)
-        if fetched is not None and read_at is not None and fetched > read_at:
+        if read_at is not None and newer(await self._fetched_at(kind, entity_id), read_at):
             return 0
         removed = 0
         if kind == "book":
@@ -796,10 +827,16 @@ class Tx:
             return set()
         marks = ", ".join("?" for _ in ids)
         if column == "user_id":  # the others are roles
-            sql = f"SELECT id FROM roles WHERE id IN ({marks}) AND fetched_at > ?"
+            sql = (
+                f"SELECT id FROM roles WHERE id IN ({marks}) AND fetched_at > ? AND fetched_at <= ?"
+            )
         else:
-            sql = f"SELECT id FROM users WHERE id IN ({marks}) AND roles_read_at > ?"
-        return {r[0] for r in await self._rows(sql, (*ids, read_at))}
+            sql = (
+                f"SELECT id FROM users WHERE id IN ({marks}) AND roles_read_at > ? "
+                "AND roles_read_at <= ?"
+            )
+        params = (*ids, read_at, time.time() + FUTURE_SLACK)
+        return {r[0] for r in await self._rows(sql, params)}
 
     async def _set_membership(
         self, column: str, key: int, wanted: Iterable[int], read_at: float | None
@@ -832,6 +869,12 @@ class Tx:
     async def set_user_roles(
         self, user_id: int, role_ids: Iterable[int], read_at: float | None = None
     ) -> bool:
+        """A user's roles as a read at `read_at` gave them. Applied even when the user's row
+        was written from a newer listing (which carries no roles); skipped only when the
+        user's roles were read after this."""
+        known = await self._rows("SELECT roles_read_at FROM users WHERE id = ?", (user_id,))
+        if read_at is not None and known and newer(known[0][0], read_at):
+            return False
         changed = await self._set_membership("user_id", user_id, role_ids, read_at)
         await self._db.execute(
             "UPDATE users SET roles_read_at = ? WHERE id = ?",
@@ -898,7 +941,7 @@ class Tx:
             (content_type, content_id),
         )
         now = time.time() if read_at is None else read_at
-        if old_head and old_head[0][6] > now:
+        if old_head and newer(old_head[0][6], now):
             return False
         old_head = [tuple(old_head[0])[:6]] if old_head else []
         old_roles = [

@@ -61,7 +61,7 @@ async def main(args: argparse.Namespace) -> int:
                 await asyncio.sleep(RACE_WINDOW + 1)
                 fake.reset_requests()
                 await reconciler.full_sync(
-                    all_permissions=False, set_cursor=False, verify_roles=False
+                    all_permissions=False, set_cursor=False, verify_memberships=False
                 )
                 print(
                     f"first periodic diff after the initial sync: "
@@ -71,7 +71,7 @@ async def main(args: argparse.Namespace) -> int:
                 fake.reset_requests()
                 started = time.monotonic()
                 diff = await reconciler.full_sync(
-                    all_permissions=False, set_cursor=False, verify_roles=False
+                    all_permissions=False, set_cursor=False, verify_memberships=False
                 )
                 seconds = time.monotonic() - started
                 counts = fake.request_counts()
