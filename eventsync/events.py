@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 # Hints say what a job must do besides reading the entity's current state.
 FETCH = "fetch"  # read the entity, write it (404: remove it with what BookStack hides with it)
 PERMISSIONS = "permissions"  # read its content permissions
+# A new item has no permission rows of its own: BookStack's creates (API, web and copies;
+# Cloner copies no permissions) set none, so they are written, not read. Only conversions
+# copy permissions, and their *_create_from_* events ask for a real read (FACTS 2.3).
+DEFAULT_PERMISSIONS = "default_permissions"
 MOVE = "move"  # a chapter moved: its pages moved silently with it
 SORT = "sort"  # a book was sorted: pages/chapters may have moved in or out silently
 SUBTREE = "subtree"  # restored or converted: children reappeared or moved in silently
@@ -50,22 +54,22 @@ def _r(kind: str | None, *hints: str, why: str = "") -> Route:
 
 
 ROUTES: dict[str, Route] = {
-    "page_create": _r("page", FETCH, PERMISSIONS),
+    "page_create": _r("page", FETCH, DEFAULT_PERMISSIONS),
     "page_update": _r("page", FETCH),
     "page_delete": _r("page", FETCH),
     "page_restore": _r("page", FETCH, why="a revision restore, not a recycle-bin restore"),
     "page_move": _r("page", FETCH),
     "revision_restore": _r("page", FETCH),
-    "chapter_create": _r("chapter", FETCH, PERMISSIONS),
+    "chapter_create": _r("chapter", FETCH, DEFAULT_PERMISSIONS),
     "chapter_update": _r("chapter", FETCH),
     "chapter_delete": _r("chapter", FETCH),
     "chapter_move": _r("chapter", FETCH, MOVE),
-    "book_create": _r("book", FETCH, PERMISSIONS),
+    "book_create": _r("book", FETCH, DEFAULT_PERMISSIONS),
     "book_create_from_chapter": _r("book", FETCH, PERMISSIONS, SUBTREE),
     "book_update": _r("book", FETCH),
     "book_delete": _r("book", FETCH),
     "book_sort": _r("book", FETCH, SORT),
-    "bookshelf_create": _r("shelf", FETCH, PERMISSIONS),
+    "bookshelf_create": _r("shelf", FETCH, DEFAULT_PERMISSIONS),
     "bookshelf_create_from_book": _r("shelf", FETCH, PERMISSIONS, SUBTREE),
     "bookshelf_update": _r("shelf", FETCH),
     "bookshelf_delete": _r("shelf", FETCH),

@@ -11,6 +11,7 @@ from eventsync.errors import EventsyncError, ForbiddenError, NotFound
 from eventsync.events import (
     ALL_ATTACHMENTS_KEY,
     ATTACHMENTS_KIND,
+    DEFAULT_PERMISSIONS,
     DIFF_KEY,
     EXPECT_GONE,
     EXPECT_PRESENT,
@@ -116,7 +117,11 @@ class Handlers:
             if kind == "shelf" and SUBTREE in hints:
                 # Book → shelf conversion renamed or destroyed the book silently, and its
                 # chapters became books: a listing diff finds all of it for a few requests.
+                # Books of the new shelf with no permissions of their own got the shelf's
+                # after their own events (HierarchyTransformer): their permissions are read.
                 await self.queue.enqueue(DIFF_KEY, [FETCH])
+                for book in model.books:
+                    await self.queue.enqueue(f"book:{book.id}", [PERMISSIONS], reason="conversion")
             if SUBTREE in hints and kind in ("book", "chapter"):
                 # Restored with its pages, and their attachments with them (no event).
                 await self.queue.enqueue(ALL_ATTACHMENTS_KEY, [FETCH])
@@ -124,11 +129,26 @@ class Handlers:
                 await self.queue.enqueue(f"{ATTACHMENTS_KIND}:{entity_id}", [FETCH])
             if kind == "book" and outcome == "created":
                 await self._reshelve()
+            if DEFAULT_PERMISSIONS in hints and PERMISSIONS not in hints:
+                await self._default_permissions(kind, model, read_at)
         else:
             outcome = "permissions only"
         if PERMISSIONS in hints:
             await self._permissions(kind, entity_id)
         return outcome
+
+    async def _default_permissions(self, kind: str, model: Any, read_at: float) -> None:
+        """A created item's content permissions, known without a read: inheriting, no rows
+        of its own, owned by its owner (see DEFAULT_PERMISSIONS). An item with a permission
+        row already (set since, and read) keeps it."""
+        perms = {
+            "owner_id": model.owned_by,
+            "inheriting": True,
+            "fallback": {},
+            "role_permissions": [],
+        }
+        async with self.store.transaction() as tx:
+            await tx.set_permissions(CONTENT_TYPES[kind], model.id, perms, read_at, only_new=True)
 
     async def _reshelve(self) -> None:
         """A book came back (restored from the recycle bin, or visible again): BookStack

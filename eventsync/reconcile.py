@@ -14,7 +14,17 @@ from typing import Any
 from eventsync.bookstack import models as m
 from eventsync.bookstack.client import BookStackClient
 from eventsync.errors import AuthError, BookStackError, ForbiddenError, NotFound
-from eventsync.events import FETCH, MOVE, PERMISSIONS, SORT, SUBTREE, Event, as_id, from_audit
+from eventsync.events import (
+    DEFAULT_PERMISSIONS,
+    FETCH,
+    MOVE,
+    PERMISSIONS,
+    SORT,
+    SUBTREE,
+    Event,
+    as_id,
+    from_audit,
+)
 from eventsync.logging import get_logger
 from eventsync.records import (
     COMPLETE_FROM_LISTING,
@@ -238,7 +248,8 @@ class Reconciler:
         # reflect. Not: BookStack logs recycle_bin_restore/_destroy and role_delete before
         # acting, and user_create/role_create before their commit (FACTS 2.6), so the listing
         # may predate them; nor permission changes, unless this sync read every item's.
-        safe = {FETCH, MOVE, SORT, SUBTREE} | ({PERMISSIONS} if all_permissions else set())
+        safe = {FETCH, DEFAULT_PERMISSIONS, MOVE, SORT, SUBTREE}
+        safe |= {PERMISSIONS} if all_permissions else set()
         covered = [e for e in events if e.activity_id is not None and e.hints <= safe]
         await tx.run(lambda conn: record_covered_sync(conn, covered, time.time()))
         top = max(events, key=lambda e: e.activity_id or 0, default=None)

@@ -15,6 +15,7 @@ import pytest
 
 from eventsync.bookstack.client import BookStackClient
 from eventsync.events import (
+    DEFAULT_PERMISSIONS,
     EXPECT_GONE,
     EXPECT_PRESENT,
     FETCH,
@@ -88,7 +89,7 @@ def deletion_id_of(fake: FakeBookStack, deletable_type: str, deletable_id: int) 
 # ---- from_webhook: content ----------------------------------------------------------------
 
 
-async def test_page_create_webhook_keys_the_new_page_and_asks_for_its_permissions(
+async def test_page_create_webhook_keys_the_new_page_and_its_default_permissions(
     make_fake: FakeFactory,
 ) -> None:
     fake = await make_fake()
@@ -103,7 +104,9 @@ async def test_page_create_webhook_keys_the_new_page_and_asks_for_its_permission
     assert event.source == "webhook"
     assert event.type == "page_create"
     assert event.key == f"page:{created[0]}"
-    assert event.hints == {FETCH, PERMISSIONS}
+    # A created page has no permission rows of its own (BookStack sets none on create, copies
+    # included): they are written as the default, not read.
+    assert event.hints == {FETCH, DEFAULT_PERMISSIONS}
     assert not event.ignored
     expected_at = datetime.fromisoformat(body["triggered_at"].replace("Z", "+00:00"))
     assert event.at == expected_at.timestamp()
@@ -171,7 +174,7 @@ async def test_creates_and_conversions_key_the_new_item(make_fake: FakeFactory) 
     assert f"book:{ids['book']}" in {e.key for e in events if e.type == "book_create"}
     for event in events:
         if event.type.endswith("_create"):
-            assert PERMISSIONS in event.hints, event
+            assert event.hints == {FETCH, DEFAULT_PERMISSIONS}, event
 
 
 async def test_book_to_shelf_conversion_keys_the_new_shelf(make_fake: FakeFactory) -> None:

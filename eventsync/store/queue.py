@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from eventsync.events import FETCH, Event, parse_time
+from eventsync.events import DEFAULT_PERMISSIONS, FETCH, Event, parse_time
 from eventsync.store.sqlite import PLACEMENT, TABLES, Store, Tx
 
 # A webhook and the audit row of the same change carry the same type and item and times one
@@ -465,7 +465,9 @@ def _outcome_sync(conn: sqlite3.Connection, event: Event) -> str:
             # state after it: this copy costs nothing.
             conn.execute("UPDATE events SET paired = 1 WHERE seq = ?", (pair[0],))
             return "paired"
-        if event.hints <= {FETCH} and _read_since_sync(conn, event.key, event.at):
+        if event.hints <= {FETCH, DEFAULT_PERMISSIONS} and _read_since_sync(
+            conn, event.key, event.at
+        ):
             return "covered"
     return "job"  # queued or merged: merge_job_sync says which
 

@@ -896,6 +896,7 @@ class Tx:
         perms: dict[str, Any],
         read_at: float | None = None,
         fallback_owner: int | None = None,
+        only_new: bool = False,
     ) -> bool:
         """perms: owner_id, inheriting, fallback {view,create,update,delete}, role_permissions,
         as read at `read_at` (default now); an older read than the stored one is ignored.
@@ -941,7 +942,7 @@ class Tx:
             (content_type, content_id),
         )
         now = time.time() if read_at is None else read_at
-        if old_head and newer(old_head[0][6], now):
+        if old_head and (only_new or newer(old_head[0][6], now)):
             return False
         old_head = [tuple(old_head[0])[:6]] if old_head else []
         old_roles = [
