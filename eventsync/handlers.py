@@ -170,7 +170,14 @@ class Handlers:
         new_path = await self.store.path_of(kind, entity_id)
         if new_path == old_path:
             return
-        linkers = await self.store.pages_linking(old_path)
+        # Pages whose URL changed with it: itself, or every page of a renamed book.
+        if kind == "page":
+            moved_pages: set[int] = {entity_id}
+        elif kind == "book":
+            moved_pages = await self.store.pages_of_book(entity_id)
+        else:
+            moved_pages = set()
+        linkers = await self.store.pages_linking(old_path, moved_pages)
         linkers.discard(entity_id if kind == "page" else -1)
         for page_id in sorted(linkers):
             await self.queue.enqueue(f"page:{page_id}", [FETCH], reason="link rewrite")

@@ -325,3 +325,20 @@ async def test_a_users_roles_apply_under_a_newer_listing_row(make_store: StoreFa
     user = await store.get("user", 5)
     assert user is not None and user["name"] == "Listed"
     assert await store.role_members(3) == {5}
+
+
+async def test_pages_linking_by_path_or_permalink(make_store: StoreFactory) -> None:
+    """BookStack rewrites (and saves, revision_count + 1) every page holding a reference to
+    an item whose URL changed: links by URL, and permalinks to its pages (`/link/{id}`)."""
+    store = await make_store()
+    url = "http://wiki.example/books/b-old/page/p-old"
+    async with store.transaction() as tx:
+        await tx.upsert("page", page(1, raw_html=f'<a href="{url}">by URL</a>'))
+        await tx.upsert("page", page(2, raw_html='<a href="http://wiki.example/link/7">x</a>'))
+        await tx.upsert("page", page(3, raw_html='<a href="http://wiki.example/link/77">x</a>'))
+        await tx.upsert("page", page(4, markdown="[p](http://wiki.example/books/b-old)"))
+        await tx.upsert("page", page(5, raw_html=f'<a href="{url}-two">another page</a>'))
+    assert await store.pages_linking("/books/b-old/page/p-old") == {1}
+    assert await store.pages_linking("/books/b-old/page/p-old", {7}) == {1, 2}
+    # A book: links to it and to anything below it.
+    assert await store.pages_linking("/books/b-old") == {1, 4, 5}

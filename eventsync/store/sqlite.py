@@ -24,6 +24,8 @@ T = TypeVar("T")
 
 # BookStack's page include tag: {{@123}} or {{@123#section}}.
 INCLUDE = re.compile(r"\{\{@(\d+)(?:#[^}]*)?\}\}")
+# BookStack's page permalink: /link/123 (CrossLinkParser).
+PERMALINK = re.compile(r"/link/(\d+)(?!\d)")
 
 KINDS = ("shelf", "book", "chapter", "page", "attachment", "user", "role")
 # BookStack's name for each kind in content-permission URLs and audit-log morph types.
@@ -403,16 +405,29 @@ class Store:
             return None
         return f"/books/{row[1]}/{kind}/{row[0]}"
 
-    async def pages_linking(self, path: str) -> set[int]:
-        """Pages whose content links to `path` (or, for a book, below it): BookStack rewrites
-        those links silently when the item's URL changes (FACTS 2.5)."""
+    async def pages_linking(self, path: str, page_ids: Iterable[int] = ()) -> set[int]:
+        """Pages whose content links to `path` (or, for a book, below it), or to one of
+        `page_ids` by permalink (`/link/{id}`): BookStack rewrites those pages silently when
+        the item's URL changes, and saves them (revision_count + 1) even when a permalink
+        needed no rewriting (FACTS 2.5, ReferenceUpdater)."""
+        wanted = {str(i) for i in page_ids}
         pattern = re.compile(re.escape(path) + r"(?![\w-])")
         like = f"%{path}%"
         rows = await self.fetchall(
-            "SELECT id, raw_html, markdown FROM pages WHERE raw_html LIKE ? OR markdown LIKE ?",
-            (like, like),
+            "SELECT id, raw_html, markdown FROM pages WHERE raw_html LIKE ? OR markdown LIKE ? "
+            "OR (? AND (raw_html LIKE '%/link/%' OR markdown LIKE '%/link/%'))",
+            (like, like, bool(wanted)),
         )
-        return {r[0] for r in rows if pattern.search(r[1] or "") or pattern.search(r[2] or "")}
+        found = set()
+        for page_id, html, markdown in rows:
+            text = f"{html or ''}\n{markdown or ''}"
+            if pattern.search(text) or wanted & set(PERMALINK.findall(text)):
+                found.add(page_id)
+        return found
+
+    async def pages_of_book(self, book_id: int) -> set[int]:
+        rows = await self.fetchall("SELECT id FROM pages WHERE book_id = ?", (book_id,))
+        return {r[0] for r in rows}
 
     async def pages_with_includes(self) -> list[int]:
         rows = await self.fetchall("SELECT id FROM pages WHERE raw_html LIKE '%{{@%' ORDER BY id")
