@@ -151,9 +151,9 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
             reasons.append(f"gap: {gap}")
         drained = True
         try:
-            sync_started = time.time()
             if reasons:
                 print(f"diff sync of everything ({'; '.join(reasons)})", file=sys.stderr)
+                sync_started = time.time()
                 # Events may be lost (or skipped, as the cursor moves to the log's head), and
                 # a listing diff cannot see what they said about content permissions or role
                 # membership: this sync re-reads those for every item.

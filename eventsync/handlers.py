@@ -98,7 +98,8 @@ class Handlers:
                 self._settle_if(job, EXPECT_PRESENT, "not visible yet")
                 async with self.store.transaction() as tx:
                     removed = await tx.delete(kind, entity_id, exc.sent_at)
-                self.summary.kinds[kind].deleted += 1 if removed else 0
+                if removed:
+                    self.summary.kinds[kind].add("deleted")
                 if kind == "page" and removed:
                     await self._refresh_includers(entity_id)
                 return f"removed {removed}"
@@ -330,7 +331,8 @@ class Handlers:
             members = await self.store.role_members(entity_id) if kind == "role" else set()
             async with self.store.transaction() as tx:
                 removed = await tx.delete(kind, entity_id, exc.sent_at)
-            self.summary.kinds[kind].deleted += 1 if removed else 0
+            if removed:
+                self.summary.kinds[kind].add("deleted")
             if kind == "role" and ROLES_REFRESH in job.hints:
                 await self._refresh_roles(len(members))
             if kind == "user" and removed:

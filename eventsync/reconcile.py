@@ -24,6 +24,7 @@ from eventsync.events import (
     Event,
     as_id,
     from_audit,
+    parse_time,
 )
 from eventsync.logging import get_logger
 from eventsync.records import (
@@ -31,7 +32,6 @@ from eventsync.records import (
     ENDPOINTS,
     LISTED_FIELDS,
     listed,
-    parse_time,
     permissions_row,
     to_row,
 )
@@ -74,6 +74,10 @@ class Tally:
         outcome = "unchanged" if outcome == "stale" else outcome
         setattr(self, outcome, getattr(self, outcome) + 1)
 
+    def absorb(self, other: Tally) -> None:
+        for name in ("created", "updated", "deleted", "unchanged"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
 
 @dataclass
 class SyncSummary:
@@ -96,15 +100,8 @@ class SyncSummary:
     def absorb(self, other: SyncSummary) -> None:
         """Add another run's counts (a diff sync's and the jobs' around it) to these."""
         for kind, tally in other.kinds.items():
-            mine = self.kinds[kind]
-            for name in ("created", "updated", "deleted", "unchanged"):
-                setattr(mine, name, getattr(mine, name) + getattr(tally, name))
-        for name in ("created", "updated", "deleted", "unchanged"):
-            setattr(
-                self.permissions,
-                name,
-                getattr(self.permissions, name) + getattr(other.permissions, name),
-            )
+            self.kinds[kind].absorb(tally)
+        self.permissions.absorb(other.permissions)
         self.memberships_changed += other.memberships_changed
         self.problems += other.problems
 

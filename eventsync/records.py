@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel
@@ -83,16 +82,6 @@ def listed(kind: str, raw: dict[str, Any]) -> dict[str, Any]:
         if isinstance(v, bool):
             out[k] = int(v)
     return out
-
-
-def parse_time(value: str | None) -> float | None:
-    """BookStack timestamps ('2024-10-15T10:00:00.000000Z') → unix seconds."""
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC).timestamp()
-    except ValueError:
-        return None
 
 
 def permissions_row(model: m.ContentPermissions) -> dict[str, Any]:
