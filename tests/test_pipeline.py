@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from helpers import eventually, first_difference
 
 import eventsync.dispatch
 from eventsync.bookstack.client import BookStackClient
@@ -116,24 +117,6 @@ def webhook_url(svc: Service, secret: str = SECRET) -> str:
 
 
 # ---- helpers --------------------------------------------------------------------------------
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {timeout} s: {what}")
-        await asyncio.sleep(0.1)
-
-
-def first_difference(mirror: dict[str, Any], truth: dict[str, Any]) -> str:
-    for section in truth:
-        for a, b in zip(mirror.get(section, []), truth[section], strict=False):
-            if a != b:
-                return f"{section}: mirror {a} != truth {b}"
-        if len(mirror.get(section, [])) != len(truth[section]):
-            return f"{section}: {len(mirror.get(section, []))} rows != {len(truth[section])}"
-    return "equal"
 
 
 async def converge(svc: Service, fake: FakeBookStack, timeout: float = 15.0) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from helpers import first_difference
 
 import eventsync.testing.server as fake_server
 from eventsync.bookstack.client import BookStackClient
@@ -167,25 +168,6 @@ def ticking_clock() -> Clock:
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=7)
     ticks = itertools.count()
     return lambda: start + timedelta(seconds=next(ticks))
-
-
-def first_difference(mirror: dict[str, Any], truth: dict[str, Any]) -> str | None:
-    """The first section and row where the mirror's export and the truth differ."""
-    for section in truth:
-        rows = mirror.get(section)
-        if rows is None:
-            return f"{section}: missing from the export"
-        for index, (got, want) in enumerate(zip(rows, truth[section], strict=False)):
-            if got != want:
-                fields = sorted(k for k in {*got, *want} if got.get(k) != want.get(k))
-                return (
-                    f"{section}[{index}] (id {want.get('id', want.get('content_id'))}) "
-                    f"differs in {fields}: mirror {got} != truth {want}"
-                )
-        if len(rows) != len(truth[section]):
-            extra = rows[len(truth[section]) :] or truth[section][len(rows) :]
-            return f"{section}: mirror {len(rows)} rows, truth {len(truth[section])}; {extra[0]}"
-    return None
 
 
 def assert_mirror_is_truth(mirror: dict[str, Any], truth: dict[str, Any]) -> None:

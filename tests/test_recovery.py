@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from helpers import eventually, first_difference
 
 from eventsync import cli
 from eventsync.bookstack.client import BookStackClient
@@ -71,26 +72,8 @@ async def running(
             await svc.stop()
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.1)
-
-
 async def converged(svc: Service, fake: FakeBookStack) -> bool:
     return await svc.store.export() == fake.truth()
-
-
-def first_difference(mirror: dict[str, Any], truth: dict[str, Any]) -> str:
-    for section in truth:
-        for a, b in zip(mirror[section], truth[section], strict=False):
-            if a != b:
-                return f"{section}: mirror {a} != truth {b}"
-        if len(mirror[section]) != len(truth[section]):
-            return f"{section}: {len(mirror[section])} rows != {len(truth[section])}"
-    return "equal"
 
 
 async def test_audit_log_cleared_while_down_is_a_gap_and_converges(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import stat
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,6 +27,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from helpers import eventually, first_difference
 
 from eventsync.store.sqlite import Store
 from eventsync.testing import FakeBookStack
@@ -217,24 +218,6 @@ async def export(env: dict[str, str], cwd: Path) -> dict[str, Any]:
     assert result.code == 0, result.stderr
     doc: dict[str, Any] = json.loads(result.stdout)
     return doc
-
-
-def first_difference(mirror: dict[str, Any], truth: dict[str, Any]) -> str:
-    for section in truth:
-        for a, b in zip(mirror.get(section, []), truth[section], strict=False):
-            if a != b:
-                return f"{section}: mirror {a} != truth {b}"
-        if len(mirror.get(section, [])) != len(truth[section]):
-            return f"{section}: {len(mirror.get(section, []))} rows != {len(truth[section])}"
-    return "equal"
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.1)
 
 
 async def converges(env: dict[str, str], cwd: Path, fake: FakeBookStack) -> None:

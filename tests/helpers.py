@@ -1,0 +1,38 @@
+"""Helpers shared by the test modules (imported as `helpers`: pytest puts tests/ on the path)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "the condition"
+) -> None:
+    """Wait until `check()` is true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout} s: {what}")
+        await asyncio.sleep(0.1)
+
+
+def first_difference(mirror: dict[str, Any], truth: dict[str, Any]) -> str | None:
+    """The first section and row where the mirror's export and the truth differ."""
+    for section in truth:
+        rows = mirror.get(section)
+        if rows is None:
+            return f"{section}: missing from the export"
+        for index, (got, want) in enumerate(zip(rows, truth[section], strict=False)):
+            if got != want:
+                fields = sorted(k for k in {*got, *want} if got.get(k) != want.get(k))
+                return (
+                    f"{section}[{index}] (id {want.get('id', want.get('content_id'))}) "
+                    f"differs in {fields}: mirror {got} != truth {want}"
+                )
+        if len(rows) != len(truth[section]):
+            extra = rows[len(truth[section]) :] or truth[section][len(rows) :]
+            return f"{section}: mirror {len(rows)} rows, truth {len(truth[section])}; {extra[0]}"
+    return None
