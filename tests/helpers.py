@@ -7,6 +7,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from eventsync.bookstack.client import BookStackClient
+from eventsync.testing import FakeBookStack
+
 
 async def eventually(
     check: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "the condition"
@@ -36,3 +39,16 @@ def first_difference(mirror: dict[str, Any], truth: dict[str, Any]) -> str | Non
             extra = rows[len(truth[section]) :] or truth[section][len(rows) :]
             return f"{section}: mirror {len(rows)} rows, truth {len(truth[section])}; {extra[0]}"
     return None
+
+
+def client_for(fake: FakeBookStack, **overrides: Any) -> BookStackClient:
+    """A client of `fake` that retries fast (tests wait milliseconds, not the production
+    back-off) and is not throttled by default."""
+    options: dict[str, Any] = {
+        "requests_per_minute": 100_000,
+        "backoff_base": 0.01,
+        "backoff_cap": 0.05,
+        "max_attempts": 2,
+        **overrides,
+    }
+    return BookStackClient(fake.url, fake.token_id, fake.token_secret, **options)

@@ -21,10 +21,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from helpers import eventually, first_difference
+from helpers import client_for, eventually, first_difference
 
 import eventsync.dispatch
-from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
 from eventsync.dispatch import Dispatcher
 from eventsync.events import from_webhook
@@ -62,18 +61,6 @@ async def make_fake() -> AsyncIterator[FakeFactory]:
     yield make
     for fake in fakes:
         await fake.stop()
-
-
-def client_for(fake: FakeBookStack) -> BookStackClient:
-    return BookStackClient(
-        fake.url,
-        fake.token_id,
-        fake.token_secret,
-        requests_per_minute=RPM,
-        backoff_base=0.01,
-        backoff_cap=0.05,
-        max_attempts=2,
-    )
 
 
 @pytest.fixture

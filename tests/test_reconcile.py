@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from helpers import first_difference
+from helpers import client_for, first_difference
 
 import eventsync.testing.server as fake_server
 from eventsync.bookstack.client import BookStackClient
@@ -139,13 +139,9 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[RigFactory]:
             **client_options: Any,
         ) -> Rig:
             client = await stack.enter_async_context(
-                BookStackClient(
-                    fake.url,
-                    fake.token_id,
-                    fake.token_secret,
+                client_for(
+                    fake,
                     requests_per_minute=requests_per_minute,
-                    backoff_base=0.01,
-                    backoff_cap=0.05,
                     max_attempts=max_attempts,
                     **client_options,
                 )

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import eventually, first_difference
+from helpers import client_for, eventually, first_difference
 
 from eventsync import cli
 from eventsync.bookstack.client import BookStackClient
@@ -462,15 +462,7 @@ async def test_attachments_are_diffed_and_their_content_kept_when_asked(tmp_path
         spec = await fake.create_attachment(page, "spec.pdf", content=b"%PDF-1.7", extension="pdf")
         link = await fake.create_attachment(page, "home", link="https://example.org/home")
         async with (
-            BookStackClient(
-                fake.url,
-                fake.token_id,
-                fake.token_secret,
-                requests_per_minute=RPM,
-                backoff_base=0.01,
-                backoff_cap=0.05,
-                max_attempts=2,
-            ) as client,
+            client_for(fake) as client,
             await Store.open(tmp_path / "m.db") as store,
         ):
             reconciler = Reconciler(client, store, attachment_content=True)
