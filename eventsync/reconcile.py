@@ -70,6 +70,8 @@ class Tally:
     unchanged: int = 0
 
     def add(self, outcome: str) -> None:
+        if outcome == "orphan":
+            return  # of a page the mirror does not hold: not written (DESIGN 13)
         # A stale read (the mirror already held a newer one) left the row as it was.
         outcome = "unchanged" if outcome == "stale" else outcome
         setattr(self, outcome, getattr(self, outcome) + 1)
@@ -180,9 +182,13 @@ class Reconciler:
             permission_reads=len(permission_jobs),
             first_sync=first,
         )
+        # Roles and books first: permission rows, memberships and shelf book lists name
+        # only what the mirror holds, so what they name must be there when they are written.
+        first = ("role", "book")
+        await self._run(job for kind, job in jobs if kind in first)
         await self._run(
             [
-                *jobs,
+                *(job for kind, job in jobs if kind not in first),
                 *(
                     self._permission_job(ct, cid, owner, summary)
                     for ct, cid, owner in permission_jobs
@@ -191,6 +197,13 @@ class Reconciler:
         )
         await self._refresh_includers(summary)
         await self._reshelve(summary)
+        # Attachments last: only those of pages the mirror holds now are written.
+        if listings["attachment"] is not None:
+            mirror = await self.store.index("attachment", LISTED_FIELDS["attachment"])
+            await self._write_listed(
+                "attachment", listings["attachment"], mirror, summary, listed_at["attachment"]
+            )
+        await self._ensure_whole(summary)
 
         summary.requests = self.client.stats.requests - requests_before
         summary.seconds = time.monotonic() - started
@@ -280,6 +293,17 @@ class Reconciler:
 
         return dict(await asyncio.gather(*(one(k) for k in KINDS))), listed_at
 
+    async def _ensure_whole(self, summary: SyncSummary) -> None:
+        """DESIGN 13: nothing names what the mirror does not hold. The writes keep it so;
+        what a race left behind (a page deleted while its attachments were listed) goes
+        here, and the sync is complete only when none is left."""
+        async with self.store.transaction() as tx:
+            repaired = await tx.remove_dangling()
+        if repaired:
+            log.warning("removed rows naming what the mirror does not hold", **repaired)
+        for what, count in (await self.store.dangling()).items():
+            summary.problems.append(f"mirror not whole: {count} {what}")
+
     async def _remove_missing(
         self,
         listings: dict[str, list[dict[str, Any]] | None],
@@ -308,13 +332,13 @@ class Reconciler:
         listed_at: dict[str, float],
         summary: SyncSummary,
         verify_memberships: bool = True,
-    ) -> list[Awaitable[None]]:
-        jobs: list[Awaitable[None]] = []
+    ) -> list[tuple[str, Awaitable[None]]]:
+        jobs: list[tuple[str, Awaitable[None]]] = []
         now = time.time()
         for kind in KINDS:
             rows = listings[kind]
-            if rows is None:
-                continue
+            if rows is None or kind == "attachment":
+                continue  # attachments are written after the pages they belong to
             fields = LISTED_FIELDS[kind]
             mirror = await self.store.index(kind, fields)
             if kind in COMPLETE_FROM_LISTING:
@@ -329,10 +353,10 @@ class Reconciler:
                 if (
                     (kind in ("role", "shelf") and verify_memberships)
                     or current is None
-                    or _differs(current, wanted)
+                    or differs(current, wanted)
                     or _racy(current, now)
                 ):
-                    jobs.append(self._read_job(kind, raw["id"], summary))
+                    jobs.append((kind, self._read_job(kind, raw["id"], summary)))
                 else:
                     summary.kinds[kind].add("unchanged")
         return jobs
@@ -346,6 +370,10 @@ class Reconciler:
         read_at: float,
     ) -> None:
         model = ENDPOINTS[kind][1]
+        if kind == "attachment":
+            # BookStack lists attachments of binned pages too: only those of mirrored pages.
+            pages = await self.store.ids("page")
+            rows = [r for r in rows if r.get("uploaded_to") in pages]
         # The listing shows every field the mirror keeps, except an attachment's content: a
         # file replaced within the second of our last read shows no change but updated_at's.
         racy = kind == "attachment" and self.attachment_content
@@ -354,7 +382,7 @@ class Reconciler:
             r
             for r in rows
             if r["id"] not in mirror
-            or _differs(mirror[r["id"]], listed(kind, r))
+            or differs(mirror[r["id"]], listed(kind, r))
             or (racy and _racy(mirror[r["id"]], now))
         ]
         summary.kinds[kind].unchanged += len(rows) - len(changed)
@@ -400,6 +428,14 @@ class Reconciler:
 
         await asyncio.gather(*(one(i) for i in ids))
         return found
+
+    async def write_listed(self, kind: str, rows: list[dict[str, Any]], read_at: float) -> Tally:
+        """Write listing rows of a kind whose listing carries everything the mirror keeps
+        (attachments, users), reading only what changed."""
+        summary = SyncSummary()
+        mirror = await self.store.index(kind, LISTED_FIELDS[kind])
+        await self._write_listed(kind, rows, mirror, summary, read_at)
+        return summary.kinds[kind]
 
     async def sync_attachments(self, page_id: int | None = None) -> Tally:
         """Diff the attachments of one page (or of every page) against their listing:
@@ -546,7 +582,7 @@ class Reconciler:
         return run()
 
 
-def _differs(current: dict[str, Any], wanted: dict[str, Any]) -> bool:
+def differs(current: dict[str, Any], wanted: dict[str, Any]) -> bool:
     return any(current.get(k) != v for k, v in wanted.items() if k != "updated_at") or (
         wanted.get("updated_at") is not None and current.get("updated_at") != wanted["updated_at"]
     )

@@ -821,3 +821,46 @@ async def test_an_incomplete_sync_sets_no_sync_point(
     assert not summary.complete
     assert await rig.store.get_state(LAST_FULL_SYNC) == synced_at
     assert await rig.store.get_state(AUDIT_CURSOR) == cursor
+
+
+async def test_attachments_of_binned_pages_stay_out_until_the_page_is_restored(
+    make_fake: FakeFactory, make_rig: RigFactory
+) -> None:
+    """DESIGN 13: BookStack lists the attachments of binned pages (and of a binned book's
+    pages); the mirror holds none of them, from a cold sync or a later diff, and the page's
+    restore brings them back."""
+    fake = await make_fake(**SMALL)
+    state = fake.state
+    pages = sorted(state.pages)
+    binned_page, book_page = pages[0], pages[-1]
+    await fake.create_attachment(binned_page, "binned.pdf", content=b"x", extension="pdf")
+    await fake.create_attachment(book_page, "in-book.txt", content=b"y", extension="txt")
+    await fake.delete_page(binned_page)
+    await fake.delete_book(state.pages[book_page].book_id)
+    listed = {a["uploaded_to"] for a in (await _list(fake, "/api/attachments"))}
+    assert {binned_page, book_page} <= listed  # what real BookStack shows
+    rig = await make_rig(fake)
+
+    summary = await rig.sync()
+
+    assert summary.complete, summary.problems
+    assert_mirror_is_truth(await rig.mirror(), fake.truth())
+    assert await rig.store.dangling() == {}
+
+    # A page restored from the bin: its listed attachments are new to the mirror again.
+    deletion = next(
+        d["id"]
+        for d in fake.deletions()
+        if d["deletable_type"] == "page" and d["deletable_id"] == binned_page
+    )
+    await fake.recycle_bin_restore(deletion)
+    summary = await rig.sync()
+    assert summary.complete, summary.problems
+    truth = fake.truth()
+    assert binned_page in {a["uploaded_to"] for a in truth["attachments"]}
+    assert_mirror_is_truth(await rig.mirror(), truth)
+
+
+async def _list(fake: FakeBookStack, endpoint: str) -> list[dict[str, Any]]:
+    async with client_for(fake) as client:
+        return await client.list_all(endpoint)

@@ -150,6 +150,8 @@ async def test_content_permissions_keep_the_owner_bookstack_stops_naming(
         "role_permissions": [],
     }
     async with store.transaction() as tx:
+        await tx.upsert("page", page(1), read_at=T0)
+        await tx.upsert("page", page(2), read_at=T0)
         assert await tx.set_permissions("page", 1, restricted, read_at=T0)
         assert not await tx.set_permissions("page", 1, {**restricted, "owner_id": None}, T0 + 1)
         # Never read before: the owner the listing named.
@@ -342,3 +344,77 @@ async def test_pages_linking_by_path_or_permalink(make_store: StoreFactory) -> N
     assert await store.pages_linking("/books/b-old/page/p-old", {7}) == {1, 2}
     # A book: links to it and to anything below it.
     assert await store.pages_linking("/books/b-old") == {1, 4, 5}
+
+
+def attachment(attachment_id: int, page_id: int) -> dict[str, Any]:
+    return entity(
+        "attachment", id=attachment_id, name=f"a{attachment_id}", uploaded_to=page_id, order=1
+    )
+
+
+async def test_nothing_names_what_the_mirror_does_not_hold(make_store: StoreFactory) -> None:
+    """DESIGN 13: attachments of pages, shelf books, memberships and permission rows are
+    written only for what the mirror holds; a shelf book that arrives later re-reads its
+    shelf, and the store reports (and removes) rows a race left dangling."""
+    store = await make_store()
+    perms = {
+        "owner_id": 1,
+        "inheriting": False,
+        "fallback": {"view": False, "create": False, "update": False, "delete": False},
+        "role_permissions": [
+            {"role_id": 3, "view": True, "create": False, "update": False, "delete": False},
+            {"role_id": 4, "view": True, "create": False, "update": False, "delete": False},
+        ],
+    }
+    async with store.transaction() as tx:
+        await tx.upsert("page", page(1), read_at=T0)
+        # A binned page's attachment, as BookStack lists it: not written.
+        assert await tx.upsert("attachment", attachment(10, 2), read_at=T0) == "orphan"
+        assert await tx.upsert("attachment", attachment(11, 1), read_at=T0) == "created"
+        await tx.upsert("shelf", entity("shelf", id=1, name="S", slug="s"), read_at=T0)
+        await tx.upsert("book", entity("book", id=2, name="B", slug="b"), read_at=T0)
+        await tx.set_shelf_books(1, [2, 3])  # book 3 is not mirrored (yet)
+        await tx.upsert("role", entity("role", id=3, display_name="R"), read_at=T0)
+        await tx.upsert("user", entity("user", id=5, name="U", slug="u"), read_at=T0)
+        await tx.set_user_roles(5, [3, 4], read_at=T0)  # role 4 is not mirrored
+        await tx.set_role_users(3, [5, 6], read_at=T0)  # user 6 is not mirrored
+        assert not await tx.set_permissions("page", 9, perms, read_at=T0)  # no page 9
+        assert await tx.set_permissions("page", 1, perms, read_at=T0)
+    doc = await store.export()
+    assert [a["id"] for a in doc["attachments"]] == [11]
+    assert doc["shelves"][0]["books"] == [2]
+    assert [(u["id"], u["roles"]) for u in doc["users"]] == [(5, [3])]
+    assert [(r["id"], r["users"]) for r in doc["roles"]] == [(3, [5])]
+    assert [
+        (p["content_id"], [r["role_id"] for r in p["role_permissions"]]) for p in doc["permissions"]
+    ] == [(1, [3])]
+    assert await store.dangling() == {}
+    async with store.transaction() as tx:
+        await tx.upsert("book", entity("book", id=3, name="C", slug="c"), read_at=T0)
+    assert await store.shelves_of_returned_books() == {1}  # read again: it shows book 3
+
+    # What a race can leave (rows written by older code, or beside a delete): found, removed.
+    async with store.transaction() as tx:
+        await tx.execute(
+            "INSERT INTO attachments (id, name, uploaded_to, fetched_at) VALUES (12, 'x', 7, 0)"
+        )
+        await tx.execute("INSERT INTO user_roles (user_id, role_id) VALUES (5, 8)")
+        await tx.execute("INSERT INTO shelf_books (shelf_id, book_id, position) VALUES (1, 9, 5)")
+    assert await store.dangling() == {
+        "attachments of pages not mirrored": 1,
+        "memberships of users or roles not mirrored": 1,
+        "shelf books not mirrored": 1,
+    }
+    seq = await store.last_seq()
+    async with store.transaction() as tx:
+        await tx.remove_dangling()
+    assert await store.dangling() == {}
+    assert {(c["op"], c["entity"]) for c in await store.changes(after=seq)} == {
+        ("delete", "attachment"),
+        ("delete", "user_role"),
+        ("upsert", "shelf_books"),
+    }
+    async with store.transaction() as tx:
+        await tx.delete("page", 1)
+    assert await store.dangling() == {}
+    assert (await store.export())["attachments"] == []

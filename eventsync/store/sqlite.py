@@ -216,6 +216,38 @@ def _export_value(field: str, row: aiosqlite.Row, relations: dict[str, Any]) -> 
     return row[field]
 
 
+# Rows that name something the mirror does not hold (DESIGN 13), by relation. A page or
+# chapter without its book is not among them: a token may see a page but not its book, and
+# the mirror shows what BookStack shows.
+DANGLING: dict[str, tuple[str, str]] = {
+    "attachments of pages not mirrored": (
+        "attachments",
+        "uploaded_to NOT IN (SELECT id FROM pages)",
+    ),
+    "shelf books not mirrored": (
+        "shelf_books",
+        "shelf_id NOT IN (SELECT id FROM shelves) OR book_id NOT IN (SELECT id FROM books)",
+    ),
+    "memberships of users or roles not mirrored": (
+        "user_roles",
+        "user_id NOT IN (SELECT id FROM users) OR role_id NOT IN (SELECT id FROM roles)",
+    ),
+    "permissions of items not mirrored": (
+        "content_permissions",
+        "(content_type = 'page' AND content_id NOT IN (SELECT id FROM pages)) OR "
+        "(content_type = 'chapter' AND content_id NOT IN (SELECT id FROM chapters)) OR "
+        "(content_type = 'book' AND content_id NOT IN (SELECT id FROM books)) OR "
+        "(content_type = 'bookshelf' AND content_id NOT IN (SELECT id FROM shelves))",
+    ),
+    "permission rows of roles or items not mirrored": (
+        "content_role_permissions",
+        "role_id NOT IN (SELECT id FROM roles) OR NOT EXISTS (SELECT 1 FROM "
+        "content_permissions cp WHERE cp.content_type = content_role_permissions.content_type "
+        "AND cp.content_id = content_role_permissions.content_id)",
+    ),
+}
+
+
 class StoreError(EventsyncError):
     """The mirror database cannot be used."""
 
@@ -459,6 +491,15 @@ class Store:
         rows = await self.fetchall("SELECT content_type, content_id FROM content_permissions")
         return {(r[0], r[1]) for r in rows}
 
+    async def dangling(self) -> dict[str, int]:
+        """How many rows of each relation name something the mirror does not hold."""
+        out = {}
+        for what, (table, where) in DANGLING.items():
+            row = await self.fetchone(f"SELECT count(*) FROM {table} WHERE {where}")
+            if row and row[0]:
+                out[what] = int(row[0])
+        return out
+
     async def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for kind, table in TABLES.items():
@@ -650,6 +691,21 @@ class Tx:
 
     # ---- entities ---------------------------------------------------------------------------
 
+    async def exists(self, kind: str, entity_id: Any) -> bool:
+        if not isinstance(entity_id, int):
+            return False
+        rows = await self._rows(f"SELECT 1 FROM {TABLES[kind].name} WHERE id = ?", (entity_id,))
+        return bool(rows)
+
+    async def _mirrored(self, kind: str, ids: Iterable[int]) -> set[int]:
+        """Those of `ids` the mirror holds."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return set()
+        marks = ", ".join("?" for _ in wanted)
+        rows = await self._rows(f"SELECT id FROM {TABLES[kind].name} WHERE id IN ({marks})", wanted)
+        return {r[0] for r in rows}
+
     async def _fetched_at(self, kind: str, entity_id: int) -> float | None:
         rows = await self._rows(
             f"SELECT fetched_at FROM {TABLES[kind].name} WHERE id = ?", (entity_id,)
@@ -662,6 +718,11 @@ class Tx:
         a newer read of it (a slow or queued older read must not undo a newer one)."""
         table = TABLES[kind]
         read_at = time.time() if read_at is None else read_at
+        if kind == "attachment" and not await self.exists("page", row.get("uploaded_to")):
+            # BookStack lists the attachments of binned pages (FACTS, first section); the
+            # mirror holds none of a page it does not hold (DESIGN 13). The page's return
+            # re-lists them.
+            return "orphan"
         values = {c: row.get(c) for c in table.columns}
         for c in table.json_columns:
             if not isinstance(values[c], str):
@@ -731,6 +792,57 @@ class Tx:
         if cur.rowcount:
             await self.change("upsert", kind, entity_id)
         return bool(cur.rowcount)
+
+    async def remove_dangling(self) -> dict[str, int]:
+        """Remove what names something the mirror does not hold, each removal in the change
+        feed like any other; returns what was removed, by relation."""
+        removed: dict[str, int] = {}
+        for what, (table, where) in DANGLING.items():
+            if table == "attachments":
+                ids = [r[0] for r in await self._rows(f"SELECT id FROM {table} WHERE {where}")]
+                for attachment_id in ids:
+                    await self.delete("attachment", attachment_id)
+            elif table == "shelf_books":
+                rows = await self._rows(f"SELECT DISTINCT shelf_id FROM {table} WHERE {where}")
+                ids = [r[0] for r in rows]
+                for shelf_id in ids:
+                    books = await self._shelf_book_ids(shelf_id)
+                    held = await self._mirrored("book", books)
+                    if await self.exists("shelf", shelf_id):
+                        await self.set_shelf_books(shelf_id, [b for b in books if b in held])
+                    else:
+                        await self._db.execute(
+                            "DELETE FROM shelf_books WHERE shelf_id = ?", (shelf_id,)
+                        )
+            elif table == "user_roles":
+                rows = await self._rows(f"SELECT user_id, role_id FROM {table} WHERE {where}")
+                ids = rows
+                for user_id, role_id in rows:
+                    await self._db.execute(
+                        "DELETE FROM user_roles WHERE user_id = ? AND role_id = ?",
+                        (user_id, role_id),
+                    )
+                    await self.change("delete", "user_role", user_id, data={"role_id": role_id})
+            elif table == "content_permissions":
+                rows = await self._rows(
+                    f"SELECT content_type, content_id FROM {table} WHERE {where}"
+                )
+                ids = rows
+                for content_type, content_id in rows:
+                    await self.delete_permissions(content_type, content_id)
+            else:
+                rows = await self._rows(
+                    f"SELECT DISTINCT content_type, content_id FROM {table} WHERE {where}"
+                )
+                ids = rows
+                await self._db.execute(f"DELETE FROM {table} WHERE {where}")
+                for content_type, content_id in rows:
+                    await self.change(
+                        "upsert", "permissions", content_id, content_type=content_type
+                    )
+            if ids:
+                removed[what] = len(ids)
+        return removed
 
     async def forget_tombstones(self, shelf_ids: Iterable[int]) -> None:
         """These shelves are being re-read: what they show now is the truth."""
@@ -818,7 +930,18 @@ class Tx:
         return [r[0] for r in rows]
 
     async def set_shelf_books(self, shelf_id: int, book_ids: Sequence[int]) -> bool:
+        """A shelf's books in order, as far as the mirror holds them (DESIGN 13). A book it
+        lacks (created after its listing, say) is remembered: when it arrives, the shelf is
+        read again (shelves_of_returned_books)."""
         book_ids = list(dict.fromkeys(book_ids))
+        held = await self._mirrored("book", book_ids)
+        missing = [b for b in book_ids if b not in held]
+        if missing:
+            await self._db.executemany(
+                "INSERT OR IGNORE INTO shelf_book_tombstones (book_id, shelf_id) VALUES (?, ?)",
+                [(b, shelf_id) for b in missing],
+            )
+            book_ids = [b for b in book_ids if b in held]
         if await self._shelf_book_ids(shelf_id) == book_ids:
             return False
         await self._db.execute("DELETE FROM shelf_books WHERE shelf_id = ?", (shelf_id,))
@@ -856,7 +979,12 @@ class Tx:
     async def _set_membership(
         self, column: str, key: int, wanted: Iterable[int], read_at: float | None
     ) -> bool:
-        wanted_set = set(wanted)
+        # Only pairs whose both sides the mirror holds (DESIGN 13): the missing side's own
+        # read brings the pair when it arrives (a user read names its roles, a role read
+        # its users).
+        wanted_set = await self._mirrored("role" if column == "user_id" else "user", wanted)
+        if not await self.exists("user" if column == "user_id" else "role", key):
+            wanted_set = set()
         current = await self._membership(column, key)
         # A pair whose other side was read more recently is left as that read said.
         newer = (
@@ -919,6 +1047,9 @@ class Tx:
         BookStack answers `owner: null` when the owning user was deleted without handing
         their content on: the item's `owned_by` still names that user (the listings show
         it), so the owner we knew, or `fallback_owner` from a listing, is kept."""
+        if not await self.exists(KIND_OF_CONTENT_TYPE[content_type], content_id):
+            # Gone (or not yet arrived) since the read was planned: nothing to hang it on.
+            return False
         fb = perms.get("fallback") or {}
 
         def flag(v: Any) -> int | None:
@@ -940,6 +1071,11 @@ class Tx:
             flag(fb.get("update")),
             flag(fb.get("delete")),
         )
+        # Rows of roles the mirror does not hold would name nothing (DESIGN 13); a deleted
+        # role's rows vanish in BookStack too (FACTS §6).
+        roles_held = await self._mirrored(
+            "role", (int(r["role_id"]) for r in perms.get("role_permissions") or [])
+        )
         roles = sorted(
             (
                 int(r["role_id"]),
@@ -949,6 +1085,7 @@ class Tx:
                 int(bool(r["delete"])),
             )
             for r in perms.get("role_permissions") or []
+            if int(r["role_id"]) in roles_held
         )
         old_head = await self._rows(
             "SELECT owner_id, inheriting, fallback_view, fallback_create, fallback_update, "

@@ -373,7 +373,8 @@ async def read_attachment(request: web.Request) -> web.Response:
     state = _fake(request).state
     attachment = state.attachments.get(_id(request))
     page = state.pages.get(attachment.uploaded_to) if attachment else None
-    if attachment is None or page is None or not state.can_view(_user_id(request), page):
+    visible = page is not None and state.can_view(_user_id(request), page, binned=True)
+    if attachment is None or not visible:
         raise _model_not_found("Uploads\\Attachment", request.match_info["id"])
     return web.json_response(shapes.attachment_read(state, attachment))
 

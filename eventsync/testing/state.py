@@ -551,8 +551,10 @@ class WikiState:
             owner == user_id and status != EXPLICIT_DENY
         )
 
-    def can_view(self, user_id: int, entity: Entity) -> bool:
-        if entity.trashed:
+    def can_view(self, user_id: int, entity: Entity, *, binned: bool = False) -> bool:
+        """`binned=True` for what BookStack reaches through a raw page join that skips the
+        trash scope (attachments: PermissionApplicator::restrictPageRelationQuery)."""
+        if entity.trashed and not binned:
             return False
         # restrictDraftsOnPageQuery: nobody, admins included, sees another user's draft.
         if isinstance(entity, Page) and entity.draft and entity.owned_by != user_id:
@@ -572,12 +574,14 @@ class WikiState:
                 yield entity
 
     def visible_attachments(self, user_id: int) -> Iterator[Attachment]:
+        """Attachments of pages the user may view, binned pages included: real BookStack
+        lists and serves those (FACTS, first section)."""
         seen: dict[int, bool] = {}
         for attachment in self.attachments.values():
             page_id = attachment.uploaded_to
             if page_id not in seen:
                 page = self.pages.get(page_id)
-                seen[page_id] = page is not None and self.can_view(user_id, page)
+                seen[page_id] = page is not None and self.can_view(user_id, page, binned=True)
             if seen[page_id]:
                 yield attachment
 
