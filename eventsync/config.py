@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     webhook_confirm_grace: float = Field(300.0, gt=0)
     # Down longer than this (no successful audit poll): diff-sync everything on start.
     max_downtime: float = Field(86400.0, gt=0)
+    # On every poll, read each content listing's newest rows for what no event reports
+    # (attachments, ownership migration, link rewrites): one request per kind and poll.
+    probe: bool = True
     # Also keep attachment files (and link URLs): one read per new or changed attachment.
     attachment_content: bool = False
     log_format: Literal["auto", "console", "json"] = "auto"

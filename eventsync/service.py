@@ -21,6 +21,7 @@ from eventsync.events import DIFF_KEY, FETCH, IGNORED, PERMISSIONS, ROUTES, THOR
 from eventsync.handlers import Handlers
 from eventsync.ingest.auditlog import LAST_POLL, AuditPoller
 from eventsync.ingest.inbox import Inbox
+from eventsync.ingest.probe import Probe
 from eventsync.ingest.webhook import WebhookReceiver
 from eventsync.logging import get_logger
 from eventsync.metrics import Metrics
@@ -109,6 +110,7 @@ class Service:
             concurrency=settings.fetch_concurrency,
             on_result=self._job_result,
         )
+        self.probe = Probe(client, store, self.queue, self.reconciler)
         self.inbox = Inbox(self.queue, on_commit=self._committed)
         self.poller = AuditPoller(
             client,
@@ -157,6 +159,7 @@ class Service:
         self._spawn(self.poller.run(self.stop_event, ready=self.synced), "audit poller")
         self._spawn(self.dispatcher.run(self.stop_event), "dispatcher")
         self._spawn(self._resilient(self._periodic_reconcile), "periodic reconcile")
+        self._spawn(self._resilient(self._probe_loop), "silent-change probe")
         self._spawn(self._housekeeping(), "housekeeping")
         self._spawn(self._resilient(self._sweep), "sweep")
         interval = self.notifier.watchdog_timeout
@@ -195,6 +198,7 @@ class Service:
             self.stop_event.set()
 
     exit_code = 0
+    probe_runs = 0
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight jobs finish (or put them back), close everything."""
@@ -267,6 +271,26 @@ class Service:
                 )
             if not self.stop_event.is_set():
                 await self.queue.enqueue(DIFF_KEY, [FETCH], reason="periodic diff")
+                self.dispatcher.wake()
+
+    async def _probe_loop(self) -> None:
+        """What moves no event (attachments, ownership migration, link rewrites) within one
+        poll interval, for one request per probed kind (ingest/probe.py)."""
+        if not self.settings.probe:
+            return
+        await self.synced.wait()
+        while not self.stop_event.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), timeout=self.settings.poll_interval)
+            if self.stop_event.is_set():
+                return
+            try:
+                result = await self.probe.probe_once()
+            except AuthError:
+                continue  # the token is refused: reported elsewhere, probed again later
+            finally:
+                self.probe_runs += 1
+            if result.reads or result.diffs:
                 self.dispatcher.wake()
 
     async def _gap(self, reason: str) -> None:

@@ -183,14 +183,17 @@ async def _state_is_set(svc: Service, key: str) -> bool:
 async def test_periodic_diff_catches_silent_changes(tmp_path: Path) -> None:
     async with FakeBookStack(requests_per_minute=RPM) as fake:
         fake.seed(pages=80, books=5, seed=5)
-        settings = settings_for(fake, tmp_path / "m.db", reconcile_interval=0.5)
+        # The probe off: what it finds within a poll, the periodic diff must find alone.
+        settings = settings_for(fake, tmp_path / "m.db", reconcile_interval=0.5, probe=False)
         async with running(settings, webhooks_from=fake) as svc:
-            # Silent in BookStack (FACTS 2.5): attachments, a link rewrite after a move,
-            # and a chapter → book conversion moving pages without page events.
-            page = fake.truth()["pages"][0]["id"]
+            # Silent in BookStack (FACTS 2.5 and first section): an attachment, and a
+            # re-sort under a sort rule, which moves priorities but no updated_at. No
+            # handler can derive either; only the diff's listings show them.
+            truth = fake.truth()
+            page = truth["pages"][0]["id"]
             await fake.create_attachment(page, "spec.pdf", content=b"%PDF", extension="pdf")
-            await fake.move_chapter(1, 3)
-            await fake.convert_chapter_to_book(2)
+            chapter = fake.state.chapters[truth["chapters"][0]["id"]]
+            chapter.priority += 7
 
             async def done() -> bool:
                 await svc.dispatcher.drain(5)

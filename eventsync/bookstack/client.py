@@ -564,6 +564,22 @@ class BookStackClient:
         data, _total = _listing_page("/api/audit-log", body)
         return data
 
+    async def recent(
+        self, endpoint: str, count: int, *, filters: Params | None = None
+    ) -> tuple[list[Row], int, float]:
+        """The `count` rows most recently updated (`sort=-updated_at`), the listing's `total`
+        and when the request was sent: one request, whatever the listing's size."""
+        if not 1 <= count <= MAX_COUNT:
+            raise ValueError(f"count must be within 1..{MAX_COUNT}, not {count}")
+        query: dict[str, FilterValue] = {
+            **encode_filters(endpoint, filters),
+            "sort": "-updated_at",
+            "count": count,
+        }
+        read = await self.read(endpoint, query)
+        data, total = _listing_page(endpoint, read.row)
+        return data, total, read.sent_at
+
     async def _page(self, listing: Listing, endpoint: str, query: Params) -> tuple[list[Row], int]:
         read = await self.read(endpoint, query)
         if listing.started_at is None:

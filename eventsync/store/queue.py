@@ -258,6 +258,11 @@ class JobQueue:
         row = await self.store.fetchone("SELECT count(*) FROM jobs")
         return int(row[0]) if row else 0
 
+    async def pending_keys(self, kind: str) -> set[str]:
+        """Keys of `kind`'s jobs, queued or running."""
+        rows = await self.store.fetchall("SELECT key FROM jobs WHERE key LIKE ?", (f"{kind}:%",))
+        return {r[0] for r in rows}
+
     async def next_due(self) -> float | None:
         row = await self.store.fetchone("SELECT min(not_before) FROM jobs WHERE leased_by IS NULL")
         return None if row is None or row[0] is None else float(row[0])

@@ -1,0 +1,138 @@
+"""The silent-change probe: what moves `updated_at` or a listing's `total` without any event.
+
+Attachments log nothing and send nothing; ownership migration and link rewrites move items'
+`updated_at` silently (FACTS, first section). On every audit-log poll the probe reads each
+listing's most recently updated rows (`sort=-updated_at`, one request per kind) and acts only
+on what differs from the mirror: a content item that moved is read (its job, coalesced with
+any other), an attachment is written from its listing row, and a `total` that the mirror
+cannot explain starts the listing diff of that kind. The cost is one request per probed kind
+per poll, whatever the size of the wiki.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from eventsync.bookstack.client import BookStackClient
+from eventsync.errors import AuthError, BookStackError
+from eventsync.events import ALL_ATTACHMENTS_KEY, DIFF_KEY, FETCH
+from eventsync.logging import get_logger
+from eventsync.reconcile import Reconciler, differs
+from eventsync.records import ENDPOINTS, LISTED_FIELDS, listed
+from eventsync.store.queue import JobQueue
+from eventsync.store.sqlite import Store
+
+log = get_logger("eventsync.probe")
+
+# Kinds whose items change without an event, in the order they are probed.
+PROBED = ("attachment", "page", "chapter", "book", "shelf")
+# Rows per probe request: a request costs the same whatever its count, so take enough to
+# cover a burst of silent changes between two polls (a user delete migrating many items).
+PROBE_COUNT = 100
+# A total the mirror cannot explain is acted on only when it persists this many probes: in
+# between, the jobs of the events behind it (creates, deletes) are usually still running.
+TOTAL_PATIENCE = 2
+
+
+@dataclass
+class ProbeResult:
+    requests: int = 0
+    reads: int = 0  # content items whose job was queued
+    attachments: int = 0  # attachment rows written from the probe's listing
+    diffs: list[str] = field(default_factory=list)  # listing diffs started, by kind
+
+
+class Probe:
+    def __init__(
+        self,
+        client: BookStackClient,
+        store: Store,
+        queue: JobQueue,
+        reconciler: Reconciler,
+        *,
+        kinds: Sequence[str] = PROBED,
+        count: int = PROBE_COUNT,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.queue = queue
+        self.reconciler = reconciler
+        self.kinds = tuple(kinds)
+        self.count = count
+        self._attachment_total: int | None = None  # the attachments listing's last total
+        self._unexplained: dict[str, int] = {}  # kind → consecutive probes off in total
+
+    async def probe_once(self) -> ProbeResult:
+        result = ProbeResult()
+        for kind in self.kinds:
+            try:
+                await self._probe(kind, result)
+            except AuthError:
+                raise
+            except BookStackError as exc:
+                # The next poll probes again; nothing is concluded from a failed request.
+                log.warning("silent-change probe failed", kind=kind, error=str(exc))
+        if result.reads or result.attachments or result.diffs:
+            log.info(
+                "silent changes found",
+                reads=result.reads,
+                attachments=result.attachments,
+                diffs=result.diffs,
+            )
+        return result
+
+    async def _probe(self, kind: str, result: ProbeResult) -> None:
+        endpoint = ENDPOINTS[kind][0]
+        filters = {"draft": 0} if kind == "page" else None
+        rows, total, sent_at = await self.client.recent(endpoint, self.count, filters=filters)
+        result.requests += 1
+        mirror = await self.store.index(kind, LISTED_FIELDS[kind])
+        if kind == "attachment":
+            # Attachments of pages the mirror does not hold (binned ones) stay out.
+            pages = await self.store.ids("page")
+            rows = [r for r in rows if r.get("uploaded_to") in pages]
+        moved = [
+            r for r in rows if r["id"] not in mirror or differs(mirror[r["id"]], listed(kind, r))
+        ]
+        if kind == "attachment":
+            created = sum(1 for r in moved if r["id"] not in mirror)
+            await self._attachments(moved, created, total, sent_at, result)
+            return
+        pending = await self.queue.pending_keys(kind)
+        for row in moved:
+            key = f"{kind}:{row['id']}"
+            if key in pending:
+                continue  # its job reads it anyway
+            await self.queue.enqueue(key, [FETCH], reason="silent change")
+            result.reads += 1
+        # Deletes that no event reported show only in the total. Creates and deletes with
+        # events make it differ for a moment; a difference that outlives their jobs does not.
+        if total != len(mirror) and not pending:
+            self._unexplained[kind] = self._unexplained.get(kind, 0) + 1
+            if self._unexplained[kind] >= TOTAL_PATIENCE:
+                self._unexplained[kind] = 0
+                await self.queue.enqueue(DIFF_KEY, [FETCH], reason=f"{kind} total")
+                result.diffs.append(kind)
+        else:
+            self._unexplained.pop(kind, None)
+
+    async def _attachments(
+        self,
+        moved: list[dict[str, Any]],
+        created: int,
+        total: int,
+        sent_at: float,
+        result: ProbeResult,
+    ) -> None:
+        # The listing shows attachments of binned pages, which the mirror leaves out: its
+        # total is compared with the last probe's, not with the mirror.
+        previous, self._attachment_total = self._attachment_total, total
+        if moved:
+            tally = await self.reconciler.write_listed("attachment", moved, sent_at)
+            result.attachments += tally.created + tally.updated
+        if previous is not None and total != previous + created:
+            # One went away (or more came than the newest rows show): diff them all.
+            await self.queue.enqueue(ALL_ATTACHMENTS_KEY, [FETCH], reason="attachment total")
+            result.diffs.append("attachment")
