@@ -38,6 +38,17 @@ THOROUGH = {"thorough": True}
 ATTACHMENTS_KIND = "attachments"
 ALL_ATTACHMENTS_KEY = "attachments:0"
 
+# A book's contents re-read (its priorities): BookStack re-sorts a book with a sort rule
+# after every change inside it, and every book of a rule when the rule changes, moving no
+# updated_at (FACTS, first section). The key is a kind of its own so that it never merges
+# into an earlier book job: it must run after RESORT_DELAY, because the webhook that caused
+# it is sent before the re-sort.
+CONTENTS_KIND = "contents"
+RESORT_DELAY = 2.0
+# sort_rule:N jobs: the rule changed (update: re-read its books' contents) or went away
+# (delete: its books lose the rule and their updated_at moves, with no book event).
+SORT_RULE_KIND = "sort_rule"
+
 # Entity kinds as the mirror names them, from BookStack's morph types / event prefixes.
 KIND_OF = {"page": "page", "chapter": "chapter", "book": "book", "bookshelf": "shelf"}
 
@@ -81,6 +92,8 @@ ROUTES: dict[str, Route] = {
     "role_create": _r("role", FETCH, EXPECT_PRESENT),
     "role_update": _r("role", FETCH),
     "role_delete": _r("role", FETCH, EXPECT_GONE, ROLES_REFRESH),
+    "sort_rule_update": _r(SORT_RULE_KIND, SORT, why="its books are re-sorted silently"),
+    "sort_rule_delete": _r(SORT_RULE_KIND, FETCH, why="its books lose it silently"),
     "recycle_bin_restore": _r("deletion", RESOLVE_RESTORE),
     "recycle_bin_destroy": _r("deletion", RESOLVE_DESTROY),
 }
@@ -107,6 +120,7 @@ IGNORED = frozenset(
         "commented_on",
         "revision_delete",  # removes a stored revision; the page itself is unchanged
         "recycle_bin_empty",  # only destroys what is already out of the mirror
+        "sort_rule_create",  # no book uses a new rule yet
     }
 )
 
@@ -174,6 +188,7 @@ _URL_KIND = [
     (re.compile(r"/shelves/[^/]+$"), "shelf"),
 ]
 _DELETION_URL = re.compile(r"/settings/recycle-bin/(\d+)(?:/|$)")
+_SORT_RULE_URL = re.compile(r"/settings/sorting/rules/(\d+)(?:/|$)")
 _ID_DETAIL = re.compile(r"^\((\d+)\)")
 # auth_register's detail is the new User, or for a social login its SocialAccount, whose
 # descriptor is "{driver}; ({user id}) {user name}" (FACTS 1.2).
@@ -292,6 +307,11 @@ def from_webhook(raw: Any, text: str | None = None) -> Event:
         match = _DELETION_URL.search(body.url or "")
         deletion_id = _digits_id(match.group(1)) if match else None
         key = f"deletion:{deletion_id}" if deletion_id is not None else None
+    elif route.kind == SORT_RULE_KIND:
+        # No related_item: the rule is named by its settings URL only.
+        match = _SORT_RULE_URL.search(body.url or "")
+        rule_id = _digits_id(match.group(1)) if match else None
+        key = f"{SORT_RULE_KIND}:{rule_id}" if rule_id is not None else None
     elif body.event == "auth_register" and "driver" in item:
         # A SocialAccount: its own id is not the user's.
         user_id = as_id(item.get("user_id"))
@@ -333,7 +353,7 @@ def from_audit(row: dict[str, Any]) -> Event:
                 entity_id = _digits_id(match.group(3))
                 if entity_kind and entity_id is not None:
                     payload["entity"] = f"{entity_kind}:{entity_id}"
-        elif route.kind in ("user", "role"):
+        elif route.kind in ("user", "role", SORT_RULE_KIND):
             match = _ID_DETAIL.match(detail) or (
                 _SOCIAL_DETAIL.match(detail) if activity_type == "auth_register" else None
             )

@@ -11,6 +11,7 @@ from eventsync.errors import EventsyncError, ForbiddenError, NotFound
 from eventsync.events import (
     ALL_ATTACHMENTS_KEY,
     ATTACHMENTS_KIND,
+    CONTENTS_KIND,
     DEFAULT_PERMISSIONS,
     DIFF_KEY,
     EXPECT_GONE,
@@ -19,8 +20,10 @@ from eventsync.events import (
     MOVE,
     PERMISSIONS,
     RESOLVE_RESTORE,
+    RESORT_DELAY,
     ROLES_REFRESH,
     SORT,
+    SORT_RULE_KIND,
     SUBTREE,
 )
 from eventsync.logging import get_logger
@@ -68,6 +71,10 @@ class Handlers:
             return await self._identity(job)
         if kind == "deletion":
             return await self._deletion(job)
+        if kind == CONTENTS_KIND:
+            return await self._resorted(job.entity_id)
+        if kind == SORT_RULE_KIND:
+            return await self._sort_rule(job)
         if kind == ATTACHMENTS_KIND:
             tally = await self.reconciler.sync_attachments(job.entity_id or None)
             return f"attachments {vars(tally)}"
@@ -113,6 +120,13 @@ class Handlers:
                 await self._place_pages(model.pages, f"chapter {entity_id}", read_at)
             if kind == "book" and (SORT in hints or SUBTREE in hints):
                 await self._book_contents(model, SUBTREE in hints, read_at)
+            from_bookstack = bool({"webhook", "audit"} & set((job.sources or "").split(",")))
+            if kind == "book" and SORT in hints:
+                await self._resort_later(model.id)
+            elif kind in ("page", "chapter") and (
+                from_bookstack or outcome not in ("unchanged", "stale")
+            ):
+                await self._resort_later(model.book_id)
             if kind == "chapter" and SUBTREE in hints:
                 await self._subtree("/api/pages", {"chapter_id": entity_id}, "page")
             if kind == "shelf" and SUBTREE in hints:
@@ -137,6 +151,42 @@ class Handlers:
         if PERMISSIONS in hints:
             await self._permissions(kind, entity_id)
         return outcome
+
+    async def _resort_later(self, book_id: int) -> None:
+        """A change inside a book with a sort rule (or its sort) is followed by a silent
+        re-sort of the book's contents, after the webhook went out (BaseRepo::sortParent):
+        its contents are read again once that is done, for one request."""
+        book = await self.store.get("book", book_id)
+        if book is not None and book["sort_rule_id"] is not None:
+            await self.queue.enqueue(
+                f"{CONTENTS_KIND}:{book_id}", [FETCH], delay=RESORT_DELAY, reason="sort rule"
+            )
+
+    async def _resorted(self, book_id: int) -> str:
+        """The priorities of a book's contents after a silent re-sort: one book read."""
+        try:
+            raw, read_at = await self.client.read(f"/api/books/{book_id}")
+        except NotFound:
+            await self.queue.enqueue(f"book:{book_id}", [FETCH], reason="sort rule")
+            return "book gone"
+        model = m.Book.model_validate(raw)
+        outcome = await self.reconciler.write("book", model, self.summary, read_at)
+        await self._book_contents(model, False, read_at)
+        return f"contents read, book {outcome}"
+
+    async def _sort_rule(self, job: Job) -> str:
+        """A rule changed: BookStack re-sorts every book using it (sort_rule_update), or, when
+        it is deleted, clears those books' sort_rule_id and moves their updated_at, with no
+        event of theirs (FACTS, first section)."""
+        books = await self.store.books_sorted_by(job.entity_id)
+        for book_id in books:
+            if SORT in job.hints:
+                await self.queue.enqueue(
+                    f"{CONTENTS_KIND}:{book_id}", [FETCH], delay=RESORT_DELAY, reason="sort rule"
+                )
+            else:
+                await self.queue.enqueue(f"book:{book_id}", [FETCH], reason="sort rule deleted")
+        return f"{len(books)} book(s)"
 
     async def _default_permissions(self, kind: str, model: Any, read_at: float) -> None:
         """A created item's content permissions, known without a read: inheriting, no rows

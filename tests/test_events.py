@@ -7,8 +7,10 @@ handed to `from_webhook` / `from_audit`. Only the malformed bodies are written b
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +21,7 @@ from eventsync.events import (
     EXPECT_GONE,
     EXPECT_PRESENT,
     FETCH,
+    IGNORED,
     MOVE,
     PERMISSIONS,
     RESOLVE_DESTROY,
@@ -584,3 +587,57 @@ def test_auth_register_keys_the_registered_user(raw: dict[str, Any], key: int) -
 def test_audit_auth_register_keys_the_user_from_either_descriptor(detail: str) -> None:
     event = from_audit({"id": 9, "type": "auth_register", "detail": detail})
     assert event.key == "user:7"
+
+
+# ---- the real samples of a BookStack v25.02.4 ----------------------------------------------
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "bookstack" / "real-v25.02.4"
+
+
+def _real(folder: str) -> list[Path]:
+    files = sorted((REAL / folder).glob("*.json"))
+    assert files, f"the real samples are missing: {REAL / folder}"
+    return files
+
+
+@pytest.mark.parametrize("path", _real("webhooks"), ids=lambda p: p.stem)
+def test_every_real_webhook_body_parses_to_its_item(path: Path) -> None:
+    """Each real webhook body either names the item its route says, or is ignored on purpose."""
+    raw = json.loads(path.read_text())
+    event = from_webhook(raw, path.read_text())
+    assert event.type == path.stem
+    if path.stem in IGNORED or path.stem == "sort_rule_create":
+        assert event.ignored
+        return
+    assert event.key is not None, raw
+    kind, _, item_id = event.key.partition(":")
+    if kind == "sort_rule":
+        assert raw["url"].endswith(f"/settings/sorting/rules/{item_id}")
+    elif kind == "deletion":
+        assert f"/settings/recycle-bin/{item_id}" in raw["url"]
+    elif path.stem == "revision_restore":
+        assert int(item_id) == raw["related_item"]["page_id"]
+    else:
+        assert int(item_id) == raw["related_item"]["id"]
+
+
+@pytest.mark.parametrize("path", _real("audit"), ids=lambda p: p.stem)
+def test_every_real_audit_row_parses_to_its_item(path: Path) -> None:
+    row = json.loads(path.read_text())
+    event = from_audit(row)
+    assert event.type == path.stem and event.activity_id == row["id"]
+    if path.stem in IGNORED or path.stem == "sort_rule_create":
+        assert event.ignored
+        return
+    assert event.key is not None, row
+    kind, _, item_id = event.key.partition(":")
+    if row["loggable_id"] is not None:
+        assert int(item_id) == row["loggable_id"]
+    elif kind == "page":  # a revision restore names its page in the detail
+        assert f"page ID {item_id}" in row["detail"]
+    elif kind == "deletion":
+        assert row["detail"].startswith(f"Deletion ({item_id})")
+    else:
+        assert row["detail"].startswith(f"({item_id}) ")
+    if path.stem == "sort_rule_update":
+        assert SORT in event.hints  # its books are re-sorted silently

@@ -279,7 +279,9 @@ async def test_ignored_activity_costs_no_api_request(
         [("webhook", "ignored")] * 3 + [("audit", "ignored")] * 3
     )
     assert await svc.queue.depth() == 0
-    assert {r.route for r in fake.requests} == {"/api/audit-log"}
+    # Nothing but audit polls and the silent-change probe's listings (sort=-updated_at).
+    others = [r for r in fake.requests if r.route != "/api/audit-log"]
+    assert all(r.query.get("sort") == "-updated_at" for r in others), others
 
 
 # ---- 2. duplicates, reordering and dropped webhooks still converge --------------------------

@@ -116,6 +116,8 @@ class Book(BookListItem):
 
     description_html: str | None = None
     default_template_id: int | None = None
+    # v25.02+: the sort rule that re-sorts the book's contents (absent before: None).
+    sort_rule_id: int | None = None
     tags: list[Tag] = Field(default_factory=list)
     contents: list[BookContentItem] = Field(default_factory=list)
 

@@ -65,6 +65,7 @@ TABLES: dict[str, Table] = {
             "description",
             "description_html",
             "default_template_id",
+            "sort_rule_id",
             "created_at",
             "updated_at",
             "created_by",
@@ -177,7 +178,7 @@ SCHEMA_VERSION_KEY = "user_version"
 # columns are relations filled in by Store.export; BOOL_FIELDS are stored as 0/1.
 EXPORT_SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "shelves": ("shelves", ("id", "name", "slug", "description", "books", "tags")),
-    "books": ("books", ("id", "name", "slug", "description", "tags")),
+    "books": ("books", ("id", "name", "slug", "description", "sort_rule_id", "tags")),
     "chapters": ("chapters", ("id", "book_id", "name", "slug", "description", "priority", "tags")),
     "pages": (
         "pages",
@@ -456,6 +457,12 @@ class Store:
             if pattern.search(text) or wanted & set(PERMALINK.findall(text)):
                 found.add(page_id)
         return found
+
+    async def books_sorted_by(self, rule_id: int) -> list[int]:
+        rows = await self.fetchall(
+            "SELECT id FROM books WHERE sort_rule_id = ? ORDER BY id", (rule_id,)
+        )
+        return [r[0] for r in rows]
 
     async def pages_of_book(self, book_id: int) -> set[int]:
         rows = await self.fetchall("SELECT id FROM pages WHERE book_id = ?", (book_id,))

@@ -80,6 +80,7 @@ def build_truth(state: WikiState, user_id: int) -> dict[str, Any]:
                 "name": b.name,
                 "slug": b.slug,
                 "description": b.description,
+                "sort_rule_id": getattr(b, "sort_rule_id", None),
                 "tags": tags(b),
             }
             for b in books
