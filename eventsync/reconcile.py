@@ -36,7 +36,7 @@ from eventsync.records import (
     to_row,
 )
 from eventsync.store.queue import record_covered_sync
-from eventsync.store.sqlite import CONTENT_TYPES, KINDS, Store, Tx
+from eventsync.store.sqlite import CONTENT_TYPES, KIND_OF_CONTENT_TYPE, KINDS, Store, Tx
 
 log = get_logger("eventsync.reconcile")
 
@@ -172,7 +172,10 @@ class Reconciler:
         listings, listed_at = await self._listings(summary)
         await self._remove_missing(listings, listed_at, summary)
         jobs = await self._plan(listings, listed_at, summary, verify_memberships)
-        permission_jobs = await self._plan_permissions(listings, all_permissions)
+        restricted = await self.restricted_items()
+        permission_jobs, defaults = await self._plan_permissions(
+            listings, all_permissions, restricted
+        )
         total = len(jobs) + len(permission_jobs)
         if self._on_plan:
             self._on_plan(total)
@@ -195,6 +198,7 @@ class Reconciler:
                 ),
             ]
         )
+        await self._write_defaults(defaults, listed_at, summary)
         await self._refresh_includers(summary)
         await self._reshelve(summary)
         # Attachments last: only those of pages the mirror holds now are written.
@@ -457,19 +461,71 @@ class Reconciler:
                         summary.kinds["attachment"].add("deleted")
         return summary.kinds["attachment"]
 
+    async def restricted_items(self) -> set[tuple[str, int]] | None:
+        """(content type, id) of every item with content permissions of its own, from one
+        search (`{is_restricted}`: exactly the items with entity_permissions rows, FACTS
+        first section), or None when the search cannot be had or trusted: then every item's
+        permissions are read instead."""
+        try:
+            return await self.client.search_all("{is_restricted}")
+        except AuthError:
+            raise
+        except BookStackError as exc:
+            log.warning(
+                "the {is_restricted} search failed: reading every item's permissions",
+                error=str(exc),
+            )
+            return None
+
     async def _plan_permissions(
-        self, listings: dict[str, list[dict[str, Any]] | None], all_permissions: bool
-    ) -> list[tuple[str, int, int | None]]:
-        """(content type, id, owner as the listing names it) of each item to read."""
+        self,
+        listings: dict[str, list[dict[str, Any]] | None],
+        all_permissions: bool,
+        restricted: set[tuple[str, int]] | None,
+    ) -> tuple[list[tuple[str, int, int | None]], list[tuple[str, int, int | None]]]:
+        """(content type, id, owner as the listing names it) of each item whose permissions
+        are read, and of each item given the default without a read: with the search, only
+        restricted items are read (all of them, or those the mirror does not know as
+        restricted); every other item has the default (inheriting, no rows)."""
         known = set() if all_permissions else await self.store.permission_keys()
-        wanted = []
+        known_restricted = await self.store.restricted_keys()
+        reads, defaults = [], []
         for kind, content_type in CONTENT_TYPES.items():
             for raw in listings[kind] or ():
-                if (content_type, raw["id"]) not in known:
-                    owner = raw.get("owned_by")
-                    owner = owner if isinstance(owner, int) and owner > 0 else None
-                    wanted.append((content_type, raw["id"], owner))
-        return wanted
+                key = (content_type, raw["id"])
+                owner = raw.get("owned_by")
+                item = (content_type, raw["id"], owner if as_id(owner) is not None else None)
+                if restricted is None:
+                    if key not in known:
+                        reads.append(item)
+                elif key in restricted:
+                    if all_permissions or key not in known_restricted:
+                        reads.append(item)
+                elif key not in known or key in known_restricted:
+                    defaults.append(item)
+        return reads, defaults
+
+    async def _write_defaults(
+        self,
+        defaults: list[tuple[str, int, int | None]],
+        listed_at: dict[str, float],
+        summary: SyncSummary,
+    ) -> None:
+        """The default permissions of items the search does not find restricted, as of the
+        listing that named them (a later read, or an event's, stands)."""
+        if not defaults:
+            return
+        async with self.store.transaction() as tx:
+            for content_type, content_id, owner in defaults:
+                perms = {
+                    "owner_id": owner,
+                    "inheriting": True,
+                    "fallback": {},
+                    "role_permissions": [],
+                }
+                read_at = listed_at.get(KIND_OF_CONTENT_TYPE[content_type])
+                changed = await tx.set_permissions(content_type, content_id, perms, read_at)
+                summary.permissions.add("updated" if changed else "unchanged")
 
     async def _run(self, jobs: Iterable[Awaitable[None]]) -> None:
         queue = list(jobs)

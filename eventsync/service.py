@@ -36,7 +36,7 @@ from eventsync.reconcile import (
 )
 from eventsync.server import build_app
 from eventsync.store.queue import Job, JobQueue
-from eventsync.store.sqlite import KINDS, Store
+from eventsync.store.sqlite import CONTENT_TYPES, KINDS, Store
 
 log = get_logger("eventsync.service")
 
@@ -383,18 +383,32 @@ class Service:
                     await asyncio.wait_for(self.stop_event.wait(), timeout=60)
 
     async def _sweep_items(self) -> list[tuple[str, list[str]]]:
+        """One cycle's work. Content permissions are read for the items the {is_restricted}
+        search finds and the items the mirror holds as restricted (what changed either way
+        since the last read), not for every item: every other item has the default. Where
+        the search fails or cannot be trusted, every item's permissions are read."""
+        restricted = await self.reconciler.restricted_items()
+        if restricted is not None:
+            restricted |= await self.store.restricted_keys()
+
+        def permissions(kind: str, entity_id: int) -> list[str]:
+            wanted = restricted is None or (CONTENT_TYPES[kind], entity_id) in restricted
+            return [PERMISSIONS] if wanted else []
+
         items: list[tuple[str, list[str]]] = []
         for role_id in sorted(await self.store.ids("role")):
             items.append((f"role:{role_id}", [FETCH]))
         for shelf_id in sorted(await self.store.ids("shelf")):
-            items.append((f"shelf:{shelf_id}", [FETCH, PERMISSIONS]))
+            items.append((f"shelf:{shelf_id}", [FETCH, *permissions("shelf", shelf_id)]))
         includers = set(await self.store.pages_with_includes())
         for kind in ("book", "chapter", "page"):
             for entity_id in sorted(await self.store.ids(kind)):
                 # Pages with includes are re-read whole: their rendered html can go stale
                 # through an included page in ways no event or timestamp shows.
                 extra = [FETCH] if kind == "page" and entity_id in includers else []
-                items.append((f"{kind}:{entity_id}", [PERMISSIONS, *extra]))
+                hints = [*permissions(kind, entity_id), *extra]
+                if hints:
+                    items.append((f"{kind}:{entity_id}", hints))
         return items
 
     # ---- callbacks --------------------------------------------------------------------------

@@ -75,6 +75,7 @@ LISTING = {
 CONTENT_TYPE = {"shelf": "bookshelf", "book": "book", "chapter": "chapter", "page": "page"}
 READ_ROUTE = {kind: f"{LISTING[kind]}/{{id}}" for kind in LISTING}
 PERMISSIONS_ROUTE = "/api/content-permissions/{type}/{id}"
+SEARCH_ROUTE = "/api/search"
 AUDIT_ROUTE = "/api/audit-log"
 INCLUDE = re.compile(r"\{\{@\s?(\d+)")
 
@@ -338,17 +339,21 @@ async def test_first_full_sync_mirrors_everything_with_the_minimum_of_requests(
         assert len(truth[SECTION_OF[kind]]) > MAX_COUNT, kind
 
     # Listing pages + one read per shelf, book, chapter, page and role (users and attachments
-    # are complete in their listings) + every item's content permissions + the audit head.
+    # are complete in their listings) + the content permissions of each restricted item, found
+    # by the {is_restricted} search (pages of 100 per type) + the audit head.
+    restricted = {(p["content_type"], p["content_id"]) for p in truth["permissions"]}
+    per_type = Counter(ct for ct, _ in restricted)
     expected = expected_listing_counts(truth)
     for kind in ("shelf", "book", "chapter", "page", "role"):
         expected[READ_ROUTE[kind]] = len(truth[SECTION_OF[kind]])
-    expected[PERMISSIONS_ROUTE] = len(content_keys(truth))
+    expected[PERMISSIONS_ROUTE] = len(restricted)
+    expected[SEARCH_ROUTE] = max(1, math.ceil(max(per_type.values()) / 100))
     expected[AUDIT_ROUTE] = 1
     assert route_counts(fake) == expected
     assert all(r.status == 200 for r in fake.requests)
     for kind in ("shelf", "book", "chapter", "page", "role"):
         assert sorted(read_ids(fake, kind)) == sorted(live_ids(truth, kind)), kind
-    assert sorted(permission_reads(fake)) == sorted(content_keys(truth))
+    assert sorted(permission_reads(fake)) == sorted(restricted)
     assert summary.requests == len(fake.requests) == rig.client.stats.requests
     # The page listing asks for published pages only (drafts of the token user are listed).
     assert all(
@@ -377,6 +382,7 @@ async def test_second_sync_with_nothing_changed_reads_no_bodies(
     expected = expected_listing_counts(truth)
     assert expected["/api/pages"] == 2
     expected[AUDIT_ROUTE] = 1
+    expected[SEARCH_ROUTE] = 1
     if verify_memberships:
         # By design a full sync reads every role and every shelf: a swap of members keeps
         # users_count, and neither a role's members nor a shelf's books move a timestamp,
@@ -495,7 +501,9 @@ async def test_changes_between_syncs_are_mirrored_reading_only_what_changed(
     assert {1, new_shelf} <= changed["shelf"]
     assert new_attachment in live_ids(truth, "attachment")
 
-    # ---- the default second sync: content permissions of known items are not re-read.
+    # ---- the default second sync: content permissions are read only for items the
+    # {is_restricted} search shows that the mirror did not know as restricted; what stays
+    # restricted is not re-read (events and the sweep do that).
     summary = await rig.sync()
 
     assert summary.complete, summary.problems
@@ -506,8 +514,10 @@ async def test_changes_between_syncs_are_mirrored_reading_only_what_changed(
         permissions_by_key(truth),
         permissions_by_key(truth_before),
     )
+    newly_restricted = set(want) - set(old)
+    assert ("page", p_perm) in newly_restricted and ("page", new_page) in newly_restricted
     for key in set(got) | set(want):
-        if key in changed_permissions:
+        if key in changed_permissions and key not in newly_restricted:
             assert got.get(key) == old.get(key) != want.get(key), key
         else:
             assert got.get(key) == want.get(key), key
@@ -519,8 +529,8 @@ async def test_changes_between_syncs_are_mirrored_reading_only_what_changed(
     # Every role and every shelf, by design (their members and books move no timestamp).
     expected[READ_ROUTE["role"]] = len(truth["roles"])
     expected[READ_ROUTE["shelf"]] = len(truth["shelves"])
-    new_items = content_keys(truth) - content_keys(truth_before)
-    expected[PERMISSIONS_ROUTE] = len(new_items)
+    expected[PERMISSIONS_ROUTE] = len(newly_restricted)
+    expected[SEARCH_ROUTE] = 1
     # Pages that include a changed or deleted page are read too (their rendered html embeds
     # it); anything else read beyond the changed items is a needless request.
     page_reads = set(read_ids(fake, "page"))
@@ -533,8 +543,7 @@ async def test_changes_between_syncs_are_mirrored_reading_only_what_changed(
     assert sorted(read_ids(fake, "shelf")) == sorted(live_ids(truth, "shelf"))
     assert changed["page"] | {includer} <= page_reads
     assert sorted(read_ids(fake, "role")) == sorted(live_ids(truth, "role"))
-    assert set(permission_reads(fake)) == new_items
-    assert ("page", new_page) in new_items and ("bookshelf", new_shelf) in new_items
+    assert set(permission_reads(fake)) == newly_restricted
 
     # ---- a sync asked to re-read all content permissions: now the mirror is the truth.
     summary = await rig.sync(all_permissions=True)
@@ -545,9 +554,10 @@ async def test_changes_between_syncs_are_mirrored_reading_only_what_changed(
     expected[AUDIT_ROUTE] = 1
     expected[READ_ROUTE["role"]] = len(truth["roles"])
     expected[READ_ROUTE["shelf"]] = len(truth["shelves"])
-    expected[PERMISSIONS_ROUTE] = len(content_keys(truth))
+    expected[PERMISSIONS_ROUTE] = len(truth["permissions"])
+    expected[SEARCH_ROUTE] = 1
     assert route_counts(fake) == expected
-    assert sorted(permission_reads(fake)) == sorted(content_keys(truth))
+    assert set(permission_reads(fake)) == set(want)
 
 
 async def test_permissions_reread_after_their_owner_was_deleted_equal_the_truth(
@@ -660,7 +670,9 @@ async def test_a_429_storm_ends_in_the_truth(
     # other clients (FACTS §4).
     allowance = 15
     monkeypatch.setattr(fake_server, "RATE_WINDOW", 0.5)
-    fake = await make_fake(requests_per_minute=allowance, **TINY)
+    # Pages enough for three windows' worth of reads (permissions are read only for the
+    # restricted few).
+    fake = await make_fake(requests_per_minute=allowance, **{**TINY, "pages": 30})
     arrivals: list[tuple[float, bool]] = []
     throttle = fake._hit
 
@@ -731,7 +743,7 @@ async def test_the_rate_limiter_keeps_the_sync_within_its_budget(
 ) -> None:
     budget = 600  # per minute: 10 a second, with a burst of default_burst(600)
     burst = default_burst(budget)
-    fake = await make_fake(**{**TINY, "pages": 12})
+    fake = await make_fake(**{**TINY, "pages": 30})
     times = hit_times(fake)
     rig = await make_rig(fake, requests_per_minute=budget)
 

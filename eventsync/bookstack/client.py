@@ -221,6 +221,12 @@ class _Call:
     sent_at: float = 0.0  # our clock when the latest attempt was sent
 
 
+# /api/search takes at most 100 rows per type and page (500 is a 422).
+SEARCH_COUNT = 100
+# A bound on one search's pages: 1,000 pages is 100,000 items of one type.
+MAX_SEARCH_PAGES = 1000
+
+
 class Read(NamedTuple):
     """A JSON object read from BookStack, and when the request that got it was sent."""
 
@@ -579,6 +585,32 @@ class BookStackClient:
         read = await self.read(endpoint, query)
         data, total = _listing_page(endpoint, read.row)
         return data, total, read.sent_at
+
+    async def search_all(self, query: str) -> set[tuple[str, int]]:
+        """(type, id) of every item `GET /api/search` finds for `query`. Its pages hold up
+        to SEARCH_COUNT rows of *each* type and have no stable order without search terms
+        (FACTS, first section): pages are read until the distinct items add up to `total`;
+        a page that comes back empty first means the answer cannot be trusted
+        (IncompleteListing)."""
+        found: set[tuple[str, int]] = set()
+        page = 1
+        while True:
+            body = await self.get(
+                "/api/search", {"query": query, "page": page, "count": SEARCH_COUNT}
+            )
+            data, total = _listing_page("/api/search", body)
+            for row in data:
+                kind, item_id = row.get("type"), row.get("id")
+                if isinstance(kind, str) and isinstance(item_id, int):
+                    found.add((kind, item_id))
+            if len(found) == total:
+                return found
+            if not data or len(found) > total or page >= MAX_SEARCH_PAGES:
+                raise IncompleteListing(
+                    f"/api/search {query!r}: {len(found)} distinct items, total {total}",
+                    path="/api/search",
+                )
+            page += 1
 
     async def _page(self, listing: Listing, endpoint: str, query: Params) -> tuple[list[Row], int]:
         read = await self.read(endpoint, query)

@@ -249,6 +249,13 @@ DANGLING: dict[str, tuple[str, str]] = {
 }
 
 
+# A content_permissions row (as `cp`) that is not the default.
+_RESTRICTED = (
+    "(cp.inheriting = 0 OR EXISTS (SELECT 1 FROM content_role_permissions r "
+    "WHERE r.content_type = cp.content_type AND r.content_id = cp.content_id))"
+)
+
+
 class StoreError(EventsyncError):
     """The mirror database cannot be used."""
 
@@ -507,15 +514,21 @@ class Store:
                 out[what] = int(row[0])
         return out
 
+    async def restricted_keys(self) -> set[tuple[str, int]]:
+        """Items whose content permissions are not the default (not inheriting, or with a
+        role row): BookStack's `{is_restricted}`, as the mirror knows it."""
+        rows = await self.fetchall(
+            f"SELECT content_type, content_id FROM content_permissions cp WHERE {_RESTRICTED}"
+        )
+        return {(r[0], r[1]) for r in rows}
+
     async def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for kind, table in TABLES.items():
             row = await self.fetchone(f"SELECT count(*) FROM {table.name}")
             out[kind] = int(row[0]) if row else 0
         row = await self.fetchone(
-            "SELECT count(*) FROM content_permissions cp WHERE inheriting = 0 OR EXISTS "
-            "(SELECT 1 FROM content_role_permissions r WHERE r.content_type = cp.content_type "
-            "AND r.content_id = cp.content_id)"
+            f"SELECT count(*) FROM content_permissions cp WHERE {_RESTRICTED}"
         )
         out["permissions"] = int(row[0]) if row else 0
         return out

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from eventsync.testing import shapes
+from eventsync.testing import search, shapes
 from eventsync.testing.listing import LISTING_FIELDS, apply_listing
 from eventsync.testing.models import Entity, Page, Perm
 from eventsync.testing.mutations import NotFoundError
@@ -511,6 +511,12 @@ async def update_permissions(request: web.Request) -> web.Response:
     return web.json_response(shapes.content_permissions(fake.state, entity))
 
 
+async def search_content(request: web.Request) -> web.Response:
+    fake = _fake(request)
+    lose_one = "/api/search" in fake.faults.short_listings
+    return search.response(fake.state, _user_id(request), request.query, lose_one=lose_one)
+
+
 def routes() -> list[tuple[str, str, Handler]]:
     table: list[tuple[str, str, Handler]] = []
     for name in ENTITY_ROUTES:
@@ -532,6 +538,7 @@ def routes() -> list[tuple[str, str, Handler]]:
         ("GET", "/api/recycle-bin", list_recycle_bin),
         ("PUT", "/api/recycle-bin/{id:\\d+}", restore_recycle_bin),
         ("DELETE", "/api/recycle-bin/{id:\\d+}", destroy_recycle_bin),
+        ("GET", "/api/search", search_content),
         ("GET", "/api/content-permissions/{type}/{id:\\d+}", read_permissions),
         ("PUT", "/api/content-permissions/{type}/{id:\\d+}", update_permissions),
     ]
