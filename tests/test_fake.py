@@ -194,10 +194,16 @@ async def test_permission_gates(fake: FakeBookStack, http: aiohttp.ClientSession
     assert status == 200
 
 
-async def test_unknown_route_is_json_404(fake: FakeBookStack, http: aiohttp.ClientSession) -> None:
-    status, body, _ = await get(http, fake, "/api/nothing-here")
-    assert status == 404
-    assert body["error"]["code"] == 404
+async def test_unknown_route_is_html_404(fake: FakeBookStack, http: aiohttp.ClientSession) -> None:
+    # A real v25.02.4 answers an unknown API path from the web fallback route: an HTML page,
+    # with or without a token, before the throttle (real-v25.02.4/api/*.html.head).
+    for headers in (auth(fake), {}):
+        async with http.get(fake.url + "/api/nothing-here", headers=headers) as response:
+            assert response.status == 404
+            assert response.content_type == "text/html"
+            assert "X-RateLimit-Remaining" not in response.headers
+            assert (await response.text()).startswith("<!DOCTYPE html>")
+    # A known route with nothing behind it is BookStack's JSON error.
     status, body, _ = await get(http, fake, "/api/pages/999")
     assert (status, body["error"]["code"]) == (404, 404)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,48 @@ class ApiError(Exception):
 def error_response(status: int, message: str, **extra: Any) -> web.Response:
     body: dict[str, Any] = {"message": message, **extra, "code": status}
     return web.json_response({"error": body}, status=status)
+
+
+# layouts/base.blade.php around errors/404.blade.php, as a real v25.02.4 renders it for an
+# unknown /api/ path (real-v25.02.4/api/error-unknown-api-route-404.html.head is its start).
+_NOT_FOUND_PAGE = """<!DOCTYPE html>
+<html lang="en-GB"
+      dir="ltr"
+      class="">
+<head>
+    <title>BookStack</title>
+
+    <!-- Meta -->
+    <meta charset="utf-8">
+    <meta name="viewport" content="width=device-width">
+    <meta name="base-url" content="{base_url}">
+    <meta name="theme-color" content="#206ea7"/>
+
+    <!-- Social Cards Meta -->
+    <meta property="og:title" content="BookStack">
+    <meta property="og:url" content="{page_url}">
+</head>
+<body class="">
+    <div id="content" class="block">
+        <div class="container mt-l">
+            <div class="card mb-xl px-l pb-l pt-l">
+                <h1 class="list-heading">Page Not Found</h1>
+                <p>Sorry, The page you were looking for could not be found.</p>
+            </div>
+        </div>
+    </div>
+</body>
+</html>
+"""
+
+
+def not_found_page(base_url: str, page_url: str) -> web.Response:
+    """What BookStack answers for a path no route has: routes/web.php's Route::fallback renders
+    the HTML 404 view, before any API middleware, so no JSON body and no rate-limit headers."""
+    text = _NOT_FOUND_PAGE.format(
+        base_url=html.escape(base_url, quote=True), page_url=html.escape(page_url, quote=True)
+    )
+    return web.Response(status=404, text=text, content_type="text/html")
 
 
 def _fake(request: web.Request) -> FakeBookStack:

@@ -25,6 +25,7 @@ from eventsync.testing.api import (
     USER_KEY,
     ApiError,
     error_response,
+    not_found_page,
     routes,
 )
 from eventsync.testing.models import ApiToken, Webhook
@@ -320,10 +321,15 @@ class FakeBookStack(ContentMutations, AdminMutations):
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None and match_error is None else ""
         if not route:
-            # No route, so no throttle middleware ran: Laravel's handler renders a bare error.
+            # No route, so no throttle middleware ran.
             status = match_error.status if match_error is not None else 404
-            message = "Not found" if status == 404 else "Method not allowed"
-            response = error_response(status, message)
+            if status == 404 and request.method in ("GET", "HEAD"):
+                # The web routes' fallback catches it and renders the HTML 404 page (FACTS).
+                response = not_found_page(self.state.app_url, self.state.url(request.path))
+            else:
+                # Not seen on a real BookStack: Laravel's handler renders a bare JSON error.
+                message = "Not found" if status == 404 else "Method not allowed"
+                response = error_response(status, message)
             self._record(request, "", response.status)
             return response
 
