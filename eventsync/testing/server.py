@@ -243,7 +243,8 @@ class FakeBookStack(ContentMutations, AdminMutations):
             async with self._session.post(
                 webhook.url,
                 data=json.dumps(outgoing.body),
-                headers={"Content-Type": "application/json"},
+                # Guzzle's default agent, as a real BookStack's webhook POSTs carry it.
+                headers={"Content-Type": "application/json", "User-Agent": "GuzzleHttp/7"},
                 timeout=timeout,
             ) as response:
                 await response.read()
