@@ -234,26 +234,44 @@ def _visible_parent(request: web.Request, entity_type: str, raw: Any) -> Entity:
     return _visible_entity(request, entity_type, parent_id)
 
 
+def _page_create_errors(data: dict[str, Any]) -> dict[str, list[str]]:
+    """PageApiController's create rules, all checked at once as Laravel's validator does."""
+
+    def missing(key: str) -> bool:
+        # Laravel's "required" fails for an absent key, null, "" and [].
+        return data.get(key) in (None, "", [])
+
+    errors: dict[str, list[str]] = {}
+    if missing("book_id") and missing("chapter_id"):
+        errors["book_id"] = ["The book id field is required when chapter id is not present."]
+        errors["chapter_id"] = ["The chapter id field is required when book id is not present."]
+    try:
+        _name(data, required=True)
+    except ApiError as exc:
+        errors.update(exc.validation or {})
+    # Absent keys only: the fake has always taken an empty html as an empty page.
+    if "html" not in data and "markdown" not in data:
+        errors["html"] = ["The html field is required when markdown is not present."]
+        errors["markdown"] = ["The markdown field is required when html is not present."]
+    return errors
+
+
 async def create_content(request: web.Request) -> web.Response:
     fake = _fake(request)
     route = request.match_info.route.resource.canonical  # type: ignore[union-attr]
     entity_type = ENTITY_ROUTES[route.rsplit("/", 1)[1]]
     data = await _json_body(request)
     user_id = _user_id(request)
+    if entity_type == "page" and (errors := _page_create_errors(data)):
+        raise ApiError(422, "The given data was invalid.", validation=errors)
     name = _name(data, required=True)
     assert name is not None
     tags = data.get("tags") or []
     if entity_type == "page":
         if data.get("chapter_id"):
             parent = _visible_parent(request, "chapter", data["chapter_id"])
-        elif "book_id" in data:
-            parent = _visible_parent(request, "book", data["book_id"])
         else:
-            raise _invalid(
-                "book_id", "The book id field is required when chapter id is not present."
-            )
-        if "html" not in data and "markdown" not in data:
-            raise _invalid("html", "The html field is required when markdown is not present.")
+            parent = _visible_parent(request, "book", data["book_id"])
         _check_can(request, "create", parent)
         new_id = await fake.create_page(
             book_id=parent.id if parent.TYPE == "book" else None,
