@@ -84,7 +84,7 @@ def chapter_item(state: WikiState, chapter: Chapter) -> JSON:
     }
 
 
-def book_item(state: WikiState, book: Book | Shelf) -> JSON:
+def _container_columns(state: WikiState, book: Book | Shelf) -> JSON:
     return {
         "id": book.id,
         "name": book.name,
@@ -94,6 +94,12 @@ def book_item(state: WikiState, book: Book | Shelf) -> JSON:
         "updated_at": iso(book.updated_at),
         **_users(state, book, objects=False),
     }
+
+
+def book_item(state: WikiState, book: Book | Shelf) -> JSON:
+    # The listings load the cover image relation (null without a cover); nothing else of the
+    # model shows, so no default_template_id here.
+    return {**_container_columns(state, book), "cover": None}
 
 
 shelf_item = book_item
@@ -200,8 +206,11 @@ def _entity_columns(state: WikiState, entity: Entity) -> JSON:
         item.pop("book_slug")
         return {**item, "default_template_id": entity.default_template_id}
     if isinstance(entity, Book):
-        return {**book_item(state, entity), "default_template_id": entity.default_template_id}
-    return book_item(state, entity)  # type: ignore[arg-type]
+        return {
+            **_container_columns(state, entity),
+            "default_template_id": entity.default_template_id,
+        }
+    return _container_columns(state, entity)  # type: ignore[arg-type]
 
 
 def page_read(state: WikiState, page: Page, viewer_id: int) -> JSON:
@@ -283,9 +292,8 @@ def book_read(state: WikiState, book: Book, viewer_id: int) -> JSON:
             }
         )
     return {
-        **book_item(state, book),
+        **_entity_columns(state, book),
         **_users(state, book, objects=True),
-        "default_template_id": book.default_template_id,
         "description_html": description_html(book),
         "tags": tags_read(book),
         "cover": None,
@@ -308,7 +316,7 @@ def chapter_read(state: WikiState, chapter: Chapter, viewer_id: int) -> JSON:
 def shelf_read(state: WikiState, shelf: Shelf, viewer_id: int) -> JSON:
     books = [state.books[b] for b in shelf.books if b in state.books]
     return {
-        **book_item(state, shelf),
+        **_container_columns(state, shelf),
         **_users(state, shelf, objects=True),
         "description_html": description_html(shelf),
         "tags": tags_read(shelf),
@@ -418,6 +426,13 @@ def related_item(state: WikiState, event: str, detail: object) -> JSON | None:
     if isinstance(detail, User):
         return {"id": detail.id, "name": detail.name, "slug": detail.slug}
     if isinstance(detail, Role):
+        if event == "role_create":
+            # PermissionsRepo::saveNewRole logs the model it just saved, never re-read: only
+            # the attributes it set are there, so the columns left to their database defaults
+            # (system_name, external_auth_id) are missing.
+            columns = role_columns(detail)
+            keep = ("display_name", "description", "mfa_enforced", "updated_at", "created_at", "id")
+            return {key: columns[key] for key in keep}
         return role_columns(detail)
     if isinstance(detail, Revision):
         return revision_item(detail)
