@@ -31,6 +31,7 @@ from eventsync.testing.api import (
 from eventsync.testing.models import ApiToken, Webhook
 from eventsync.testing.mutations import ACTING_IP, ContentMutations
 from eventsync.testing.seed import seed_wiki
+from eventsync.testing.sorting import SortRuleMutations
 from eventsync.testing.state import ADMIN_USER_ID, Clock, Outgoing, WikiState
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class _Bucket:
     hits: int = 0
 
 
-class FakeBookStack(ContentMutations, AdminMutations):
+class FakeBookStack(ContentMutations, AdminMutations, SortRuleMutations):
     """An in-process BookStack for tests: real HTTP on 127.0.0.1, state in memory."""
 
     def __init__(

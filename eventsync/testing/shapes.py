@@ -19,6 +19,7 @@ from eventsync.testing.models import (
     Revision,
     Role,
     Shelf,
+    SortRule,
     User,
     Webhook,
     iso,
@@ -98,7 +99,7 @@ def _container_columns(state: WikiState, book: Book | Shelf) -> JSON:
 
 def book_item(state: WikiState, book: Book | Shelf) -> JSON:
     # The listings load the cover image relation (null without a cover); nothing else of the
-    # model shows, so no default_template_id here.
+    # model shows, so no default_template_id or sort_rule_id here.
     return {**_container_columns(state, book), "cover": None}
 
 
@@ -209,6 +210,7 @@ def _entity_columns(state: WikiState, entity: Entity) -> JSON:
         return {
             **_container_columns(state, entity),
             "default_template_id": entity.default_template_id,
+            "sort_rule_id": entity.sort_rule_id,
         }
     return _container_columns(state, entity)  # type: ignore[arg-type]
 
@@ -408,17 +410,21 @@ def revision_item(revision: Revision) -> JSON:
     }
 
 
-def related_item(state: WikiState, event: str, detail: object) -> JSON | None:
+def related_item(
+    state: WikiState, event: str, detail: object, *, listed: bool = False
+) -> JSON | None:
     """WebhookFormatter::formatModel: the model's array with user relations as objects."""
     if isinstance(detail, Entity):
         item = _entity_columns(state, detail)
         item.pop("book_slug", None)
         item.update(_users(state, detail, objects=True))
-        if event == "book_sort":
-            # BookQueries::visibleForList selects no created_by/updated_by/default_template_id.
+        if listed:
+            # BookQueries::visibleForList selects no created_by, updated_by, default_template_id
+            # or sort_rule_id: the user relations load as null, the columns are absent.
             item["created_by"] = None
             item["updated_by"] = None
             item.pop("default_template_id", None)
+            item.pop("sort_rule_id", None)
         if isinstance(detail, Page) and event in ("page_create", "page_update"):
             versions = [r for r in detail.revisions if r.type == "version"]
             item["current_revision"] = revision_item(versions[-1]) if versions else None
@@ -437,6 +443,7 @@ def related_item(state: WikiState, event: str, detail: object) -> JSON | None:
     if isinstance(detail, Revision):
         return revision_item(detail)
     # Deletion, Webhook and ApiToken are not BookStack\App\Model; strings are not models.
+    # A SortRule is, but v25.02.4 sends its events without related_item (FACTS, sort rules).
     return None
 
 
@@ -451,11 +458,19 @@ def detail_url(state: WikiState, detail: object) -> str | None:
         return state.url(f"/settings/recycle-bin/{detail.id}/restore")
     if isinstance(detail, Webhook):
         return state.url(f"/settings/webhooks/{detail.id}")
+    if isinstance(detail, SortRule):
+        return state.url(f"/settings/sorting/rules/{detail.id}")
     return None
 
 
 def webhook_body(
-    state: WikiState, event: str, webhook: Webhook, detail: object, initiator: User
+    state: WikiState,
+    event: str,
+    webhook: Webhook,
+    detail: object,
+    initiator: User,
+    *,
+    listed: bool = False,
 ) -> JSON:
     text = f"{initiator.name} {ACTIVITY_TEXT.get(event, 'activities.' + event)}"
     if isinstance(detail, Entity):
@@ -472,7 +487,7 @@ def webhook_body(
     url = detail_url(state, detail)
     if url is not None:
         body["url"] = url
-    item = related_item(state, event, detail)
+    item = related_item(state, event, detail, listed=listed)
     if item is not None:
         body["related_item"] = item
     return body
