@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from eventsync.testing import FakeBookStack, Faults
+from eventsync.testing.sorting import SortRuleInUseError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -194,10 +195,16 @@ async def test_permission_gates(fake: FakeBookStack, http: aiohttp.ClientSession
     assert status == 200
 
 
-async def test_unknown_route_is_json_404(fake: FakeBookStack, http: aiohttp.ClientSession) -> None:
-    status, body, _ = await get(http, fake, "/api/nothing-here")
-    assert status == 404
-    assert body["error"]["code"] == 404
+async def test_unknown_route_is_html_404(fake: FakeBookStack, http: aiohttp.ClientSession) -> None:
+    # A real v25.02.4 answers an unknown API path from the web fallback route: an HTML page,
+    # with or without a token, before the throttle (real-v25.02.4/api/*.html.head).
+    for headers in (auth(fake), {}):
+        async with http.get(fake.url + "/api/nothing-here", headers=headers) as response:
+            assert response.status == 404
+            assert response.content_type == "text/html"
+            assert "X-RateLimit-Remaining" not in response.headers
+            assert (await response.text()).startswith("<!DOCTYPE html>")
+    # A known route with nothing behind it is BookStack's JSON error.
     status, body, _ = await get(http, fake, "/api/pages/999")
     assert (status, body["error"]["code"]) == (404, 404)
 
@@ -450,6 +457,52 @@ async def test_sort_logs_book_sort_per_book(fake: FakeBookStack) -> None:
     assert activities_after(fake, cursor) == ["book_sort", "book_sort"]
     assert {a.loggable_id for a in fake.state.activities if a.id > cursor} == {first, second}
     assert (fake.state.pages[page].book_id, fake.state.pages[page].priority) == (second, 5)
+
+
+async def test_sort_rules(make_fake: FakeFactory, receiver: Receiver) -> None:
+    # FACTS, "Checked against a real BookStack v25.02.4", sort rules.
+    clock = Clock()
+    fake = await make_fake(clock=clock)
+    fake.add_webhook(receiver.url)
+    book = await fake.create_book("Book")
+    other = await fake.create_book("Other")
+    rule = await fake.create_sort_rule("By name", "name_asc")
+    created = fake.state.activities[-1]
+    assert (created.type, created.detail, created.loggable_id) == (
+        "sort_rule_create",
+        f"({rule}) By name",
+        None,
+    )
+    assert receiver.bodies[-1]["url"] == f"{fake.url}/settings/sorting/rules/{rule}"
+    assert "related_item" not in receiver.bodies[-1]
+
+    clock.tick()
+    cursor = last_activity_id(fake)
+    await fake.set_book_sort_rule(book, rule)
+    assert fake.state.books[book].sort_rule_id == rule
+    assert fake.state.books[book].updated_at == clock.now  # a column changed: saved
+    await fake.set_book_sort_rule(other, 999)  # no such rule: stored as none
+    assert fake.state.books[other].sort_rule_id is None
+    assert activities_after(fake, cursor) == ["book_sort", "book_sort"]
+    # The assignment's book_sort carries the whole book; a manual sort's the short model.
+    assert receiver.bodies[-2]["related_item"]["sort_rule_id"] == rule
+    page = await fake.create_page(book_id=book, name="P", html="")
+    await fake.sort_book([("page", page, book, None, 3)])
+    assert "sort_rule_id" not in receiver.bodies[-1]["related_item"]
+
+    await fake.update_sort_rule(rule, name="By name, renamed")
+    assert fake.state.activities[-1].detail == f"({rule}) By name, renamed"
+    cursor = last_activity_id(fake)
+    with pytest.raises(SortRuleInUseError):
+        await fake.delete_sort_rule(rule)  # the first submit only warns
+    assert activities_after(fake, cursor) == [] and rule in fake.state.sort_rules
+    clock.tick()
+    await fake.delete_sort_rule(rule, confirm=True)
+    # Books lose the rule with a moved updated_at and no book event.
+    assert activities_after(fake, cursor) == ["sort_rule_delete"]
+    assert fake.state.books[book].sort_rule_id is None
+    assert fake.state.books[book].updated_at == clock.now
+    assert fake.state.books[other].updated_at != clock.now
 
 
 async def test_conversions(fake: FakeBookStack, receiver: Receiver) -> None:

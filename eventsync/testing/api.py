@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,48 @@ class ApiError(Exception):
 def error_response(status: int, message: str, **extra: Any) -> web.Response:
     body: dict[str, Any] = {"message": message, **extra, "code": status}
     return web.json_response({"error": body}, status=status)
+
+
+# layouts/base.blade.php around errors/404.blade.php, as a real v25.02.4 renders it for an
+# unknown /api/ path (real-v25.02.4/api/error-unknown-api-route-404.html.head is its start).
+_NOT_FOUND_PAGE = """<!DOCTYPE html>
+<html lang="en-GB"
+      dir="ltr"
+      class="">
+<head>
+    <title>BookStack</title>
+
+    <!-- Meta -->
+    <meta charset="utf-8">
+    <meta name="viewport" content="width=device-width">
+    <meta name="base-url" content="{base_url}">
+    <meta name="theme-color" content="#206ea7"/>
+
+    <!-- Social Cards Meta -->
+    <meta property="og:title" content="BookStack">
+    <meta property="og:url" content="{page_url}">
+</head>
+<body class="">
+    <div id="content" class="block">
+        <div class="container mt-l">
+            <div class="card mb-xl px-l pb-l pt-l">
+                <h1 class="list-heading">Page Not Found</h1>
+                <p>Sorry, The page you were looking for could not be found.</p>
+            </div>
+        </div>
+    </div>
+</body>
+</html>
+"""
+
+
+def not_found_page(base_url: str, page_url: str) -> web.Response:
+    """What BookStack answers for a path no route has: routes/web.php's Route::fallback renders
+    the HTML 404 view, before any API middleware, so no JSON body and no rate-limit headers."""
+    text = _NOT_FOUND_PAGE.format(
+        base_url=html.escape(base_url, quote=True), page_url=html.escape(page_url, quote=True)
+    )
+    return web.Response(status=404, text=text, content_type="text/html")
 
 
 def _fake(request: web.Request) -> FakeBookStack:
@@ -191,26 +234,44 @@ def _visible_parent(request: web.Request, entity_type: str, raw: Any) -> Entity:
     return _visible_entity(request, entity_type, parent_id)
 
 
+def _page_create_errors(data: dict[str, Any]) -> dict[str, list[str]]:
+    """PageApiController's create rules, all checked at once as Laravel's validator does."""
+
+    def missing(key: str) -> bool:
+        # Laravel's "required" fails for an absent key, null, "" and [].
+        return data.get(key) in (None, "", [])
+
+    errors: dict[str, list[str]] = {}
+    if missing("book_id") and missing("chapter_id"):
+        errors["book_id"] = ["The book id field is required when chapter id is not present."]
+        errors["chapter_id"] = ["The chapter id field is required when book id is not present."]
+    try:
+        _name(data, required=True)
+    except ApiError as exc:
+        errors.update(exc.validation or {})
+    # Absent keys only: the fake has always taken an empty html as an empty page.
+    if "html" not in data and "markdown" not in data:
+        errors["html"] = ["The html field is required when markdown is not present."]
+        errors["markdown"] = ["The markdown field is required when html is not present."]
+    return errors
+
+
 async def create_content(request: web.Request) -> web.Response:
     fake = _fake(request)
     route = request.match_info.route.resource.canonical  # type: ignore[union-attr]
     entity_type = ENTITY_ROUTES[route.rsplit("/", 1)[1]]
     data = await _json_body(request)
     user_id = _user_id(request)
+    if entity_type == "page" and (errors := _page_create_errors(data)):
+        raise ApiError(422, "The given data was invalid.", validation=errors)
     name = _name(data, required=True)
     assert name is not None
     tags = data.get("tags") or []
     if entity_type == "page":
         if data.get("chapter_id"):
             parent = _visible_parent(request, "chapter", data["chapter_id"])
-        elif "book_id" in data:
-            parent = _visible_parent(request, "book", data["book_id"])
         else:
-            raise _invalid(
-                "book_id", "The book id field is required when chapter id is not present."
-            )
-        if "html" not in data and "markdown" not in data:
-            raise _invalid("html", "The html field is required when markdown is not present.")
+            parent = _visible_parent(request, "book", data["book_id"])
         _check_can(request, "create", parent)
         new_id = await fake.create_page(
             book_id=parent.id if parent.TYPE == "book" else None,

@@ -99,6 +99,9 @@ ACTIVITY_TEXT: dict[str, str] = {
     "comment_update": "updated comment",
     "comment_delete": "deleted comment",
     "permissions_update": "updated permissions",
+    "sort_rule_create": "created sort rule",
+    "sort_rule_update": "updated sort rule",
+    "sort_rule_delete": "deleted sort rule",
 }
 
 # Dataclass fields that are not columns of the row: relations, pivots and fake bookkeeping.
@@ -175,6 +178,8 @@ class Book(Entity):
     description: str = ""
     description_html: str = ""
     default_template_id: int | None = None
+    # v25.02's books.sort_rule_id: the rule (Settings > Sorting) that auto-sorts the book.
+    sort_rule_id: int | None = None
 
 
 @dataclass(kw_only=True)
@@ -282,6 +287,20 @@ class Role:
 
     def descriptor(self) -> str:
         return f"({self.id}) {self.display_name}"
+
+
+@dataclass(kw_only=True)
+class SortRule:
+    """A v25.02 sort rule: `sequence` is its comma-separated operations (name_asc, ...)."""
+
+    id: int
+    name: str
+    sequence: str
+    created_at: datetime
+    updated_at: datetime
+
+    def descriptor(self) -> str:
+        return f"({self.id}) {self.name}"
 
 
 @dataclass(kw_only=True)

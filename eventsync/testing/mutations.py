@@ -74,13 +74,23 @@ class MutationBase:
     async def _flush(self) -> None:  # pragma: no cover - provided by FakeBookStack
         raise NotImplementedError
 
-    def _log(self, type_: str, detail: object, user_id: int, *, committed: bool = True) -> Activity:
+    def _log(
+        self,
+        type_: str,
+        detail: object,
+        user_id: int,
+        *,
+        committed: bool = True,
+        listed: bool = False,
+    ) -> Activity:
         return self.state.log(
-            type_, detail, user_id=user_id, ip=ACTING_IP.get(), committed=committed
+            type_, detail, user_id=user_id, ip=ACTING_IP.get(), committed=committed, listed=listed
         )
 
-    async def _announce(self, type_: str, detail: object, user_id: int) -> None:
-        self._log(type_, detail, user_id)
+    async def _announce(
+        self, type_: str, detail: object, user_id: int, *, listed: bool = False
+    ) -> None:
+        self._log(type_, detail, user_id, listed=listed)
         await self._flush()
 
     # ------------------------------------------------------------- lookups
@@ -679,7 +689,9 @@ class ContentMutations(MutationBase):
                 item.updated_at = self.state.now()
         # The involved books come from one whereIn query with no ORDER BY: id order.
         for book_id in sorted(involved):
-            await self._announce("book_sort", self.state.books[book_id], acting_user_id)
+            # visibleForList: a short model, which shows in the webhook's related_item.
+            book = self.state.books[book_id]
+            await self._announce("book_sort", book, acting_user_id, listed=True)
         return involved
 
     # -------------------------------------------------------- conversions

@@ -25,11 +25,13 @@ from eventsync.testing.api import (
     USER_KEY,
     ApiError,
     error_response,
+    not_found_page,
     routes,
 )
 from eventsync.testing.models import ApiToken, Webhook
 from eventsync.testing.mutations import ACTING_IP, ContentMutations
 from eventsync.testing.seed import seed_wiki
+from eventsync.testing.sorting import SortRuleMutations
 from eventsync.testing.state import ADMIN_USER_ID, Clock, Outgoing, WikiState
 
 logger = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ class _Bucket:
     hits: int = 0
 
 
-class FakeBookStack(ContentMutations, AdminMutations):
+class FakeBookStack(ContentMutations, AdminMutations, SortRuleMutations):
     """An in-process BookStack for tests: real HTTP on 127.0.0.1, state in memory."""
 
     def __init__(
@@ -242,7 +244,8 @@ class FakeBookStack(ContentMutations, AdminMutations):
             async with self._session.post(
                 webhook.url,
                 data=json.dumps(outgoing.body),
-                headers={"Content-Type": "application/json"},
+                # Guzzle's default agent, as a real BookStack's webhook POSTs carry it.
+                headers={"Content-Type": "application/json", "User-Agent": "GuzzleHttp/7"},
                 timeout=timeout,
             ) as response:
                 await response.read()
@@ -320,10 +323,15 @@ class FakeBookStack(ContentMutations, AdminMutations):
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None and match_error is None else ""
         if not route:
-            # No route, so no throttle middleware ran: Laravel's handler renders a bare error.
+            # No route, so no throttle middleware ran.
             status = match_error.status if match_error is not None else 404
-            message = "Not found" if status == 404 else "Method not allowed"
-            response = error_response(status, message)
+            if status == 404 and request.method in ("GET", "HEAD"):
+                # The web routes' fallback catches it and renders the HTML 404 page (FACTS).
+                response = not_found_page(self.state.app_url, self.state.url(request.path))
+            else:
+                # Not seen on a real BookStack: Laravel's handler renders a bare JSON error.
+                message = "Not found" if status == 404 else "Method not allowed"
+                response = error_response(status, message)
             self._record(request, "", response.status)
             return response
 

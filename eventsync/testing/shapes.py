@@ -19,6 +19,7 @@ from eventsync.testing.models import (
     Revision,
     Role,
     Shelf,
+    SortRule,
     User,
     Webhook,
     iso,
@@ -84,7 +85,7 @@ def chapter_item(state: WikiState, chapter: Chapter) -> JSON:
     }
 
 
-def book_item(state: WikiState, book: Book | Shelf) -> JSON:
+def _container_columns(state: WikiState, book: Book | Shelf) -> JSON:
     return {
         "id": book.id,
         "name": book.name,
@@ -94,6 +95,12 @@ def book_item(state: WikiState, book: Book | Shelf) -> JSON:
         "updated_at": iso(book.updated_at),
         **_users(state, book, objects=False),
     }
+
+
+def book_item(state: WikiState, book: Book | Shelf) -> JSON:
+    # The listings load the cover image relation (null without a cover); nothing else of the
+    # model shows, so no default_template_id or sort_rule_id here.
+    return {**_container_columns(state, book), "cover": None}
 
 
 shelf_item = book_item
@@ -200,8 +207,12 @@ def _entity_columns(state: WikiState, entity: Entity) -> JSON:
         item.pop("book_slug")
         return {**item, "default_template_id": entity.default_template_id}
     if isinstance(entity, Book):
-        return {**book_item(state, entity), "default_template_id": entity.default_template_id}
-    return book_item(state, entity)  # type: ignore[arg-type]
+        return {
+            **_container_columns(state, entity),
+            "default_template_id": entity.default_template_id,
+            "sort_rule_id": entity.sort_rule_id,
+        }
+    return _container_columns(state, entity)  # type: ignore[arg-type]
 
 
 def page_read(state: WikiState, page: Page, viewer_id: int) -> JSON:
@@ -283,9 +294,8 @@ def book_read(state: WikiState, book: Book, viewer_id: int) -> JSON:
             }
         )
     return {
-        **book_item(state, book),
+        **_entity_columns(state, book),
         **_users(state, book, objects=True),
-        "default_template_id": book.default_template_id,
         "description_html": description_html(book),
         "tags": tags_read(book),
         "cover": None,
@@ -308,7 +318,7 @@ def chapter_read(state: WikiState, chapter: Chapter, viewer_id: int) -> JSON:
 def shelf_read(state: WikiState, shelf: Shelf, viewer_id: int) -> JSON:
     books = [state.books[b] for b in shelf.books if b in state.books]
     return {
-        **book_item(state, shelf),
+        **_container_columns(state, shelf),
         **_users(state, shelf, objects=True),
         "description_html": description_html(shelf),
         "tags": tags_read(shelf),
@@ -400,17 +410,21 @@ def revision_item(revision: Revision) -> JSON:
     }
 
 
-def related_item(state: WikiState, event: str, detail: object) -> JSON | None:
+def related_item(
+    state: WikiState, event: str, detail: object, *, listed: bool = False
+) -> JSON | None:
     """WebhookFormatter::formatModel: the model's array with user relations as objects."""
     if isinstance(detail, Entity):
         item = _entity_columns(state, detail)
         item.pop("book_slug", None)
         item.update(_users(state, detail, objects=True))
-        if event == "book_sort":
-            # BookQueries::visibleForList selects no created_by/updated_by/default_template_id.
+        if listed:
+            # BookQueries::visibleForList selects no created_by, updated_by, default_template_id
+            # or sort_rule_id: the user relations load as null, the columns are absent.
             item["created_by"] = None
             item["updated_by"] = None
             item.pop("default_template_id", None)
+            item.pop("sort_rule_id", None)
         if isinstance(detail, Page) and event in ("page_create", "page_update"):
             versions = [r for r in detail.revisions if r.type == "version"]
             item["current_revision"] = revision_item(versions[-1]) if versions else None
@@ -418,10 +432,18 @@ def related_item(state: WikiState, event: str, detail: object) -> JSON | None:
     if isinstance(detail, User):
         return {"id": detail.id, "name": detail.name, "slug": detail.slug}
     if isinstance(detail, Role):
+        if event == "role_create":
+            # PermissionsRepo::saveNewRole logs the model it just saved, never re-read: only
+            # the attributes it set are there, so the columns left to their database defaults
+            # (system_name, external_auth_id) are missing.
+            columns = role_columns(detail)
+            keep = ("display_name", "description", "mfa_enforced", "updated_at", "created_at", "id")
+            return {key: columns[key] for key in keep}
         return role_columns(detail)
     if isinstance(detail, Revision):
         return revision_item(detail)
     # Deletion, Webhook and ApiToken are not BookStack\App\Model; strings are not models.
+    # A SortRule is, but v25.02.4 sends its events without related_item (FACTS, sort rules).
     return None
 
 
@@ -436,11 +458,19 @@ def detail_url(state: WikiState, detail: object) -> str | None:
         return state.url(f"/settings/recycle-bin/{detail.id}/restore")
     if isinstance(detail, Webhook):
         return state.url(f"/settings/webhooks/{detail.id}")
+    if isinstance(detail, SortRule):
+        return state.url(f"/settings/sorting/rules/{detail.id}")
     return None
 
 
 def webhook_body(
-    state: WikiState, event: str, webhook: Webhook, detail: object, initiator: User
+    state: WikiState,
+    event: str,
+    webhook: Webhook,
+    detail: object,
+    initiator: User,
+    *,
+    listed: bool = False,
 ) -> JSON:
     text = f"{initiator.name} {ACTIVITY_TEXT.get(event, 'activities.' + event)}"
     if isinstance(detail, Entity):
@@ -457,7 +487,7 @@ def webhook_body(
     url = detail_url(state, detail)
     if url is not None:
         body["url"] = url
-    item = related_item(state, event, detail)
+    item = related_item(state, event, detail, listed=listed)
     if item is not None:
         body["related_item"] = item
     return body

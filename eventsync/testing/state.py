@@ -28,6 +28,7 @@ from eventsync.testing.models import (
     Revision,
     Role,
     Shelf,
+    SortRule,
     User,
     Webhook,
     columns,
@@ -90,6 +91,7 @@ class WikiState:
         self.tokens: dict[str, ApiToken] = {}
         self.webhooks: dict[int, Webhook] = {}
         self.deletions: dict[int, Deletion] = {}
+        self.sort_rules: dict[int, SortRule] = {}
         self.activities: list[Activity] = []
         # (entity type, id) -> {role id (0 = everyone else): flags}
         self.entity_permissions: dict[tuple[str, int], dict[int, Perm]] = {}
@@ -594,8 +596,13 @@ class WikiState:
         user_id: int,
         ip: str = "127.0.0.1",
         committed: bool = True,
+        listed: bool = False,
     ) -> Activity:
-        """ActivityLogger::add: store the row, then build a webhook body per matching hook."""
+        """ActivityLogger::add: store the row, then build a webhook body per matching hook.
+
+        `listed`: the logged model came from a list query that selects fewer columns (the
+        books BookSorter::sortUsingMap loads), which shows in the webhook's related_item.
+        """
         if isinstance(detail, str):
             descriptor = detail
         elif isinstance(detail, Deletion):
@@ -620,7 +627,7 @@ class WikiState:
         initiator = self.users.get(user_id) or self.users[GUEST_USER_ID]
         for webhook in self.webhooks.values():
             if webhook.active and ("all" in webhook.events or type_ in webhook.events):
-                body = shapes.webhook_body(self, type_, webhook, detail, initiator)
+                body = shapes.webhook_body(self, type_, webhook, detail, initiator, listed=listed)
                 self.outbox.append(Outgoing(webhook, body))
         return activity
 
