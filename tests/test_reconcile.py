@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from helpers import client_for, first_difference
@@ -876,3 +877,72 @@ async def test_attachments_of_binned_pages_stay_out_until_the_page_is_restored(
 async def _list(fake: FakeBookStack, endpoint: str) -> list[dict[str, Any]]:
     async with client_for(fake) as client:
         return await client.list_all(endpoint)
+
+
+# ---- 9. content permissions of restricted items only ------------------------------------------
+
+
+async def test_the_restricted_search_pages_per_type_like_bookstack(
+    make_fake: FakeFactory,
+) -> None:
+    """FACTS, first section: `count` (at most 100) applies to each type, `total` is the sum,
+    and the client pages until the distinct items add up to it."""
+    fake = await make_fake(pages=260, books=3, chapters_per_book=1, permission_share=0.0, seed=4)
+    pages = sorted(fake.state.pages)[:230]
+    for page_id in pages:
+        await fake.set_permissions("page", page_id, fallback=NO_ACCESS)
+    await fake.set_permissions("book", 1, fallback=NO_ACCESS)
+    fake.reset_requests()
+    async with client_for(fake) as client:
+        found = await client.search_all("{is_restricted}")
+        assert found == {("page", p) for p in pages} | {("book", 1)}
+        assert route_counts(fake)[SEARCH_ROUTE] == 3  # 100 + 100 + 30 pages, the book on page 1
+        too_many = await client.get("/api/search", {"query": "{is_restricted}", "count": 100})
+        assert len(too_many["data"]) == 101 and too_many["total"] == 231
+    status, _ = await _raw_get(fake, "/api/search?query={is_restricted}&count=500")
+    assert status == 422
+
+
+@pytest.mark.parametrize("fault", ["fail_listings", "short_listings"])
+async def test_a_failed_or_short_restricted_search_reads_every_items_permissions(
+    make_fake: FakeFactory, make_rig: RigFactory, fault: str
+) -> None:
+    fake = await make_fake(**SMALL)
+    getattr(fake.faults, fault).add(SEARCH_ROUTE)
+    rig = await make_rig(fake)
+
+    summary = await rig.sync()
+
+    assert summary.complete, summary.problems
+    truth = fake.truth()
+    assert_mirror_is_truth(await rig.mirror(), truth)
+    assert sorted(permission_reads(fake)) == sorted(content_keys(truth))
+
+
+async def test_a_silent_shelf_permission_copy_is_found_by_a_listing_diff(
+    make_fake: FakeFactory, make_rig: RigFactory
+) -> None:
+    """Copying a shelf's permissions to its books logs nothing and moves no updated_at; the
+    books then show in the {is_restricted} search, so a plain diff (no permission re-read of
+    known items) reads exactly those books' permissions."""
+    fake = await make_fake(**{**SMALL, "permission_share": 0.0})
+    rig = await make_rig(fake)
+    assert (await rig.sync()).complete
+    assert (await rig.mirror())["permissions"] == []
+    shelf = fake.truth()["shelves"][0]
+    await fake.set_permissions("bookshelf", shelf["id"], fallback=NO_ACCESS)
+    books = await fake.copy_shelf_permissions_to_books(shelf["id"])
+    assert books
+
+    summary = await rig.sync(all_permissions=False, set_cursor=False, verify_memberships=False)
+
+    assert summary.complete, summary.problems
+    assert_mirror_is_truth(await rig.mirror(), fake.truth())
+    restricted = {("bookshelf", shelf["id"])} | {("book", b) for b in books}
+    assert sorted(permission_reads(fake)) == sorted(restricted)
+
+
+async def _raw_get(fake: FakeBookStack, path: str) -> tuple[int, Any]:
+    headers = {"Authorization": f"Token {fake.token_id}:{fake.token_secret}"}
+    async with aiohttp.ClientSession() as http, http.get(fake.url + path, headers=headers) as resp:
+        return resp.status, await resp.json(content_type=None)
