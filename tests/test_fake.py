@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -503,6 +504,63 @@ async def test_sort_rules(make_fake: FakeFactory, receiver: Receiver) -> None:
     assert fake.state.books[book].sort_rule_id is None
     assert fake.state.books[book].updated_at == clock.now
     assert fake.state.books[other].updated_at != clock.now
+
+
+def _order(fake: FakeBookStack, book_id: int) -> list[str]:
+    """The book's direct items and chapters by priority, as `kind:name`."""
+    state = fake.state
+    items: list[Any] = [
+        *(p for p in state.book_pages(book_id) if not p.chapter_id and not p.trashed),
+        *(c for c in state.book_chapters(book_id) if not c.trashed),
+    ]
+    return [f"{type(i).__name__.lower()}:{i.name}" for i in sorted(items, key=lambda i: i.priority)]
+
+
+async def test_books_with_a_sort_rule_are_resorted_silently(make_fake: FakeFactory) -> None:
+    """FACTS, first section: BookSorter::runBookAutoSort after every change inside the book,
+    on assignment and on a rule update; each operation a stable sort, the last one wins;
+    names as lower-cased bytes; no updated_at moves."""
+    clock = Clock()
+    fake = await make_fake(clock=clock)
+    book = await fake.create_book("Sorted")
+    for name in ("b page", "10 ten", "A page"):
+        await fake.create_page(book_id=book, name=name, html="")
+    chapter = await fake.create_chapter(book, "9 nine")
+    inner = [await fake.create_page(chapter_id=chapter, name=n, html="") for n in ("z", "y")]
+    rule = await fake.create_sort_rule("Chapters first, by name", "chapters_first,name_asc")
+    clock.tick()
+    stamps = {p.id: p.updated_at for p in fake.state.pages.values()}
+
+    await fake.set_book_sort_rule(book, rule)
+
+    # chapters_first only breaks ties: name_asc (last) decides; "10 ten" before "9 nine".
+    assert _order(fake, book) == ["page:10 ten", "chapter:9 nine", "page:A page", "page:b page"]
+    assert [fake.state.pages[p].priority for p in inner] == [2, 1]  # z, y → y first
+    assert {p.id: p.updated_at for p in fake.state.pages.values()} == stamps
+
+    # A new page takes its place by name; the others move down without an updated_at move.
+    clock.tick()
+    await fake.create_page(book_id=book, name="0 first", html="")
+    assert _order(fake, book)[0] == "page:0 first"
+    assert all(fake.state.pages[p].updated_at == t for p, t in stamps.items())
+
+    await fake.update_sort_rule(rule, sequence="name_desc,chapters_first")
+    assert _order(fake, book)[0] == "chapter:9 nine"
+    assert _order(fake, book)[1:] == ["page:b page", "page:A page", "page:10 ten", "page:0 first"]
+
+    # A manual sort of a book with a rule is re-sorted by the rule at once.
+    first = next(p for p in fake.state.book_pages(book) if p.name == "0 first")
+    await fake.sort_book([("page", first.id, book, None, 1)])
+    assert _order(fake, book)[-1] == "page:0 first"
+
+    # The re-sort can lag the webhook (BookStack sends it first): resort_delay widens that.
+    fake.resort_delay = 0.2
+    await fake.update_page(first.id, name="zzz last")
+    assert _order(fake, book)[-1] == "page:zzz last"  # old place still
+    await fake.update_sort_rule(rule, sequence="name_asc")
+    assert _order(fake, book)[0] == "chapter:9 nine"  # not yet
+    await asyncio.sleep(0.3)
+    assert _order(fake, book)[0] == "page:10 ten"
 
 
 async def test_conversions(fake: FakeBookStack, receiver: Receiver) -> None:
@@ -1208,7 +1266,7 @@ async def test_truth_shape_and_seed_determinism(make_fake: FakeFactory) -> None:
     }
     expected_keys = {
         "shelves": {"id", "name", "slug", "description", "books", "tags"},
-        "books": {"id", "name", "slug", "description", "tags"},
+        "books": {"id", "name", "slug", "description", "sort_rule_id", "tags"},
         "chapters": {"id", "book_id", "name", "slug", "description", "priority", "tags"},
         "pages": {
             "id",

@@ -501,3 +501,43 @@ async def test_attachments_are_diffed_and_their_content_kept_when_asked(tmp_path
             assert (await reconciler.full_sync()).complete
             assert await stored(spec) == (None, b"%PDF-3")
             assert (await store.export())["attachments"] == fake.truth()["attachments"]
+
+
+async def test_sort_rules_keep_priorities_exact_from_events_alone(tmp_path: Path) -> None:
+    """BookStack re-sorts a book with a rule after every change inside it, and every book of
+    a rule when it changes, moving no updated_at and sending its webhook first (FACTS, first
+    section). With the probe off and the periodic diff an hour away, the events alone must
+    keep every priority exact."""
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=24, books=3, chapters_per_book=2, seed=12)
+        fake.resort_delay = 0.3  # the re-sort lags its webhook by this much
+        settings = settings_for(
+            fake, tmp_path / "m.db", reconcile_interval=3600, probe=False, poll_interval=0.5
+        )
+        async with running(settings, webhooks_from=fake) as svc:
+
+            async def exact() -> bool:
+                await fake.drain_webhooks()  # and the re-sorts that follow them
+                await svc.dispatcher.drain(5)
+                return await converged(svc, fake)
+
+            book = fake.truth()["books"][0]["id"]
+            rule = await fake.create_sort_rule("By name", "name_desc")
+            await fake.set_book_sort_rule(book, rule)
+            await eventually(exact, timeout=15)
+            assert (await svc.store.get("book", book))["sort_rule_id"] == rule
+
+            await fake.create_page(book_id=book, name="zz new page", html="<p>n</p>")
+            chapter = next(c["id"] for c in fake.truth()["chapters"] if c["book_id"] == book)
+            await fake.update_chapter(chapter, name="aaa renamed chapter")
+            await eventually(exact, timeout=15)
+
+            second = fake.truth()["books"][1]["id"]
+            await fake.set_book_sort_rule(second, rule)
+            await eventually(exact, timeout=15)
+            await fake.update_sort_rule(rule, sequence="chapters_first,name_asc")
+            await eventually(exact, timeout=15)
+
+            await fake.delete_sort_rule(rule, confirm=True)
+            await eventually(exact, timeout=15)
+            assert (await svc.store.get("book", book))["sort_rule_id"] is None

@@ -7,6 +7,7 @@ queue), and the same silent side effects (FACTS §2).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from typing import Any
@@ -70,9 +71,14 @@ class MutationBase:
     """Shared helpers; the host provides `state` and `_flush()` (webhook delivery)."""
 
     state: WikiState
+    _pending: set[asyncio.Task[None]]
 
     async def _flush(self) -> None:  # pragma: no cover - provided by FakeBookStack
         raise NotImplementedError
+
+    def _sort_parent(self, book_ids: Iterable[int]) -> None:
+        """BaseRepo::sortParent, after an item inside these books changed (the sort-rule
+        mixin re-sorts those with a rule; nothing happens without it)."""
 
     def _log(
         self,
@@ -383,6 +389,7 @@ class ContentMutations(MutationBase):
         self.state.place_chapter(chapter, book.id)
         self._create_entity(chapter, description=description, description_html=description_html)
         await self._announce("chapter_create", chapter, acting_user_id)
+        self._sort_parent([chapter.book_id])
         return chapter.id
 
     async def update_chapter(
@@ -412,6 +419,7 @@ class ContentMutations(MutationBase):
             chapter.default_template_id = self._template_or_none(default_template_id)
             self._save(chapter, before)
         await self._announce("chapter_update", chapter, acting_user_id)
+        self._sort_parent([chapter.book_id])
         return chapter.id
 
     async def move_chapter(
@@ -422,6 +430,7 @@ class ContentMutations(MutationBase):
         # changeBook moves every page of the chapter, trashed ones too, without events.
         self.state.change_book(chapter, book_id, user_id=acting_user_id)
         await self._announce("chapter_move", chapter, acting_user_id)
+        self._sort_parent([chapter.book_id])
         return chapter.id
 
     async def delete_chapter(self, chapter_id: int, *, acting_user_id: int = ADMIN_USER_ID) -> int:
@@ -528,6 +537,7 @@ class ContentMutations(MutationBase):
             priority=priority,
         )
         await self._announce("page_create", page, acting_user_id)
+        self._sort_parent([page.book_id])
         return page.id
 
     async def create_draft(
@@ -561,6 +571,7 @@ class ContentMutations(MutationBase):
         user_id = acting_user_id if acting_user_id is not None else page.owned_by or 1
         self._publish(page, user_id, name=name, html=html, markdown=markdown, tags=tags)
         await self._announce("page_create", page, user_id)
+        self._sort_parent([page.book_id])
         return page.id
 
     async def update_page(
@@ -592,6 +603,7 @@ class ContentMutations(MutationBase):
         if content != (page.html, page.name, page.markdown) or summary:
             self.state.store_revision(page, summary or "", acting_user_id)
         await self._announce("page_update", page, acting_user_id)
+        self._sort_parent([page.book_id])
         return page.id
 
     async def move_page(
@@ -609,6 +621,7 @@ class ContentMutations(MutationBase):
         self.state.place_page(page, page.book_id, new_chapter)
         self.state.change_book(page, new_book, user_id=acting_user_id, before=before)
         await self._announce("page_move", page, acting_user_id)
+        self._sort_parent([page.book_id])
         return page.id
 
     async def delete_page(self, page_id: int, *, acting_user_id: int = ADMIN_USER_ID) -> int:
@@ -650,6 +663,7 @@ class ContentMutations(MutationBase):
         self.state.update_references(page, old_url, user_id=acting_user_id)
         await self._announce("page_restore", page, acting_user_id)
         await self._announce("revision_restore", revision, acting_user_id)
+        self._sort_parent([page.book_id])
         return page.id
 
     # --------------------------------------------------------------- sort
@@ -678,20 +692,18 @@ class ContentMutations(MutationBase):
         for item, new_book, new_chapter, priority in items:
             if item.book_id != new_book:
                 self.state.change_book(item, new_book, user_id=acting_user_id)
-            changed = False
+            # Saved withoutTimestamps: a sort moves no updated_at in v25.02 (a book change
+            # does, through changeBook's own save).
             if isinstance(item, Page) and item.chapter_id != new_chapter:
                 self.state.place_page(item, item.book_id, new_chapter)
-                changed = True
-            if item.priority != priority:
-                item.priority = priority
-                changed = True
-            if changed:
-                item.updated_at = self.state.now()
+            item.priority = priority
         # The involved books come from one whereIn query with no ORDER BY: id order.
         for book_id in sorted(involved):
             # visibleForList: a short model, which shows in the webhook's related_item.
             book = self.state.books[book_id]
             await self._announce("book_sort", book, acting_user_id, listed=True)
+        # The sort form re-sends the book's rule: a book with one is re-sorted by it at once.
+        self._sort_parent(involved)
         return involved
 
     # -------------------------------------------------------- conversions
