@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     poll_interval: float = Field(30.0, gt=0)
     reconcile_interval: float = Field(3600.0, gt=0)
     sweep_share: float = Field(0.1, ge=0, le=1)
+    # A sweep cycle starts at most this often; a full sync that read every role, shelf and
+    # restricted item counts as one, so nothing is read twice in a row.
+    sweep_interval: float = Field(3600.0, ge=0)
     # A webhook whose audit-log row has not appeared after this long means a gap.
     webhook_confirm_grace: float = Field(300.0, gt=0)
     # Down longer than this (no successful audit poll): diff-sync everything on start.

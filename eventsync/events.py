@@ -45,6 +45,9 @@ ALL_ATTACHMENTS_KEY = "attachments:0"
 # it is sent before the re-sort.
 CONTENTS_KIND = "contents"
 RESORT_DELAY = 2.0
+# owners:N jobs: a deleted user's content was handed to another user; the listings of what
+# changed since show to whom (payload "since": the delete's time).
+OWNERS_KIND = "owners"
 # sort_rule:N jobs: the rule changed (update: re-read its books' contents) or went away
 # (delete: its books lose the rule and their updated_at moves, with no book event).
 SORT_RULE_KIND = "sort_rule"

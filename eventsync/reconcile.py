@@ -60,6 +60,8 @@ LAST_FULL_SYNC_STARTED = "last_full_sync_started_at"
 LAST_FULL_SYNC_AUDIT_ID = "last_full_sync_audit_id"
 LAST_FULL_SYNC_REQUESTS = "last_full_sync_requests"
 LAST_FULL_SYNC_SECONDS = "last_full_sync_seconds"
+# When a full sync last read every role, shelf and restricted item (a sweep's worth).
+LAST_VERIFIED = "last_verified_at"
 
 
 @dataclass
@@ -187,16 +189,12 @@ class Reconciler:
         )
         # Roles and books first: permission rows, memberships and shelf book lists name
         # only what the mirror holds, so what they name must be there when they are written.
+        # Then the items, then their permissions (a permission row needs its item).
         first = ("role", "book")
         await self._run(job for kind, job in jobs if kind in first)
+        await self._run(job for kind, job in jobs if kind not in first)
         await self._run(
-            [
-                *(job for kind, job in jobs if kind not in first),
-                *(
-                    self._permission_job(ct, cid, owner, summary)
-                    for ct, cid, owner in permission_jobs
-                ),
-            ]
+            self._permission_job(ct, cid, owner, summary) for ct, cid, owner in permission_jobs
         )
         await self._write_defaults(defaults, listed_at, summary)
         await self._refresh_includers(summary)
@@ -218,6 +216,8 @@ class Reconciler:
                 await tx.set_state(LAST_FULL_SYNC_STARTED, started_at)
                 await tx.set_state(LAST_FULL_SYNC_REQUESTS, summary.requests)
                 await tx.set_state(LAST_FULL_SYNC_SECONDS, round(summary.seconds, 3))
+                if verify_memberships and all_permissions:
+                    await tx.set_state(LAST_VERIFIED, time.time())
                 if audit_id is not None and set_cursor:
                     # Everything logged up to audit_id is reflected in the mirror now.
                     await tx.set_state(LAST_FULL_SYNC_AUDIT_ID, audit_id)
@@ -348,6 +348,11 @@ class Reconciler:
             if kind in COMPLETE_FROM_LISTING:
                 await self._write_listed(kind, rows, mirror, summary, listed_at[kind])
                 continue
+            if kind in CONTENT_TYPES:
+                # Ownership migrations are written from the listing: no read each. What
+                # they patched now equals its row; what differs in more still differs.
+                await self.take_owners(kind, rows, listed_at[kind])
+                mirror = await self.store.index(kind, fields)
             for raw in rows:
                 current = mirror.get(raw["id"])
                 wanted = listed(kind, raw)
@@ -440,6 +445,25 @@ class Reconciler:
         mirror = await self.store.index(kind, LISTED_FIELDS[kind])
         await self._write_listed(kind, rows, mirror, summary, read_at)
         return summary.kinds[kind]
+
+    async def take_owners(
+        self, kind: str, rows: list[dict[str, Any]], read_at: float
+    ) -> list[dict[str, Any]]:
+        """Apply the ownership migrations these listing rows show (owner_only) from the rows
+        themselves; returns the rows that differ in more and need a read."""
+        mirror = await self.store.index(kind, (*LISTED_FIELDS[kind], "owned_by"))
+        to_read = []
+        async with self.store.transaction() as tx:
+            for raw in rows:
+                current = mirror.get(raw["id"])
+                if current is None or differs(current, listed(kind, raw)):
+                    if current is not None and owner_only(kind, current, raw):
+                        await tx.set_owner(
+                            kind, raw["id"], raw["owned_by"], raw.get("updated_at"), read_at
+                        )
+                    else:
+                        to_read.append(raw)
+        return to_read
 
     async def sync_attachments(self, page_id: int | None = None) -> Tally:
         """Diff the attachments of one page (or of every page) against their listing:
@@ -636,6 +660,18 @@ class Reconciler:
             summary.permissions.add("updated" if changed else "unchanged")
 
         return run()
+
+
+def owner_only(kind: str, current: dict[str, Any], raw: dict[str, Any]) -> bool:
+    """Does this listing row differ from the mirror's only by its owner (and the updated_at
+    the change moved)? That is BookStack's ownership migration on a user delete (FACTS,
+    first section): the listing row says all of it, no read is needed."""
+    if kind not in CONTENT_TYPES or "owned_by" not in current:
+        return False
+    wanted = listed(kind, raw)
+    owner = as_id(raw.get("owned_by"))
+    same_otherwise = all(current.get(k) == v for k, v in wanted.items() if k != "updated_at")
+    return owner is not None and owner != current["owned_by"] and same_otherwise
 
 
 def differs(current: dict[str, Any], wanted: dict[str, Any]) -> bool:

@@ -31,6 +31,7 @@ from eventsync.reconcile import (
     AUDIT_OVERLAP,
     LAST_FULL_SYNC,
     LAST_GAP,
+    LAST_VERIFIED,
     Reconciler,
     record_gap,
 )
@@ -350,8 +351,10 @@ class Service:
         per_second = share * self.settings.requests_per_minute / 60.0
         await self.synced.wait()
         while not self.stop_event.is_set():
-            items = await self._sweep_items()
             saved = await self.store.get_state(SWEEP_POSITION)
+            if saved is None and await self._sweep_wait():
+                continue
+            items = await self._sweep_items()
             start = 0
             if saved is not None:
                 start = next((i for i, it in enumerate(items) if _sweep_key(it) > saved), 0)
@@ -381,6 +384,24 @@ class Service:
             if not items:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.stop_event.wait(), timeout=60)
+
+    async def _sweep_wait(self) -> bool:
+        """Before a new cycle: wait until EVENTSYNC_SWEEP_INTERVAL has passed since the last
+        one began, or since a full sync read the same (the cold sync, a thorough diff).
+        True if it waited (the caller looks again)."""
+        states = await self.store.states()
+        last = max(
+            (float(states[k]) for k in (SWEEP_STARTED, LAST_VERIFIED) if k in states),
+            default=None,
+        )
+        if last is None:
+            return False
+        remaining = last + self.settings.sweep_interval - time.time()
+        if remaining <= 0:
+            return False
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stop_event.wait(), timeout=min(remaining, 60.0))
+        return True
 
     async def _sweep_items(self) -> list[tuple[str, list[str]]]:
         """One cycle's work. Content permissions are read for the items the {is_restricted}

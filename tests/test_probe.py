@@ -101,3 +101,35 @@ async def _gone(svc: Service, ids: set[int]) -> bool:
 
 async def _after(svc: Service, runs: int) -> bool:
     return svc.probe_runs >= runs
+
+
+async def test_an_ownership_migration_costs_a_few_listings_not_a_read_per_item(
+    tmp_path: Path,
+) -> None:
+    """FACTS, first section: a user delete hands their content on and moves its updated_at,
+    and every listing row carries `owned_by`: the handler reads what changed since the delete
+    from the four content listings instead of each item's permissions."""
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=40, books=3, users=4, seed=10)
+        user = max(u for u in fake.state.users if u != 1)
+        owned = sorted(p.id for p in fake.state.pages.values() if not p.trashed)[:15]
+        for page_id in owned:
+            fake.state.pages[page_id].owned_by = user
+        settings = settings_for(fake, tmp_path / "m.db", probe=False, reconcile_interval=3600)
+        async with running(settings, webhooks_from=fake) as svc:
+            fake.reset_requests()
+            await fake.delete_user(user, migrate_ownership_to=1)
+
+            async def handed_on() -> bool:
+                await svc.dispatcher.drain(5)
+                rows = [await svc.store.get("page", p) for p in owned]
+                return all(r is not None and r["owned_by"] == 1 for r in rows)
+
+            await eventually(handed_on, timeout=15)
+            await svc.dispatcher.drain(5)
+            assert await svc.store.export() == fake.truth()
+            routes = Counter(r.route for r in fake.requests if r.route != "/api/audit-log")
+            listings = [r for r in fake.requests if "filter[updated_at:gte]" in r.query]
+            assert len(listings) == 4  # shelves, books, chapters, pages
+            assert routes["/api/pages/{id}"] == 0, routes
+            assert routes["/api/content-permissions/{type}/{id}"] == 0, routes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -205,7 +206,9 @@ async def test_periodic_diff_catches_silent_changes(tmp_path: Path) -> None:
 async def test_sweep_catches_changes_that_move_no_timestamp(tmp_path: Path) -> None:
     async with FakeBookStack(requests_per_minute=RPM) as fake:
         fake.seed(pages=20, books=2, shelves=1, seed=6)
-        settings = settings_for(fake, tmp_path / "m.db", sweep_share=0.5, requests_per_minute=6000)
+        settings = settings_for(
+            fake, tmp_path / "m.db", sweep_share=0.5, sweep_interval=0, requests_per_minute=6000
+        )
         async with running(settings) as svc:
             shelf = fake.truth()["shelves"][0]["id"]
             await fake.set_permissions(
@@ -541,3 +544,22 @@ async def test_sort_rules_keep_priorities_exact_from_events_alone(tmp_path: Path
             await fake.delete_sort_rule(rule, confirm=True)
             await eventually(exact, timeout=15)
             assert (await svc.store.get("book", book))["sort_rule_id"] is None
+
+
+async def test_the_cold_sync_and_the_sweep_read_nothing_twice(tmp_path: Path) -> None:
+    """The cold sync read every role, shelf and restricted item: the sweep's first cycle
+    waits EVENTSYNC_SWEEP_INTERVAL after it instead of reading them all again."""
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=30, books=3, shelves=2, roles=3, permission_share=0.2, seed=13)
+        settings = settings_for(
+            fake, tmp_path / "m.db", sweep_share=0.5, requests_per_minute=6000, probe=False
+        )
+        async with running(settings) as svc:
+            await asyncio.sleep(2.0)  # a sweep would have read much by now (50/s)
+            await svc.dispatcher.drain(5)
+            truth = fake.truth()
+            reads = Counter(r.route for r in fake.requests)
+            assert reads["/api/roles/{id}"] == len(truth["roles"])
+            assert reads["/api/shelves/{id}"] == len(truth["shelves"])
+            assert reads["/api/content-permissions/{type}/{id}"] == len(truth["permissions"])
+            assert reads["/api/pages/{id}"] == len(truth["pages"])

@@ -101,6 +101,8 @@ class Probe:
             await self._attachments(moved, created, total, sent_at, result)
             return
         pending = await self.queue.pending_keys(kind)
+        # An ownership migration is written from the row itself; the rest is read.
+        moved = await self.reconciler.take_owners(kind, moved, sent_at)
         for row in moved:
             key = f"{kind}:{row['id']}"
             if key in pending:

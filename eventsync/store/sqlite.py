@@ -864,6 +864,40 @@ class Tx:
                 removed[what] = len(ids)
         return removed
 
+    async def set_owner(
+        self,
+        kind: str,
+        entity_id: int,
+        owner_id: int,
+        updated_at: str | None,
+        read_at: float,
+    ) -> bool:
+        """An item's new owner (and the updated_at its migration set) from a listing row read
+        at `read_at`, which confirms the row (fetched_at); the item's own newer read stands.
+        A page's or chapter's read_updated_at stays: its content was not read."""
+        table = TABLES[kind]
+        rows = await self._rows(
+            f"SELECT fetched_at, owned_by, updated_at FROM {table.name} WHERE id = ?",
+            (entity_id,),
+        )
+        if not rows or newer(rows[0][0], read_at):
+            return False
+        if (rows[0][1], rows[0][2]) == (owner_id, updated_at):
+            return False
+        await self._db.execute(
+            f"UPDATE {table.name} SET owned_by = ?, updated_at = ?, fetched_at = ? WHERE id = ?",
+            (owner_id, updated_at, read_at, entity_id),
+        )
+        await self.change("upsert", kind, entity_id)
+        cur = await self._db.execute(
+            "UPDATE content_permissions SET owner_id = ? WHERE content_type = ? "
+            "AND content_id = ? AND owner_id IS NOT ?",
+            (owner_id, CONTENT_TYPES[kind], entity_id, owner_id),
+        )
+        if cur.rowcount:
+            await self.change("upsert", "permissions", entity_id, content_type=CONTENT_TYPES[kind])
+        return True
+
     async def forget_tombstones(self, shelf_ids: Iterable[int]) -> None:
         """These shelves are being re-read: what they show now is the truth."""
         await self._db.executemany(
