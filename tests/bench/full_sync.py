@@ -3,8 +3,9 @@ a fake BookStack in this process, under a real rate limit; then a second diff fu
 nothing changed.
 
 Reports API requests by route against the lower bound (listing pages at 500 rows, one read
-per entity that its listing does not fully describe, one content-permission read per shelf,
-book, chapter and page, one audit-log head), wall time against the time the request budget
+per entity that its listing does not fully describe, one content-permission read per
+restricted item and the `{is_restricted}` search pages that find them, one audit-log head),
+wall time against the time the request budget
 allows, and the sync process's peak RSS. Goals: requests <= 1.05 x lower bound, wall <= 1.1 x
 time bound, RSS <= 150 MB. The second sync must read no page bodies: listings, plus roles,
 which a full sync always re-reads (their membership changes move no timestamp).
@@ -35,6 +36,7 @@ from eventsync.store.sqlite import SECTION_OF, Store
 from eventsync.testing import FakeBookStack
 
 PAGE_SIZE = 500  # BookStack's maximum `count` per listing request
+SEARCH_PAGE = 100  # /api/search's maximum `count`, per entity type
 AUDIT = "/api/audit-log"
 CONTENT = ("shelf", "book", "chapter", "page")  # the kinds that carry content permissions
 GOAL_REQUESTS = 1.05
@@ -45,11 +47,15 @@ GOAL_RSS_MB = 150.0
 def lower_bound(truth: dict[str, Any]) -> dict[str, int]:
     """The fewest requests any correct first sync can make, by part."""
     counts = {kind: len(truth[section]) for kind, section in SECTION_OF.items()}
+    per_type = collections.Counter(p["content_type"] for p in truth["permissions"])
     return {
         # An empty listing still takes one request to learn that it is empty.
         "listing pages": sum(max(1, math.ceil(n / PAGE_SIZE)) for n in counts.values()),
         "entity reads": sum(n for k, n in counts.items() if k not in COMPLETE_FROM_LISTING),
-        "permission reads": sum(counts[k] for k in CONTENT),
+        # Only items with permissions of their own are read; every other has the default.
+        "permission reads": len(truth["permissions"]),
+        # The {is_restricted} search: up to SEARCH_PAGE results of each type per page.
+        "search pages": max(1, math.ceil(max(per_type.values(), default=0) / SEARCH_PAGE)),
         "audit-log head": 1,
     }
 
@@ -174,8 +180,8 @@ async def run(args: argparse.Namespace) -> int:
 
                 # The second sync runs in-process: only its request count is measured. It is
                 # the reconciler's default full sync, which reads content permissions only of
-                # items it has none for; the CLI asks for every item's on purpose (events
-                # about permissions may have been lost), which would add one read per item.
+                # items the search newly finds restricted; the CLI asks for every restricted
+                # item's on purpose (events about permissions may have been lost).
                 fake.reset_requests()
                 async with BookStackClient(
                     fake.url, fake.token_id, fake.token_secret, requests_per_minute=args.rpm
@@ -231,7 +237,7 @@ async def run(args: argparse.Namespace) -> int:
     print(f"  export equals fake.truth(): {'OK' if difference is None else difference}")
 
     second_total = sum(second.values())
-    listing_routes = {ENDPOINTS[k][0] for k in SECTION_OF} | {AUDIT}
+    listing_routes = {ENDPOINTS[k][0] for k in SECTION_OF} | {AUDIT, "/api/search"}
     listings = sum(n for r, n in second.items() if r in listing_routes)
     reads = collections.Counter({r: n for r, n in second.items() if r not in listing_routes})
     membership_reads = reads.pop("/api/roles/{id}", 0) + reads.pop("/api/shelves/{id}", 0)
@@ -248,8 +254,8 @@ async def run(args: argparse.Namespace) -> int:
         f"export equals fake.truth(): {'OK' if difference_after is None else difference_after}"
     )
     print(
-        f"  (`eventsync reconcile --full` on this mirror would also re-read all "
-        f"{bound['permission reads']} content permissions: the CLI asks for that)"
+        f"  (`eventsync reconcile --full` on this mirror would also re-read the "
+        f"{bound['permission reads']} restricted items' permissions: the CLI asks for that)"
     )
     ok = (
         summary["complete"]
