@@ -194,12 +194,46 @@ async def test_permission_gates(fake: FakeBookStack, http: aiohttp.ClientSession
     assert status == 200
 
 
-async def test_unknown_route_is_json_404(fake: FakeBookStack, http: aiohttp.ClientSession) -> None:
-    status, body, _ = await get(http, fake, "/api/nothing-here")
-    assert status == 404
-    assert body["error"]["code"] == 404
+async def test_unknown_route_is_an_html_404(
+    fake: FakeBookStack, http: aiohttp.ClientSession
+) -> None:
+    """As the real v25.02.4 answers `GET /api/system`: BookStack's HTML page, token or not,
+    with no rate-limit headers; a missing item on a known route is JSON."""
+    for headers in (auth(fake), {}):
+        async with http.get(fake.url + "/api/nothing-here", headers=headers) as response:
+            assert response.status == 404
+            assert response.content_type == "text/html"
+            assert (await response.text()).startswith("<!DOCTYPE html>")
+            assert "X-RateLimit-Remaining" not in response.headers
     status, body, _ = await get(http, fake, "/api/pages/999")
     assert (status, body["error"]["code"]) == (404, 404)
+
+
+async def test_a_bookstack_before_v23_08_has_no_audit_log_api(
+    make_fake: FakeFactory, http: aiohttp.ClientSession
+) -> None:
+    fake = await make_fake(audit_log=False)
+    await fake.create_book("Logged all the same")
+    async with http.get(fake.url + "/api/audit-log", headers=auth(fake)) as response:
+        assert (response.status, response.content_type) == (404, "text/html")
+    assert (await get(http, fake, "/api/books"))[0] == 200
+    assert [a.type for a in fake.state.activities] == ["book_create"]  # webhooks still go
+    fake.audit_log = True  # upgraded
+    status, body, _ = await get(http, fake, "/api/audit-log")
+    assert status == 200 and [r["type"] for r in body["data"]] == ["book_create"]
+
+
+async def test_revoked_token_gets_401_until_restored(
+    fake: FakeBookStack, http: aiohttp.ClientSession
+) -> None:
+    fake.revoke_token()
+    status, body, _ = await get(http, fake, "/api/books")
+    assert (status, body["error"]["message"]) == (
+        401,
+        "No matching API token was found for the provided authorization token",
+    )
+    fake.restore_token()
+    assert (await get(http, fake, "/api/books"))[0] == 200
 
 
 # ------------------------------------------------------------------- listings
@@ -703,9 +737,21 @@ async def test_request_faults(fake: FakeBookStack, http: aiohttp.ClientSession) 
     fake.faults.fail_listings = {"/api/pages"}
     assert (await get(http, fake, "/api/pages"))[0] == 500
     assert (await get(http, fake, "/api/books"))[0] == 200
+    fake.faults.fail_listings = set()
+
+    # Permanent refusals, by route or by path, only once the token is accepted.
+    fake.faults.error_routes = {"/api/pages/{id}": (422, "The given data was invalid.")}
+    status, body, _ = await get(http, fake, "/api/pages/2")
+    assert (status, body["error"]) == (422, {"message": "The given data was invalid.", "code": 422})
+    assert (await get(http, fake, "/api/pages/2", auth(fake, "nope", "x")))[0] == 401
+    fake.faults.error_routes = {"/api/pages/3": (400, "Bad request")}
+    assert (await get(http, fake, "/api/pages/3"))[0] == 400
+    assert (await get(http, fake, "/api/pages/2"))[0] == 200
+    fake.faults.error_routes = {}
 
     assert fake.request_counts()["/api/books"] == 23
     assert [r.status for r in fake.requests if r.route == "/api/pages"] == [200, 500]
+    assert [r.status for r in fake.requests if r.route == "/api/pages/{id}"] == [422, 401, 400, 200]
     fake.reset_requests()
     assert fake.requests == []
 
