@@ -220,6 +220,12 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return EXIT_OK
     print(f"database:        {data['database']}")
+    if data["token_rejected"]:
+        since, _, why = data["token_rejected"].partition(" ")
+        print(
+            f"API token:       REJECTED by BookStack since {since} (revoked, rotated or "
+            f"expired?): {why}; serve holds its requests and resumes once the token works"
+        )
     print(f"audit cursor:    {data['audit_cursor']}")
     access = {True: "yes", False: "NO (token lacks audit-log access)", None: "unknown"}
     print(f"audit access:    {access[data['audit_access']]}")
@@ -276,19 +282,23 @@ async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
             return EXIT_INCONSISTENT
         except AuthError as exc:
             report(True, f"reach BookStack at {settings.base_url}")
-            report(
-                False,
-                "API token accepted",
-                f"{exc} — check EVENTSYNC_BOOKSTACK_TOKEN_ID and _TOKEN_SECRET",
-            )
+            if exc.status == 403 and "expired" in str(exc):
+                fix = "the token has expired: give it a later expiry date, or create a new one"
+            elif exc.status == 403:
+                fix = "give the token's user a role with 'Access system API'"
+            else:
+                fix = (
+                    "check EVENTSYNC_BOOKSTACK_TOKEN_ID and _TOKEN_SECRET (the token may have "
+                    "been revoked or rotated)"
+                )
+            report(False, "API token accepted", f"{exc} — {fix}")
             return EXIT_INCONSISTENT
         except ForbiddenError as exc:
             report(True, f"reach BookStack at {settings.base_url}")
             report(
                 False,
                 "API access",
-                f"{exc} — give the token's user a role with 'Access system API', "
-                "or renew an expired token",
+                f"{exc} — give the token's user a role with 'Access system API'",
             )
             return EXIT_INCONSISTENT
         except NotFound:

@@ -387,6 +387,8 @@ class Reconciler:
                     read = m.AttachmentRead.model_validate(await self.client.get(path))
                 except NotFound:
                     return  # gone since the listing; the next diff removes it
+                except AuthError:
+                    raise  # no read can succeed: the sync stops, to run again later
                 except BookStackError as exc:
                     summary.problems.append(f"{path}: {exc}")
                     return
@@ -462,6 +464,8 @@ class Reconciler:
                     if kind == "page":
                         summary.changed_pages.add(entity_id)
             return
+        except AuthError:
+            raise  # no read can succeed: the sync stops, to run again later
         except BookStackError as exc:
             summary.problems.append(f"{endpoint}/{entity_id}: {exc}")
             return
@@ -533,6 +537,8 @@ class Reconciler:
                 raw, read_at = await self.client.read(path)
             except NotFound:
                 return  # the item went away; its own deletion handles the mirror
+            except AuthError:
+                raise  # no read can succeed: the sync stops, to run again later
             except BookStackError as exc:
                 summary.problems.append(f"{path}: {exc}")
                 return

@@ -53,8 +53,13 @@ def _sweep_key(item: tuple[str, list[str]]) -> str:
 
 
 EVENT_RETENTION = 86400.0  # events are kept a day, for pairing and inspection
-LONG_LIVED = frozenset({"audit poller", "dispatcher", "periodic reconcile", "housekeeping"})
+LONG_LIVED = frozenset(
+    {"audit poller", "dispatcher", "periodic reconcile", "housekeeping", "token watch"}
+)
 READY_API_AGE = 300.0  # /readyz: BookStack answered within this many seconds
+# "<since, ISO> <BookStack's refusal>" while BookStack rejects the API token, for `status`
+# (another process) and /readyz; gone once it works again.
+TOKEN_REJECTED = "token_rejected"
 
 
 async def status_data(store: Store, queue: JobQueue) -> dict[str, Any]:
@@ -63,8 +68,10 @@ async def status_data(store: Store, queue: JobQueue) -> dict[str, Any]:
     def num(key: str, cast: type = int) -> Any:
         return cast(states[key]) if key in states else None
 
+    rejected = states.get(TOKEN_REJECTED)
     return {
         "database": str(store.path),
+        "token_rejected": rejected,
         "audit_cursor": num(AUDIT_CURSOR),
         "audit_access": (states["audit_access"] == "1") if "audit_access" in states else None,
         "audit_last_poll_at": num(LAST_POLL, float),
@@ -139,6 +146,10 @@ class Service:
         recovered = await self.queue.recover()
         if recovered:
             log.info("jobs of a stopped worker put back", jobs=recovered)
+        # A refusal an earlier run saw says nothing about this run's token (it may be a new
+        # one); this run's first refusal records it again.
+        async with self.store.transaction() as tx:
+            await tx.delete_state(TOKEN_REJECTED)
         self.inbox.start()
         self._runner = web.AppRunner(
             build_app(self), access_log=None, handle_signals=False, shutdown_timeout=2.0
@@ -159,6 +170,7 @@ class Service:
         self._spawn(self._resilient(self._periodic_reconcile), "periodic reconcile")
         self._spawn(self._housekeeping(), "housekeeping")
         self._spawn(self._resilient(self._sweep), "sweep")
+        self._spawn(self._resilient(self._watch_token), "token watch")
         interval = self.notifier.watchdog_timeout
         if interval:
             self._spawn(watchdog_loop(self.notifier, self.healthy, interval / 2), "watchdog")
@@ -238,7 +250,10 @@ class Service:
             try:
                 summary = await self.reconciler.full_sync(set_cursor=True)
             except AuthError:
-                raise
+                # Reported by the client and the token watch; a retry before the token works
+                # would only be refused. Try again as soon as it does.
+                await _first(self.client.token.working, self.stop_event)
+                continue
             except Exception as exc:
                 log.warning("initial sync failed; retrying", error=repr(exc))
             else:
@@ -298,17 +313,43 @@ class Service:
             await self.queue.confirm_webhooks(cutoff)
             await self._gap(f"{missing} webhook(s) never appeared in the audit log")
 
-    async def _housekeeping(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._check_downtime()
+    async def _watch_token(self) -> None:
+        """While BookStack rejects the API token: say so (readyz, `status`), probe it at a
+        growing interval (the only task that does: everything else waits), and resume the
+        moment it works. What happened meanwhile is still in the audit log after the cursor,
+        and the jobs refused meanwhile are queued with their attempts unspent."""
+        token = self.client.token
         while not self.stop_event.is_set():
-            with contextlib.suppress(Exception):
+            await _first(token.failing, self.stop_event)
+            if self.stop_event.is_set():
+                return
+            async with self.store.transaction() as tx:
+                await tx.set_state(TOKEN_REJECTED, f"{token.since_iso()} {token.rejected}")
+            self.notifier.status(await self._status_line())
+            if not await self.client.until_token_works(self.stop_event):
+                return
+            async with self.store.transaction() as tx:
+                await tx.delete_state(TOKEN_REJECTED)
+            self.dispatcher.wake()
+            self.poller.trigger()
+            self.notifier.status(await self._status_line())
+
+    async def _housekeeping(self) -> None:
+        try:
+            await self._check_downtime()
+        except Exception:
+            log.exception("downtime check failed; carrying on")
+        while not self.stop_event.is_set():
+            try:
                 cursor = await self.poller.cursor() or 0
                 await self.queue.prune_events(
                     time.time() - EVENT_RETENTION, keep_activities_from=cursor - AUDIT_OVERLAP
                 )
                 await self._check_webhooks_confirmed()
                 self.notifier.status(await self._status_line())
+            except Exception:
+                # The database (locked past its timeout, disk full): the next round retries.
+                log.exception("housekeeping failed; retrying next round")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(
                     self.stop_event.wait(), timeout=min(60.0, self.settings.webhook_confirm_grace)
@@ -335,6 +376,8 @@ class Service:
                 async with self.store.transaction() as tx:
                     await tx.set_state(SWEEP_STARTED, time.time())
             for i in range(start, len(items)):
+                # Jobs queued while the token is rejected could not run: hold the sweep.
+                await _first(self.client.token.working, self.stop_event)
                 if self.stop_event.is_set():
                     return
                 key, hints = items[i]
@@ -423,6 +466,8 @@ class Service:
     async def _status_line(self) -> str:
         cursor = await self.store.get_state(AUDIT_CURSOR)
         phase = "caught up" if self.synced.is_set() else "syncing"
+        if self.client.token.rejected is not None:
+            phase = "BookStack rejects the API token"
         return f"{phase}; cursor {cursor}; queue {await self.queue.depth()}"
 
     async def healthy(self) -> bool:
@@ -443,6 +488,11 @@ class Service:
             await self.store.fetchone("SELECT 1")
         except Exception as exc:
             reasons.append(f"database: {exc}")
+        if self.client.token.rejected is not None:
+            reasons.append(
+                f"BookStack rejects the API token since {self.client.token.since_iso()}: "
+                f"{self.client.token.rejected}"
+            )
         if not self.synced.is_set():
             reasons.append("initial sync in progress")
         elif await self.store.get_state("audit_access") != "0":
@@ -493,3 +543,13 @@ class Service:
         for kind in KINDS:
             self.metrics.mirror_entities.labels(kind=kind).set(counts[kind])
         self.metrics.changes_seq.set(await self.store.last_seq())
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Wait until one of `events` is set."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()

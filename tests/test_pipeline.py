@@ -456,6 +456,54 @@ async def test_poison_job_is_dead_lettered_and_retried_once_fixed(
         assert await store.export() == fake.truth()
 
 
+@pytest.mark.parametrize(
+    ("path", "status", "message"),
+    [
+        ("/api/pages/3", 422, "The given data was invalid."),
+        ("/api/pages/3", 400, "The request could not be understood"),
+        (
+            "/api/content-permissions/page/3",
+            403,
+            "You do not have permission to perform the requested action.",
+        ),
+    ],
+)
+async def test_a_permanent_refusal_is_dead_lettered_at_once_with_bookstacks_message(
+    make_fake: FakeFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+    status: int,
+    message: str,
+) -> None:
+    """A 400, 422 or a 403 outside the audit log gets the same answer however often it is
+    asked: one attempt, then the dead letters with BookStack's own words, and the rest of
+    the queue carries on."""
+    monkeypatch.setattr(eventsync.dispatch, "BACKOFF_BASE", 0.01)
+    fake = await make_fake()
+    async with client_for(fake) as client, await Store.open(tmp_path / "refused.db") as store:
+        reconciler = Reconciler(client, store)
+        assert (await reconciler.full_sync(set_cursor=True)).complete
+        queue = JobQueue(store)  # 8 attempts for what may pass; none for what cannot
+        dispatcher = Dispatcher(queue, Handlers(client, store, queue, reconciler))
+        fake.faults.error_routes = {path: (status, message)}
+        await fake.update_page(3, html="<p>refused</p>")
+        await fake.set_permissions("page", 3, fallback=NO_VIEW)
+        await fake.update_page(4, html="<p>healthy 4</p>")
+        fake.reset_requests()
+        await AuditPoller(client, queue).poll_once()
+        assert await dispatcher.drain(5.0)
+
+        letters = await queue.dead_letters()
+        assert [(d["key"], d["attempts"]) for d in letters] == [("page:3", 1)]
+        assert f"({status}): {message}" in letters[0]["error"]
+        assert reads_of(fake, path) == 1
+        mirror = await store.export()
+        assert next(p for p in mirror["pages"] if p["id"] == 4) == next(
+            p for p in fake.truth()["pages"] if p["id"] == 4
+        )
+
+
 async def test_an_outage_dead_letters_nothing_and_the_jobs_finish_after_it(
     make_fake: FakeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

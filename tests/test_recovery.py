@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -13,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from helpers import client_for, eventually, first_difference
+from structlog.testing import capture_logs
 
 from eventsync import cli
 from eventsync.bookstack.client import BookStackClient
@@ -44,7 +46,7 @@ def settings_for(fake: FakeBookStack, db: Path, **extra: Any) -> Settings:
 
 @asynccontextmanager
 async def running(
-    settings: Settings, *, webhooks_from: FakeBookStack | None = None
+    settings: Settings, *, webhooks_from: FakeBookStack | None = None, **client_options: Any
 ) -> AsyncIterator[Service]:
     async with (
         BookStackClient(
@@ -56,6 +58,7 @@ async def running(
             requests_per_minute=RPM,
             backoff_base=0.01,
             backoff_cap=0.05,
+            **client_options,
         ) as client,
         await Store.open(settings.database) as store,
     ):
@@ -498,3 +501,103 @@ async def test_attachments_are_diffed_and_their_content_kept_when_asked(tmp_path
             assert (await reconciler.full_sync()).complete
             assert await stored(spec) == (None, b"%PDF-3")
             assert (await store.export())["attachments"] == fake.truth()["attachments"]
+
+
+# ---- a revoked token -------------------------------------------------------------------------
+
+
+async def readyz(svc: Service) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{svc.port}/readyz") as response,
+    ):
+        return response.status, await response.json()
+
+
+async def test_a_revoked_token_costs_a_few_requests_fails_readyz_and_loses_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """BookStack refuses the sync token (revoked, rotated, expired) while the wiki changes:
+    eventsync says so (readyz, status, one error line), spends a handful of requests probing
+    instead of its budget, and once the token works again catches up on everything."""
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=40, books=4, seed=8)
+        settings = settings_for(fake, tmp_path / "m.db")
+        # Probes 0.25, 0.5, 1, 1, ... s apart: the production 5 s doubling to 120 s, sped up.
+        async with running(
+            settings, webhooks_from=fake, token_probe_base=0.25, token_probe_cap=1.0
+        ) as svc:
+
+            async def ready() -> bool:
+                return (await readyz(svc))[0] == 200
+
+            await eventually(ready, 10, "ready after the first audit-log poll")
+            before = len(fake.requests)
+            with capture_logs() as entries:
+                fake.revoke_token()
+                # Half the webhooks are lost: those changes are only in the audit log, which
+                # cannot be read until the token works again.
+                fake.faults.webhook_drop = 0.5
+                fake.faults.seed = 3
+                no_view = {"view": False, "create": False, "update": False, "delete": False}
+                pages = [p["id"] for p in fake.truth()["pages"]]
+                for i in range(12):
+                    await fake.update_page(pages[i], html=f"<p>while revoked {i}</p>")
+                for i in range(3):
+                    await fake.create_page(book_id=1 + i, name=f"Born while revoked {i}")
+                await fake.delete_page(pages[-1])
+                await fake.set_permissions("page", pages[-2], fallback=no_view)
+                await fake.update_book(2, description="described while revoked")
+                await fake.update_user(2, name="Renamed while revoked")
+                await fake.update_chapter(1, name="Chapter renamed while revoked")
+
+                async def refused() -> bool:
+                    return svc.client.token.rejected is not None
+
+                await eventually(refused, 10, "the client notices the refusal")
+                status, body = await readyz(svc)
+                assert status == 503, body
+                assert any("rejects the API token" in r for r in body["reasons"]), body
+
+                async def recorded() -> bool:
+                    return (await svc.status())["token_rejected"] is not None
+
+                await eventually(recorded, 5, "status records the refusal")
+                assert (await svc.status())["token_rejected"].endswith(
+                    "(401): No matching API token was found for the provided authorization token"
+                )
+                args = cli.build_parser().parse_args(["status"])
+                assert await cli.cmd_status(settings, args) == cli.EXIT_OK
+                assert "API token:       REJECTED by BookStack" in capsys.readouterr().out
+
+                await asyncio.sleep(4.0)  # the revocation lasts; nothing but probes goes out
+                during = fake.requests[before:]
+                probes = [r for r in during if r.route == "/api/books"]
+                print(
+                    f"requests during the revocation: {len(during)} ({len(probes)} probes), "
+                    f"by route {Counter(r.route for r in during)}"
+                )
+                assert {r.status for r in during} == {401}
+                # The requests in flight when the refusal came (at most one per worker and the
+                # poller), then one probe per interval: 0.25 + 0.5 + 1 + 1 + 1 s fit in ~4 s.
+                assert len(during) - len(probes) <= settings.fetch_concurrency + 1
+                assert 3 <= len(probes) <= 8
+                assert await svc.queue.dead_letters() == []
+            errors = [e for e in entries if e["log_level"] in ("error", "critical")]
+            assert [e["event"] for e in errors] == [
+                "BookStack rejects the API token (revoked, rotated or expired?): no request is "
+                "sent until it works again; probing it at a growing interval"
+            ]
+            assert not [e for e in entries if e["log_level"] == "warning"], entries
+
+            fake.restore_token()
+
+            async def caught_up() -> bool:
+                return await converged(svc, fake)
+
+            await eventually(caught_up, 20, "the mirror converges after the token works again")
+            await eventually(ready, 10, "ready again")
+            assert (await svc.status())["token_rejected"] is None
+            assert await svc.queue.dead_letters() == []
+            # The refusal never passed for a lack of audit access.
+            assert await svc.store.get_state("audit_access") == "1"

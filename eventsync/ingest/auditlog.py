@@ -143,7 +143,15 @@ class AuditPoller:
             try:
                 await self.poll_once()
                 self.last_error = None
-            except (AuthError, ForbiddenError) as exc:
+            except AuthError as exc:
+                # The token, not the audit log: no request is sent until it works again (the
+                # client logged that once), and the cursor stays where the last committed
+                # page left it, so the next poll catches up on everything meanwhile.
+                self.last_error = str(exc)
+                log.debug("audit-log poll waits for the API token", error=str(exc))
+                await _wait_any(self.client.token.working, stop)
+                continue
+            except ForbiddenError as exc:
                 self.last_error = str(exc)
                 log.error(
                     "audit log not readable: relying on webhooks and diff syncs", error=str(exc)

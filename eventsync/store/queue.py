@@ -200,18 +200,23 @@ class JobQueue:
         )
         return False
 
-    async def retry(self, job: Job, error: str, delay: float, *, count: bool = True) -> bool:
-        """Put a failed job back after `delay`; dead-letter it after max_attempts. True if kept."""
+    async def retry(
+        self, job: Job, error: str, delay: float, *, count: bool = True, final: bool = False
+    ) -> bool:
+        """Put a failed job back after `delay`; dead-letter it after max_attempts, or at once
+        when `final` (an error no retry can fix). True if kept."""
         attempts = job.attempts + (1 if count else 0)
         async with self.store.transaction() as tx:
             merged = await tx.fetchall(
                 "SELECT 1 FROM jobs WHERE key = ? AND version != ?", (job.key, job.version)
             )
-            if attempts >= self.max_attempts and merged:
+            bury = final or attempts >= self.max_attempts
+            if bury and merged:
                 # Events merged while the last attempt ran: the state may have moved on, so
                 # they earn the job one more try rather than going down with it.
-                attempts = self.max_attempts - 1
-            if attempts >= self.max_attempts:
+                bury = False
+                attempts = min(attempts, self.max_attempts - 1)
+            if bury:
                 await tx.execute(
                     "INSERT INTO dead_letters (key, hints, attempts, error, failed_at, payload) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
