@@ -26,10 +26,15 @@ from eventsync.logging import get_logger
 from eventsync.metrics import Metrics
 from eventsync.notify import Notifier, watchdog_loop
 from eventsync.reconcile import (
+    AUDIT_ABSENT,
+    AUDIT_ACCESS,
     AUDIT_CURSOR,
+    AUDIT_FORBIDDEN,
     AUDIT_OVERLAP,
+    AUDIT_READABLE,
     LAST_FULL_SYNC,
     LAST_GAP,
+    NO_AUDIT_LOG,
     Reconciler,
     record_gap,
 )
@@ -60,6 +65,11 @@ READY_API_AGE = 300.0  # /readyz: BookStack answered within this many seconds
 # "<since, ISO> <BookStack's refusal>" while BookStack rejects the API token, for `status`
 # (another process) and /readyz; gone once it works again.
 TOKEN_REJECTED = "token_rejected"
+AUDIT_LOG_STATES = {
+    AUDIT_READABLE: "readable",
+    AUDIT_FORBIDDEN: "no access",  # a 403: the token's role lacks the permissions
+    AUDIT_ABSENT: "no audit-log API",  # an HTML 404: BookStack before v23.08
+}
 
 
 async def status_data(store: Store, queue: JobQueue) -> dict[str, Any]:
@@ -68,12 +78,14 @@ async def status_data(store: Store, queue: JobQueue) -> dict[str, Any]:
     def num(key: str, cast: type = int) -> Any:
         return cast(states[key]) if key in states else None
 
-    rejected = states.get(TOKEN_REJECTED)
+    access = states.get(AUDIT_ACCESS)
     return {
         "database": str(store.path),
-        "token_rejected": rejected,
+        "token_rejected": states.get(TOKEN_REJECTED),
         "audit_cursor": num(AUDIT_CURSOR),
-        "audit_access": (states["audit_access"] == "1") if "audit_access" in states else None,
+        "audit_access": (access == AUDIT_READABLE) if access is not None else None,
+        # Why there is no audit log to read, when there is none: the fixes differ.
+        "audit_log": AUDIT_LOG_STATES.get(access) if access is not None else None,
         "audit_last_poll_at": num(LAST_POLL, float),
         "audit_gap": states.get("audit_gap"),
         "last_gap": states.get(LAST_GAP),
@@ -150,6 +162,12 @@ class Service:
         # one); this run's first refusal records it again.
         async with self.store.transaction() as tx:
             await tx.delete_state(TOKEN_REJECTED)
+        if await self.store.get_state(AUDIT_ACCESS) == AUDIT_ABSENT:
+            # Noticed (and logged) by an earlier run: this run says it once too.
+            log.info(
+                "running on webhooks and diff syncs: this BookStack has no audit-log API "
+                "(it came in v23.08)"
+            )
         self.inbox.start()
         self._runner = web.AppRunner(
             build_app(self), access_log=None, handle_signals=False, shutdown_timeout=2.0
@@ -242,7 +260,7 @@ class Service:
         while not self.stop_event.is_set():
             if await self.store.get_state(LAST_FULL_SYNC) is not None and (
                 await self.store.get_state(AUDIT_CURSOR) is not None
-                or await self.store.get_state("audit_access") == "0"
+                or await self.store.get_state(AUDIT_ACCESS) in NO_AUDIT_LOG
             ):
                 self.synced.set()
                 return
@@ -302,9 +320,12 @@ class Service:
     async def _check_webhooks_confirmed(self) -> None:
         """Every webhook's activity is in the audit log; one that never shows up means the
         log is not telling us everything (no audit access, or it is being cleared)."""
-        if await self.store.get_state("audit_access") == "0":
-            return
         cutoff = time.time() - self.settings.webhook_confirm_grace
+        if await self.store.get_state(AUDIT_ACCESS) in NO_AUDIT_LOG:
+            # Nothing to confirm them against. Marked as confirmed, so that an audit log
+            # appearing later does not take them all for a gap.
+            await self.queue.confirm_webhooks(cutoff)
+            return
         last_poll = await self.store.get_state(LAST_POLL)
         if last_poll is None or float(last_poll) < cutoff:
             return  # the poller has not looked since; nothing to conclude yet
@@ -495,7 +516,7 @@ class Service:
             )
         if not self.synced.is_set():
             reasons.append("initial sync in progress")
-        elif await self.store.get_state("audit_access") != "0":
+        elif await self.store.get_state(AUDIT_ACCESS) not in NO_AUDIT_LOG:
             last_poll = await self.store.get_state(LAST_POLL)
             limit = 3 * self.settings.poll_interval + 60
             if last_poll is None or time.time() - float(last_poll) > limit:

@@ -23,6 +23,7 @@ from eventsync.reconcile import Reconciler
 from eventsync.service import Service
 from eventsync.store.sqlite import Store
 from eventsync.testing import FakeBookStack
+from eventsync.testing.models import ALL_PERMISSIONS
 
 SECRET = "recovery-test-secret-0123456789"
 RPM = 100_000
@@ -601,3 +602,110 @@ async def test_a_revoked_token_costs_a_few_requests_fails_readyz_and_loses_nothi
             assert await svc.queue.dead_letters() == []
             # The refusal never passed for a lack of audit access.
             assert await svc.store.get_state("audit_access") == "1"
+
+
+# ---- a BookStack without the audit-log API ------------------------------------------------------
+
+
+async def test_without_an_audit_log_api_webhooks_and_diffs_carry_the_mirror(tmp_path: Path) -> None:
+    """BookStack before v23.08 answers /api/audit-log with an HTML 404. eventsync says so once
+    and runs on webhooks plus diff syncs: no audit-log request per poll, no warning per poll,
+    no gap diffs, no webhook taken for unconfirmed; a dropped webhook is caught by the diff.
+    When an upgrade brings the audit log, eventsync starts reading it."""
+    async with FakeBookStack(requests_per_minute=RPM, audit_log=False) as fake:
+        fake.seed(pages=30, books=3, seed=9)
+        settings = settings_for(
+            fake, tmp_path / "m.db", reconcile_interval=1.0, webhook_confirm_grace=0.3
+        )
+        with capture_logs() as entries:
+            async with running(settings, webhooks_from=fake) as svc:
+                status = await svc.status()
+                assert (status["audit_log"], status["audit_access"]) == ("no audit-log API", False)
+                assert status["audit_cursor"] is None
+                assert (await readyz(svc))[0] == 200
+
+                # Webhooks drive it.
+                page = await fake.create_page(book_id=1, name="Announced", html="<p>a</p>")
+                await fake.update_page(3, html="<p>announced edit</p>")
+                await fake.set_permissions("page", 4, fallback={"view": False})
+                await fake.set_permissions("page", 4)  # same second, identical webhook body
+
+                async def synced() -> bool:
+                    return await converged(svc, fake)
+
+                await eventually(synced, 10, "the webhooks reach the mirror")
+                # A lost webhook: the periodic diff finds the change.
+                fake.faults.webhook_drop = 1.0
+                await fake.update_page(page, html="<p>its webhook was lost</p>")
+                await fake.create_page(book_id=2, name="Unannounced")
+                await eventually(synced, 10, "the diff sync catches the lost webhooks")
+                fake.faults.webhook_drop = 0.0
+
+                await asyncio.sleep(1.5)  # polls, housekeeping and diffs keep running
+                assert (await readyz(svc))[0] == 200
+                counts = fake.request_counts()
+                # One audit-log look per diff sync (it notices an upgrade), none per poll.
+                diffs = counts["/api/pages"]
+                assert diffs >= 2 and counts["/api/audit-log"] <= diffs + 1, counts
+                assert await svc.store.get_state("last_gap") is None
+                assert await svc.store.get_state("audit_gap") is None
+                assert await svc.queue.unconfirmed_webhooks(time.time()) == 0
+
+                # BookStack upgraded: the next diff starts a cursor and the poller reads on.
+                fake.audit_log = True
+
+                async def reading() -> bool:
+                    return (await svc.status())["audit_cursor"] is not None
+
+                await eventually(reading, 10, "a cursor once the audit log exists")
+                await svc.poller.poll_once()
+                assert (await svc.status())["audit_log"] == "readable"
+                fake.faults.webhook_drop = 1.0
+                await fake.update_book(1, name="Found in the audit log")
+                await eventually(synced, 10, "the audit log carries what the webhook lost")
+        said = [e for e in entries if "no audit-log API" in e["event"]]
+        assert len(said) == 1, said
+        assert said[0]["log_level"] == "warning"
+        assert not [e for e in entries if e["log_level"] in ("error", "critical")]
+        assert not [e for e in entries if "gap" in e["event"]]
+
+
+async def test_losing_audit_access_is_said_once_and_the_polls_stop(tmp_path: Path) -> None:
+    """A 403 on the audit log (the token's role lost 'Manage app settings'): no audit access,
+    said once; the poller stops asking (no error per poll), webhooks carry on."""
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        # No entity restrictions: the sync user sees what the admin sees.
+        fake.seed(pages=20, books=2, permission_share=0.0, seed=2)
+        role = await fake.create_role("Sync", permissions=list(ALL_PERMISSIONS))
+        user = await fake.create_user("Sync bot", "sync-bot@example.com", roles=[role])
+        fake.add_token(user, "sync-id", "sync-secret-0123456789abcdef")
+        settings = settings_for(
+            fake,
+            tmp_path / "m.db",
+            bookstack_token_id="sync-id",
+            bookstack_token_secret="sync-secret-0123456789abcdef",
+        )
+        with capture_logs() as entries:
+            async with running(settings, webhooks_from=fake) as svc:
+                await svc.poller.poll_once()
+                assert await svc.poller.cursor() is not None
+                without = [p for p in ALL_PERMISSIONS if p != "settings-manage"]
+                await fake.update_role(role, permissions=without)
+
+                async def forbidden() -> bool:
+                    return (await svc.status())["audit_log"] == "no access"
+
+                await eventually(forbidden, 10, "the poller notices the 403")
+                fake.reset_requests()
+                await asyncio.sleep(1.5)  # five poll intervals
+                assert "/api/audit-log" not in fake.request_counts()
+                await fake.update_page(3, html="<p>after the access went</p>")
+
+                async def synced() -> bool:
+                    return await converged(svc, fake)
+
+                await eventually(synced, 10, "webhooks still reach the mirror")
+                assert (await readyz(svc))[0] == 200
+        said = [e for e in entries if "cannot read the audit log" in e["event"]]
+        assert len(said) == 1, said
+        assert not [e for e in entries if e["log_level"] in ("error", "critical")]

@@ -8,16 +8,20 @@ import time
 from collections.abc import Callable
 
 from eventsync.bookstack.client import BookStackClient
-from eventsync.errors import AuthError, BookStackError, ForbiddenError
+from eventsync.errors import AuthError, BookStackError, ForbiddenError, UnknownRoute
 from eventsync.events import DIFF_KEY, FETCH, THOROUGH, Event, from_audit
 from eventsync.logging import get_logger
 from eventsync.reconcile import (
+    AUDIT_ABSENT,
     AUDIT_ACCESS,
     AUDIT_CURSOR,
+    AUDIT_FORBIDDEN,
     AUDIT_GAP,
     AUDIT_LAST_ROW,
     AUDIT_OVERLAP,
+    NO_AUDIT_LOG,
     audit_signature,
+    note_audit_access,
     record_gap,
 )
 from eventsync.store.queue import JobQueue
@@ -141,6 +145,11 @@ class AuditPoller:
             await _wait_any(ready, stop)
         while not stop.is_set():
             try:
+                if await self.store.get_state(AUDIT_ACCESS) in NO_AUDIT_LOG:
+                    # Nothing to read (no access, or a BookStack without the API): no request
+                    # and no warning per poll. Every diff sync looks again and resets this.
+                    await self._sleep(stop)
+                    continue
                 await self.poll_once()
                 self.last_error = None
             except AuthError as exc:
@@ -151,13 +160,13 @@ class AuditPoller:
                 log.debug("audit-log poll waits for the API token", error=str(exc))
                 await _wait_any(self.client.token.working, stop)
                 continue
-            except ForbiddenError as exc:
+            except (ForbiddenError, UnknownRoute) as exc:
+                # A 403 is the token's role, an HTML 404 a BookStack before v23.08: either
+                # way there is no audit log to poll (note_audit_access says so, once).
                 self.last_error = str(exc)
-                log.error(
-                    "audit log not readable: relying on webhooks and diff syncs", error=str(exc)
-                )
+                access = AUDIT_FORBIDDEN if isinstance(exc, ForbiddenError) else AUDIT_ABSENT
                 async with self.store.transaction() as tx:
-                    await tx.set_state(AUDIT_ACCESS, 0)
+                    await note_audit_access(tx, access)
             except BookStackError as exc:
                 self.last_error = str(exc)
                 log.warning("audit-log poll failed; cursor unchanged", error=str(exc))
