@@ -235,11 +235,20 @@ class Service:
         await self.inbox.close()
         for task in self._tasks:
             if task.get_name() in ("dispatcher", "audit poller"):
-                with contextlib.suppress(asyncio.TimeoutError, Exception):
+                try:
                     await asyncio.wait_for(asyncio.shield(task), timeout=12.0)
+                except TimeoutError:
+                    log.warning("task did not finish in time; cancelling it", task=task.get_name())
+                except Exception:
+                    pass  # reported with the others below
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task, result in zip(self._tasks, results, strict=True):
+            # _task_ended says nothing once stopping: a task that failed on the way out would
+            # otherwise go unreported.
+            if isinstance(result, Exception):
+                log.error("task failed while stopping", task=task.get_name(), error=repr(result))
         log.info("stopped")
 
     async def run_until_stopped(self) -> int:
@@ -498,6 +507,7 @@ class Service:
                 async with self.store.transaction() as tx:
                     await tx.set_state("heartbeat_at", time.time())
         except Exception:
+            log.exception("health check: the database does not commit")
             return False
         # Tasks that end by design (the initial sync; the sweep when its share is 0) may be
         # done; the rest run for as long as the service does.

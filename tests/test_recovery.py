@@ -47,7 +47,11 @@ def settings_for(fake: FakeBookStack, db: Path, **extra: Any) -> Settings:
 
 @asynccontextmanager
 async def running(
-    settings: Settings, *, webhooks_from: FakeBookStack | None = None, **client_options: Any
+    settings: Settings,
+    *,
+    webhooks_from: FakeBookStack | None = None,
+    synced: bool = True,
+    **client_options: Any,
 ) -> AsyncIterator[Service]:
     async with (
         BookStackClient(
@@ -66,7 +70,8 @@ async def running(
         svc = Service(settings, client, store)
         await svc.start()
         try:
-            await asyncio.wait_for(svc.synced.wait(), 30)
+            if synced:
+                await asyncio.wait_for(svc.synced.wait(), 30)
             if webhooks_from is not None:
                 webhooks_from.add_webhook(
                     f"http://127.0.0.1:{svc.port}/webhooks/bookstack/{SECRET}"
@@ -602,6 +607,34 @@ async def test_a_revoked_token_costs_a_few_requests_fails_readyz_and_loses_nothi
             assert await svc.queue.dead_letters() == []
             # The refusal never passed for a lack of audit access.
             assert await svc.store.get_state("audit_access") == "1"
+
+
+async def test_serve_started_with_a_rejected_token_waits_and_syncs_once_it_works(
+    tmp_path: Path,
+) -> None:
+    """A token refused from the start (rotated before a restart) stops nothing: serve stays
+    up, not ready, probing; the moment the token works the first sync runs."""
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=20, books=2, seed=5)
+        fake.revoke_token()
+        settings = settings_for(fake, tmp_path / "m.db")
+        async with running(
+            settings, synced=False, token_probe_base=0.2, token_probe_cap=0.5
+        ) as svc:
+
+            async def refused() -> bool:
+                return (await svc.status())["token_rejected"] is not None
+
+            await eventually(refused, 10, "the refusal is recorded")
+            await asyncio.sleep(1.5)
+            status, body = await readyz(svc)
+            assert status == 503 and any("rejects the API token" in r for r in body["reasons"])
+            assert not svc.stop_event.is_set() and svc.exit_code == 0
+            assert len(fake.requests) <= 10, fake.request_counts()  # the first, then probes
+            fake.restore_token()
+            await asyncio.wait_for(svc.synced.wait(), 10)
+            assert await converged(svc, fake)
+            assert (await svc.status())["token_rejected"] is None
 
 
 # ---- a BookStack without the audit-log API ------------------------------------------------------
