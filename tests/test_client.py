@@ -298,7 +298,9 @@ async def test_an_html_404_is_an_unknown_route_not_a_missing_item(
     base URL) with its HTML page: that must not read as "this item is gone", which would
     remove it from the mirror."""
     handler, seen = scripted(
-        lambda: web.Response(status=404, text=UNKNOWN_ROUTE_HTML, content_type="text/html")
+        lambda: web.Response(
+            status=404, text=UNKNOWN_ROUTE_HTML.format(base_url=""), content_type="text/html"
+        )
     )
     client = make_client(await serve({"/api/audit-log": handler}))
     with pytest.raises(UnknownRoute, match="no such API route") as caught:

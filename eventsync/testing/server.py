@@ -37,15 +37,20 @@ logger = logging.getLogger(__name__)
 RATE_WINDOW = 60.0  # seconds: Laravel's perMinute decay
 
 # What BookStack answers for an API route it does not have: its HTML error page, with no
-# rate-limit headers, token or not (FACTS, first section; real-v25.02.4/api/
-# error-unknown-api-route-404.html.head). Shortened; the head is as captured.
+# rate-limit headers, token or not (FACTS, first section). The start is as captured from
+# v25.02.4 (real-v25.02.4/api/error-unknown-api-route-404.html.head); the rest is shortened.
 UNKNOWN_ROUTE_HTML = """<!DOCTYPE html>
 <html lang="en-GB"
       dir="ltr"
       class="">
 <head>
     <title>BookStack</title>
+
+    <!-- Meta -->
     <meta charset="utf-8">
+    <meta name="viewport" content="width=device-width">
+    <meta name="base-url" content="{base_url}">
+    <meta name="theme-color" content="#206ea7"/>
 </head>
 <body><div class="container"><h1>Page Not Found</h1>
 <p>Sorry, The page you were looking for could not be found.</p></div></body>
@@ -364,7 +369,10 @@ class FakeBookStack(ContentMutations, AdminMutations):
             status = match_error.status if match_error is not None else 404
             if status == 404:
                 response = web.Response(
-                    status=404, text=UNKNOWN_ROUTE_HTML, content_type="text/html", charset="UTF-8"
+                    status=404,
+                    text=UNKNOWN_ROUTE_HTML.format(base_url=self.url),
+                    content_type="text/html",
+                    charset="UTF-8",
                 )
             else:
                 response = error_response(status, "Method not allowed")
