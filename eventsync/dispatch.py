@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from eventsync.aio import wait_any
 from eventsync.errors import AuthError, BookStackError, EventsyncError, PermanentError, RetryLater
 from eventsync.handlers import Handlers, Settle
 from eventsync.logging import get_logger
@@ -152,19 +153,14 @@ class Dispatcher:
         if self._token.rejected is not None:
             # Due jobs must wait for the token (the service probes it), not spin the loop;
             # wake up in time to renew the leases of anything still finishing.
-            await _first(self._token.working, stop, timeout=MAINTAIN_EVERY)
+            await wait_any(self._token.working, stop, timeout=MAINTAIN_EVERY)
             return
         due = await self.queue.next_due()
         timeout = IDLE_WAIT if due is None else max(0.0, min(IDLE_WAIT, due - time.time()))
         if timeout <= 0 and len(self._running) < self.concurrency:
             return
         self._wake.clear()
-        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
-        try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
+        await wait_any(self._wake, stop, timeout=timeout)
 
     async def _process(self, job: Job) -> None:
         started = time.monotonic()
@@ -292,13 +288,3 @@ class Dispatcher:
         if jobs:
             await self.queue.release(jobs)
             log.info("in-flight jobs put back", jobs=len(jobs))
-
-
-async def _first(*events: asyncio.Event, timeout: float) -> None:
-    """Wait until one of `events` is set, or `timeout` seconds."""
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()

@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from eventsync.aio import wait_any
 from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
 from eventsync.dispatch import Dispatcher, backoff
@@ -279,7 +280,7 @@ class Service:
             except AuthError:
                 # Reported by the client and the token watch; a retry before the token works
                 # would only be refused. Try again as soon as it does.
-                await _first(self.client.token.working, self.stop_event)
+                await wait_any(self.client.token.working, self.stop_event)
                 continue
             except Exception as exc:
                 log.warning("initial sync failed; retrying", error=repr(exc))
@@ -350,7 +351,7 @@ class Service:
         and the jobs refused meanwhile are queued with their attempts unspent."""
         token = self.client.token
         while not self.stop_event.is_set():
-            await _first(token.failing, self.stop_event)
+            await wait_any(token.failing, self.stop_event)
             if self.stop_event.is_set():
                 return
             async with self.store.transaction() as tx:
@@ -407,7 +408,7 @@ class Service:
                     await tx.set_state(SWEEP_STARTED, time.time())
             for i in range(start, len(items)):
                 # Jobs queued while the token is rejected could not run: hold the sweep.
-                await _first(self.client.token.working, self.stop_event)
+                await wait_any(self.client.token.working, self.stop_event)
                 if self.stop_event.is_set():
                     return
                 key, hints = items[i]
@@ -574,13 +575,3 @@ class Service:
         for kind in KINDS:
             self.metrics.mirror_entities.labels(kind=kind).set(counts[kind])
         self.metrics.changes_seq.set(await self.store.last_seq())
-
-
-async def _first(*events: asyncio.Event) -> None:
-    """Wait until one of `events` is set."""
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()

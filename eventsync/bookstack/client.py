@@ -24,6 +24,7 @@ from tenacity import (
 )
 
 from eventsync import __version__
+from eventsync.aio import wait_any
 from eventsync.bookstack.ratelimit import RateLimiter
 from eventsync.bookstack.token import PROBE_BASE, PROBE_CAP, TokenState
 from eventsync.errors import (
@@ -492,11 +493,9 @@ class BookStackClient:
             if stop is None:
                 await asyncio.sleep(delay)
             else:
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                await wait_any(stop, timeout=delay)
+                if stop.is_set():
                     return False
-                except TimeoutError:
-                    pass
             if self.token.rejected is not None:
                 await self.probe_token()
         return True

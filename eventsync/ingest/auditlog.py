@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 
+from eventsync.aio import wait_any
 from eventsync.bookstack.client import BookStackClient
 from eventsync.errors import AuthError, BookStackError, ForbiddenError, UnknownRoute
 from eventsync.events import DIFF_KEY, FETCH, THOROUGH, Event, from_audit
@@ -142,7 +142,7 @@ class AuditPoller:
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         if ready is not None:
-            await _wait_any(ready, stop)
+            await wait_any(ready, stop)
         while not stop.is_set():
             try:
                 if await self.store.get_state(AUDIT_ACCESS) in NO_AUDIT_LOG:
@@ -158,7 +158,7 @@ class AuditPoller:
                 # page left it, so the next poll catches up on everything meanwhile.
                 self.last_error = str(exc)
                 log.debug("audit-log poll waits for the API token", error=str(exc))
-                await _wait_any(self.client.token.working, stop)
+                await wait_any(self.client.token.working, stop)
                 continue
             except (ForbiddenError, UnknownRoute) as exc:
                 # A 403 is the token's role, an HTML 404 a BookStack before v23.08: either
@@ -181,17 +181,6 @@ class AuditPoller:
 
     async def _sleep(self, stop: asyncio.Event) -> None:
         self._trigger.clear()
-        await _wait_any(self._trigger, stop, timeout=self.interval)
+        await wait_any(self._trigger, stop, timeout=self.interval)
         if self._trigger.is_set() and not stop.is_set():
-            await _wait_any(stop, timeout=DEBOUNCE)
-
-
-async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await w
+            await wait_any(stop, timeout=DEBOUNCE)
