@@ -23,6 +23,7 @@ from eventsync.errors import (
     ForbiddenError,
     NotFound,
     Unavailable,
+    UnknownRoute,
 )
 from eventsync.logging import configure_logging
 from eventsync.reconcile import Reconciler, SyncSummary
@@ -146,6 +147,8 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
                 await poller.poll_once()
             except ForbiddenError:
                 reasons.append("the token cannot read the audit log")
+            except UnknownRoute:
+                reasons.append("this BookStack has no audit-log API (before v23.08)")
         gap = await store.get_state(GAP)
         if gap:
             reasons.append(f"gap: {gap}")
@@ -161,7 +164,7 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
                 if summary.complete:
                     async with store.transaction() as tx:
                         await tx.delete_state(GAP)
-                    with contextlib.suppress(ForbiddenError):
+                    with contextlib.suppress(ForbiddenError, UnknownRoute):
                         await poller.poll_once()  # what happened while it ran
             else:
                 # The events first (their jobs read what they name), then the listings for
@@ -220,9 +223,23 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return EXIT_OK
     print(f"database:        {data['database']}")
+    if data["token_rejected"]:
+        since, _, why = data["token_rejected"].partition(" ")
+        print(
+            f"API token:       REJECTED by BookStack since {since} (revoked, rotated or "
+            f"expired?): {why}; serve holds its requests and resumes once the token works"
+        )
     print(f"audit cursor:    {data['audit_cursor']}")
-    access = {True: "yes", False: "NO (token lacks audit-log access)", None: "unknown"}
-    print(f"audit access:    {access[data['audit_access']]}")
+    access = {
+        "readable": "yes",
+        "no access": "NO (the token lacks audit-log access): running on webhooks and diff syncs",
+        "no audit-log API": (
+            "NO: this BookStack has no audit-log API (it came in v23.08): running on "
+            "webhooks and periodic diff syncs"
+        ),
+        None: "unknown",
+    }
+    print(f"audit access:    {access[data['audit_log']]}")
     print(f"last full sync:  {data['last_full_sync_at'] or 'never'}")
     if data["last_full_sync_requests"] is not None:
         print(
@@ -276,22 +293,26 @@ async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
             return EXIT_INCONSISTENT
         except AuthError as exc:
             report(True, f"reach BookStack at {settings.base_url}")
-            report(
-                False,
-                "API token accepted",
-                f"{exc} — check EVENTSYNC_BOOKSTACK_TOKEN_ID and _TOKEN_SECRET",
-            )
+            if exc.status == 403 and "expired" in str(exc):
+                fix = "the token has expired: give it a later expiry date, or create a new one"
+            elif exc.status == 403:
+                fix = "give the token's user a role with 'Access system API'"
+            else:
+                fix = (
+                    "check EVENTSYNC_BOOKSTACK_TOKEN_ID and _TOKEN_SECRET (the token may have "
+                    "been revoked or rotated)"
+                )
+            report(False, "API token accepted", f"{exc} — {fix}")
             return EXIT_INCONSISTENT
         except ForbiddenError as exc:
             report(True, f"reach BookStack at {settings.base_url}")
             report(
                 False,
                 "API access",
-                f"{exc} — give the token's user a role with 'Access system API', "
-                "or renew an expired token",
+                f"{exc} — give the token's user a role with 'Access system API'",
             )
             return EXIT_INCONSISTENT
-        except NotFound:
+        except (NotFound, UnknownRoute):
             report(
                 False,
                 f"reach BookStack at {settings.base_url}",
@@ -321,6 +342,18 @@ async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
                 report(True, what)
             except ForbiddenError as exc:
                 report(False, what, f"{exc} — {fix}" if fix else str(exc))
+            except UnknownRoute:
+                if path != "/api/audit-log":
+                    report(False, what, f"BookStack has no {path} here (an HTML 404)")
+                    continue
+                # Supported (DESIGN 14), so a warning rather than a failure: eventsync works,
+                # with fewer guarantees, and only an upgrade changes it.
+                print(
+                    f"warn  {what}: this BookStack has no audit-log API (/api/audit-log "
+                    "answers an HTML 404; the audit log came in BookStack v23.08) — eventsync "
+                    "runs on webhooks and periodic diff syncs only, and cannot confirm "
+                    "webhooks against the log; upgrade BookStack to v23.08 or later for it"
+                )
             except BookStackError as exc:
                 report(False, what, str(exc))
     return EXIT_OK if failures == 0 else EXIT_INCONSISTENT

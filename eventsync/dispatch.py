@@ -9,7 +9,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from eventsync.errors import BookStackError, EventsyncError, RetryLater
+from eventsync.aio import wait_any
+from eventsync.errors import AuthError, BookStackError, EventsyncError, PermanentError, RetryLater
 from eventsync.handlers import Handlers, Settle
 from eventsync.logging import get_logger
 from eventsync.store.queue import LEASE_TTL, Job, JobQueue
@@ -52,6 +53,8 @@ class Dispatcher:
         # When BookStack last answered anything (the client's stats): tells an outage from
         # a job that fails on its own.
         self._last_answer = last_answer or (lambda: handlers.client.stats.last_answer_at)
+        # While BookStack rejects the token no job can succeed: none is leased meanwhile.
+        self._token = handlers.client.token
         self._up_window = up_window
         self._maintained = time.monotonic()
         self.concurrency = concurrency
@@ -112,6 +115,12 @@ class Dispatcher:
             await self._maintain()
             await self._fill()
             if not self._running:
+                if self._token.rejected is not None:
+                    # Nobody probes the token here (`reconcile` is a one-shot command): say
+                    # so rather than wait for ever. The jobs stay queued, attempts unspent.
+                    raise AuthError(
+                        f"jobs cannot run: BookStack rejects the API token ({self._token.rejected})"
+                    )
                 if await self.queue.depth() == 0:
                     return True
                 due = await self.queue.next_due()
@@ -129,7 +138,7 @@ class Dispatcher:
 
     async def _fill(self) -> None:
         free = self.concurrency - len(self._running)
-        if free <= 0:
+        if free <= 0 or self._token.rejected is not None:
             return
         for job in await self.queue.lease(free):
             task = asyncio.create_task(self._process(job), name=f"job {job.key}")
@@ -141,17 +150,17 @@ class Dispatcher:
         self._wake.set()
 
     async def _idle(self, stop: asyncio.Event) -> None:
+        if self._token.rejected is not None:
+            # Due jobs must wait for the token (the service probes it), not spin the loop;
+            # wake up in time to renew the leases of anything still finishing.
+            await wait_any(self._token.working, stop, timeout=MAINTAIN_EVERY)
+            return
         due = await self.queue.next_due()
         timeout = IDLE_WAIT if due is None else max(0.0, min(IDLE_WAIT, due - time.time()))
         if timeout <= 0 and len(self._running) < self.concurrency:
             return
         self._wake.clear()
-        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
-        try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
+        await wait_any(self._wake, stop, timeout=timeout)
 
     async def _process(self, job: Job) -> None:
         started = time.monotonic()
@@ -173,6 +182,17 @@ class Dispatcher:
             bound.info("job settling", outcome="settling", reason=str(exc), delay=exc.delay)
             self._report(job, "settling", started)
             return
+        except AuthError as exc:
+            # Not this job's failure: back in the queue as it was, its attempt not counted,
+            # to run once the token works again (the client logged the refusal, once).
+            await self._put_back(job, f"{type(exc).__name__}: {exc}", bound)
+            bound.info("job waits for the API token", outcome="paused")
+            self._report(job, "paused", started)
+            return
+        except PermanentError as exc:
+            # 400, 403, 404 that is not "gone", 422: the same request gets the same answer.
+            await self._failed(job, exc, bound, started, transient=False, final=True)
+            return
         except (RetryLater, BookStackError, EventsyncError) as exc:
             await self._failed(job, exc, bound, started, transient=True)
             return
@@ -186,15 +206,21 @@ class Dispatcher:
             # The work is done and written; only its bookkeeping failed. Let go of the job
             # (a later run of it costs a read and changes nothing).
             bound.exception("could not finish the job; it will run again")
-            with contextlib.suppress(Exception):
-                await self.queue.release([job])
+            await self._release(job, bound)
             return
         self.done += 1
         bound.info("job done", outcome=outcome, seconds=round(time.monotonic() - started, 3))
         self._report(job, "done", started)
 
     async def _failed(
-        self, job: Job, exc: BaseException, bound: Any, started: float, *, transient: bool
+        self,
+        job: Job,
+        exc: BaseException,
+        bound: Any,
+        started: float,
+        *,
+        transient: bool,
+        final: bool = False,
     ) -> None:
         delay = getattr(exc, "delay", None) if transient else None
         delay = max(delay or 0.0, backoff(job.attempts))
@@ -207,11 +233,10 @@ class Dispatcher:
             or now - job.first_seen > PATIENCE
         )
         try:
-            kept = await self.queue.retry(job, error, delay, count=count)
+            kept = await self.queue.retry(job, error, delay, count=count, final=final)
         except Exception:
             bound.exception("could not record a failed job; it will run again")
-            with contextlib.suppress(Exception):
-                await self.queue.release([job])
+            await self._release(job, bound)
             return
         if kept:
             self.retried += 1
@@ -224,6 +249,21 @@ class Dispatcher:
             bound.error("job dead-lettered", outcome="dead-lettered", error=error)
             self._report(job, "dead_lettered", started)
 
+    async def _put_back(self, job: Job, error: str, bound: Any) -> None:
+        try:
+            await self.queue.retry(job, error, 0.0, count=False)
+        except Exception:
+            bound.exception("could not put a job back; it will run again")
+            await self._release(job, bound)
+
+    async def _release(self, job: Job, bound: Any) -> None:
+        """Last resort after a failed write: unlease the job (or, failing that too, leave it
+        to lease recovery) and say so."""
+        try:
+            await self.queue.release([job])
+        except Exception:
+            bound.exception("could not release the job; lease recovery will free it")
+
     def _report(self, job: Job, outcome: str, started: float) -> None:
         if self._on_result is not None:
             self._on_result(job, outcome, time.monotonic() - started)
@@ -233,12 +273,18 @@ class Dispatcher:
             return
         tasks = list(self._running)
         _, pending = await asyncio.wait(tasks, timeout=grace)
-        jobs = [self._running[t] for t in pending if t in self._running]
+        held = {t: self._running[t] for t in pending if t in self._running}
+        jobs = list(held.values())
         for task in pending:
             task.cancel()
         for task in pending:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                job = held.get(task)
+                log.exception("in-flight job failed while stopping", job=job and job.key)
         if jobs:
             await self.queue.release(jobs)
             log.info("in-flight jobs put back", jobs=len(jobs))

@@ -35,19 +35,31 @@ class BookStackError(EventsyncError):
 
 
 class AuthError(BookStackError):
-    """BookStack rejected the API token (401)."""
+    """BookStack does not accept the API token: revoked, rotated or expired (401, or the 403
+    of an expired token or of a user who may not use the API). Nothing can succeed until it
+    works again; the client holds every request meanwhile (see `bookstack/token.py`)."""
 
 
-class ForbiddenError(BookStackError):
+class PermanentError(BookStackError):
+    """BookStack refused this request for good: sending it again cannot succeed."""
+
+
+class ForbiddenError(PermanentError):
     """The API token's user lacks a permission this call needs (403)."""
 
 
-class NotFound(BookStackError):
+class NotFound(PermanentError):
     """The item does not exist, or the sync user cannot see it (404)."""
 
 
-class InvalidRequest(BookStackError):
-    """BookStack refused the request as invalid (422 or another 4xx)."""
+class UnknownRoute(PermanentError):
+    """BookStack has no such API route (an HTML 404, not its JSON one): a base URL that is
+    not BookStack's, or a BookStack older than the endpoint (the audit log came in v23.08).
+    Deliberately not a NotFound: it says nothing about whether any item is gone."""
+
+
+class InvalidRequest(PermanentError):
+    """BookStack refused the request as invalid (400, 422 or another 4xx)."""
 
 
 class Unavailable(BookStackError, RetryLater):

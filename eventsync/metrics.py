@@ -24,7 +24,8 @@ NAMESPACE = "eventsync"
 WEBHOOK_OUTCOMES = ("accepted", "rejected")
 WEBHOOK_REJECT_REASONS = ("bad_secret", "bad_json", "content_type", "too_large", "invalid")
 EVENT_SOURCES = ("webhook", "audit", "reconcile")
-JOB_OUTCOMES = ("done", "retried", "dead_lettered", "skipped")
+# "paused": put back, attempt not counted, because BookStack rejected the API token.
+JOB_OUTCOMES = ("done", "retried", "dead_lettered", "skipped", "paused")
 
 # Webhook received → mirror written. Steady state is well under a second; the long tail
 # covers early-webhook re-checks, rate-limit waits and queue backlogs after an outage.

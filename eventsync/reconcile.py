@@ -13,7 +13,7 @@ from typing import Any
 
 from eventsync.bookstack import models as m
 from eventsync.bookstack.client import BookStackClient
-from eventsync.errors import AuthError, BookStackError, ForbiddenError, NotFound
+from eventsync.errors import AuthError, BookStackError, ForbiddenError, NotFound, UnknownRoute
 from eventsync.events import (
     DEFAULT_PERMISSIONS,
     FETCH,
@@ -35,7 +35,13 @@ from eventsync.records import (
     permissions_row,
     to_row,
 )
-from eventsync.store.queue import record_covered_sync
+from eventsync.store.queue import (
+    AUDIT_ABSENT,
+    AUDIT_FORBIDDEN,
+    AUDIT_READABLE,
+    NO_AUDIT_LOG,
+    record_covered_sync,
+)
 from eventsync.store.sqlite import CONTENT_TYPES, KIND_OF_CONTENT_TYPE, KINDS, Store, Tx
 
 log = get_logger("eventsync.reconcile")
@@ -54,7 +60,7 @@ AUDIT_CURSOR = "audit_cursor"
 AUDIT_LAST_ROW = "audit_last_row"  # "id|type|time" of the row at the cursor: a cleared log
 AUDIT_GAP = "audit_gap"  # why events may have been lost, until a thorough diff sync ran
 LAST_GAP = "last_gap"  # the latest gap ever found, with its time (kept for `status`)
-AUDIT_ACCESS = "audit_access"
+AUDIT_ACCESS = "audit_access"  # its values: AUDIT_READABLE, _FORBIDDEN, _ABSENT (store.queue)
 LAST_FULL_SYNC = "last_full_sync_at"
 LAST_FULL_SYNC_STARTED = "last_full_sync_started_at"
 LAST_FULL_SYNC_AUDIT_ID = "last_full_sync_audit_id"
@@ -170,6 +176,13 @@ class Reconciler:
 
         audit_id, audit_access, head_rows = await self._audit_head(summary)
         summary.audit_id = audit_id
+        # An audit log that appeared (BookStack upgraded, access granted) while we ran without
+        # one: there is no cursor yet, so this sync starts one, as a first sync would.
+        set_cursor = set_cursor or (
+            not first
+            and audit_access == AUDIT_READABLE
+            and await self.store.get_state(AUDIT_CURSOR) is None
+        )
 
         listings, listed_at = await self._listings(summary)
         await self._remove_missing(listings, listed_at, summary)
@@ -210,7 +223,8 @@ class Reconciler:
         summary.requests = self.client.stats.requests - requests_before
         summary.seconds = time.monotonic() - started
         async with self.store.transaction() as tx:
-            await tx.set_state(AUDIT_ACCESS, int(audit_access))
+            if audit_access is not None:
+                await note_audit_access(tx, audit_access)
             if summary.complete:
                 await tx.set_state(LAST_FULL_SYNC, _now_iso())
                 await tx.set_state(LAST_FULL_SYNC_STARTED, started_at)
@@ -230,25 +244,24 @@ class Reconciler:
 
     async def _audit_head(
         self, summary: SyncSummary
-    ) -> tuple[int | None, bool, list[dict[str, Any]]]:
-        """The highest activity id (the cursor this sync may set), whether the audit log is
-        readable, and the newest rows: those visible now are reflected by the listings read
-        after this, so the poller's overlap re-read must not act on them again."""
+    ) -> tuple[int | None, str | None, list[dict[str, Any]]]:
+        """The highest activity id (the cursor this sync may set), whether there is an audit
+        log to read (AUDIT_READABLE, _FORBIDDEN, _ABSENT; None: unknown after an error), and
+        the newest rows: those visible now are reflected by the listings read after this,
+        so the poller's overlap re-read must not act on them again."""
         try:
             rows = await self.client.latest_audit_rows(AUDIT_OVERLAP)
         except AuthError:
             raise
         except ForbiddenError:
-            log.warning(
-                "the API token cannot read the audit log; events can only come from webhooks "
-                "and periodic diff syncs (give the token's role settings-manage + users-manage)"
-            )
-            return None, False, []
+            return None, AUDIT_FORBIDDEN, []
+        except UnknownRoute:
+            return None, AUDIT_ABSENT, []
         except BookStackError as exc:
             summary.problems.append(f"audit log: {exc}")
-            return None, True, []
+            return None, None, []
         ids = [i for i in (as_id(r.get("id")) for r in rows) if i is not None]
-        return max(ids, default=0), True, rows
+        return max(ids, default=0), AUDIT_READABLE, rows
 
     async def _record_covered(
         self, tx: Tx, rows: list[dict[str, Any]], all_permissions: bool
@@ -424,6 +437,8 @@ class Reconciler:
                     read = m.AttachmentRead.model_validate(await self.client.get(path))
                 except NotFound:
                     return  # gone since the listing; the next diff removes it
+                except AuthError:
+                    raise  # no read can succeed: the sync stops, to run again later
                 except BookStackError as exc:
                     summary.problems.append(f"{path}: {exc}")
                     return
@@ -578,6 +593,8 @@ class Reconciler:
                     if kind == "page":
                         summary.changed_pages.add(entity_id)
             return
+        except AuthError:
+            raise  # no read can succeed: the sync stops, to run again later
         except BookStackError as exc:
             summary.problems.append(f"{endpoint}/{entity_id}: {exc}")
             return
@@ -649,6 +666,8 @@ class Reconciler:
                 raw, read_at = await self.client.read(path)
             except NotFound:
                 return  # the item went away; its own deletion handles the mirror
+            except AuthError:
+                raise  # no read can succeed: the sync stops, to run again later
             except BookStackError as exc:
                 summary.problems.append(f"{path}: {exc}")
                 return
@@ -686,6 +705,28 @@ def _racy(current: dict[str, Any], now: float) -> bool:
     if updated is None or fetched is None:
         return False
     return updated >= fetched - RACE_WINDOW and now - fetched < 86400
+
+
+async def note_audit_access(tx: Tx, access: str) -> None:
+    """Record whether there is an audit log to read; say so when that changed, once (every
+    diff sync and every refused poll looks again)."""
+    previous = await tx.get_state(AUDIT_ACCESS)
+    if previous == access:
+        return
+    await tx.set_state(AUDIT_ACCESS, access)
+    if access == AUDIT_ABSENT:
+        log.warning(
+            "this BookStack has no audit-log API (/api/audit-log answers an HTML 404; it came "
+            "in BookStack v23.08): running on webhooks and periodic diff syncs only, and no "
+            "webhook can be confirmed against the audit log; upgrade BookStack to have it"
+        )
+    elif access == AUDIT_FORBIDDEN:
+        log.warning(
+            "the API token cannot read the audit log: running on webhooks and periodic diff "
+            "syncs only (give the token's role 'Manage app settings' and 'Manage users')"
+        )
+    elif previous in NO_AUDIT_LOG:
+        log.info("the audit log is readable (again): polling it resumes")
 
 
 async def record_gap(tx: Tx, reason: str) -> None:

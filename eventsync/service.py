@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from eventsync.aio import wait_any
 from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
 from eventsync.dispatch import Dispatcher, backoff
@@ -27,11 +28,16 @@ from eventsync.logging import get_logger
 from eventsync.metrics import Metrics
 from eventsync.notify import Notifier, watchdog_loop
 from eventsync.reconcile import (
+    AUDIT_ABSENT,
+    AUDIT_ACCESS,
     AUDIT_CURSOR,
+    AUDIT_FORBIDDEN,
     AUDIT_OVERLAP,
+    AUDIT_READABLE,
     LAST_FULL_SYNC,
     LAST_GAP,
     LAST_VERIFIED,
+    NO_AUDIT_LOG,
     Reconciler,
     record_gap,
 )
@@ -55,8 +61,18 @@ def _sweep_key(item: tuple[str, list[str]]) -> str:
 
 
 EVENT_RETENTION = 86400.0  # events are kept a day, for pairing and inspection
-LONG_LIVED = frozenset({"audit poller", "dispatcher", "periodic reconcile", "housekeeping"})
+LONG_LIVED = frozenset(
+    {"audit poller", "dispatcher", "periodic reconcile", "housekeeping", "token watch"}
+)
 READY_API_AGE = 300.0  # /readyz: BookStack answered within this many seconds
+# "<since, ISO> <BookStack's refusal>" while BookStack rejects the API token, for `status`
+# (another process) and /readyz; gone once it works again.
+TOKEN_REJECTED = "token_rejected"
+AUDIT_LOG_STATES = {
+    AUDIT_READABLE: "readable",
+    AUDIT_FORBIDDEN: "no access",  # a 403: the token's role lacks the permissions
+    AUDIT_ABSENT: "no audit-log API",  # an HTML 404: BookStack before v23.08
+}
 
 
 async def status_data(store: Store, queue: JobQueue) -> dict[str, Any]:
@@ -65,10 +81,14 @@ async def status_data(store: Store, queue: JobQueue) -> dict[str, Any]:
     def num(key: str, cast: type = int) -> Any:
         return cast(states[key]) if key in states else None
 
+    access = states.get(AUDIT_ACCESS)
     return {
         "database": str(store.path),
+        "token_rejected": states.get(TOKEN_REJECTED),
         "audit_cursor": num(AUDIT_CURSOR),
-        "audit_access": (states["audit_access"] == "1") if "audit_access" in states else None,
+        "audit_access": (access == AUDIT_READABLE) if access is not None else None,
+        # Why there is no audit log to read, when there is none: the fixes differ.
+        "audit_log": AUDIT_LOG_STATES.get(access) if access is not None else None,
         "audit_last_poll_at": num(LAST_POLL, float),
         "audit_gap": states.get("audit_gap"),
         "last_gap": states.get(LAST_GAP),
@@ -142,6 +162,16 @@ class Service:
         recovered = await self.queue.recover()
         if recovered:
             log.info("jobs of a stopped worker put back", jobs=recovered)
+        # A refusal an earlier run saw says nothing about this run's token (it may be a new
+        # one); this run's first refusal records it again.
+        async with self.store.transaction() as tx:
+            await tx.delete_state(TOKEN_REJECTED)
+        if await self.store.get_state(AUDIT_ACCESS) == AUDIT_ABSENT:
+            # Noticed (and logged) by an earlier run: this run says it once too.
+            log.info(
+                "running on webhooks and diff syncs: this BookStack has no audit-log API "
+                "(it came in v23.08)"
+            )
         self.inbox.start()
         self._runner = web.AppRunner(
             build_app(self), access_log=None, handle_signals=False, shutdown_timeout=2.0
@@ -163,6 +193,7 @@ class Service:
         self._spawn(self._resilient(self._probe_loop), "silent-change probe")
         self._spawn(self._housekeeping(), "housekeeping")
         self._spawn(self._resilient(self._sweep), "sweep")
+        self._spawn(self._resilient(self._watch_token), "token watch")
         interval = self.notifier.watchdog_timeout
         if interval:
             self._spawn(watchdog_loop(self.notifier, self.healthy, interval / 2), "watchdog")
@@ -210,11 +241,20 @@ class Service:
         await self.inbox.close()
         for task in self._tasks:
             if task.get_name() in ("dispatcher", "audit poller"):
-                with contextlib.suppress(asyncio.TimeoutError, Exception):
+                try:
                     await asyncio.wait_for(asyncio.shield(task), timeout=12.0)
+                except TimeoutError:
+                    log.warning("task did not finish in time; cancelling it", task=task.get_name())
+                except Exception:
+                    pass  # reported with the others below
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task, result in zip(self._tasks, results, strict=True):
+            # _task_ended says nothing once stopping: a task that failed on the way out would
+            # otherwise go unreported.
+            if isinstance(result, Exception):
+                log.error("task failed while stopping", task=task.get_name(), error=repr(result))
         log.info("stopped")
 
     async def run_until_stopped(self) -> int:
@@ -235,7 +275,7 @@ class Service:
         while not self.stop_event.is_set():
             if await self.store.get_state(LAST_FULL_SYNC) is not None and (
                 await self.store.get_state(AUDIT_CURSOR) is not None
-                or await self.store.get_state("audit_access") == "0"
+                or await self.store.get_state(AUDIT_ACCESS) in NO_AUDIT_LOG
             ):
                 self.synced.set()
                 return
@@ -243,7 +283,10 @@ class Service:
             try:
                 summary = await self.reconciler.full_sync(set_cursor=True)
             except AuthError:
-                raise
+                # Reported by the client and the token watch; a retry before the token works
+                # would only be refused. Try again as soon as it does.
+                await wait_any(self.client.token.working, self.stop_event)
+                continue
             except Exception as exc:
                 log.warning("initial sync failed; retrying", error=repr(exc))
             else:
@@ -312,9 +355,12 @@ class Service:
     async def _check_webhooks_confirmed(self) -> None:
         """Every webhook's activity is in the audit log; one that never shows up means the
         log is not telling us everything (no audit access, or it is being cleared)."""
-        if await self.store.get_state("audit_access") == "0":
-            return
         cutoff = time.time() - self.settings.webhook_confirm_grace
+        if await self.store.get_state(AUDIT_ACCESS) in NO_AUDIT_LOG:
+            # Nothing to confirm them against. Marked as confirmed, so that an audit log
+            # appearing later does not take them all for a gap.
+            await self.queue.confirm_webhooks(cutoff)
+            return
         last_poll = await self.store.get_state(LAST_POLL)
         if last_poll is None or float(last_poll) < cutoff:
             return  # the poller has not looked since; nothing to conclude yet
@@ -323,17 +369,43 @@ class Service:
             await self.queue.confirm_webhooks(cutoff)
             await self._gap(f"{missing} webhook(s) never appeared in the audit log")
 
-    async def _housekeeping(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._check_downtime()
+    async def _watch_token(self) -> None:
+        """While BookStack rejects the API token: say so (readyz, `status`), probe it at a
+        growing interval (the only task that does: everything else waits), and resume the
+        moment it works. What happened meanwhile is still in the audit log after the cursor,
+        and the jobs refused meanwhile are queued with their attempts unspent."""
+        token = self.client.token
         while not self.stop_event.is_set():
-            with contextlib.suppress(Exception):
+            await wait_any(token.failing, self.stop_event)
+            if self.stop_event.is_set():
+                return
+            async with self.store.transaction() as tx:
+                await tx.set_state(TOKEN_REJECTED, f"{token.since_iso()} {token.rejected}")
+            self.notifier.status(await self._status_line())
+            if not await self.client.until_token_works(self.stop_event):
+                return
+            async with self.store.transaction() as tx:
+                await tx.delete_state(TOKEN_REJECTED)
+            self.dispatcher.wake()
+            self.poller.trigger()
+            self.notifier.status(await self._status_line())
+
+    async def _housekeeping(self) -> None:
+        try:
+            await self._check_downtime()
+        except Exception:
+            log.exception("downtime check failed; carrying on")
+        while not self.stop_event.is_set():
+            try:
                 cursor = await self.poller.cursor() or 0
                 await self.queue.prune_events(
                     time.time() - EVENT_RETENTION, keep_activities_from=cursor - AUDIT_OVERLAP
                 )
                 await self._check_webhooks_confirmed()
                 self.notifier.status(await self._status_line())
+            except Exception:
+                # The database (locked past its timeout, disk full): the next round retries.
+                log.exception("housekeeping failed; retrying next round")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(
                     self.stop_event.wait(), timeout=min(60.0, self.settings.webhook_confirm_grace)
@@ -362,6 +434,8 @@ class Service:
                 async with self.store.transaction() as tx:
                     await tx.set_state(SWEEP_STARTED, time.time())
             for i in range(start, len(items)):
+                # Jobs queued while the token is rejected could not run: hold the sweep.
+                await wait_any(self.client.token.working, self.stop_event)
                 if self.stop_event.is_set():
                     return
                 key, hints = items[i]
@@ -482,6 +556,8 @@ class Service:
     async def _status_line(self) -> str:
         cursor = await self.store.get_state(AUDIT_CURSOR)
         phase = "caught up" if self.synced.is_set() else "syncing"
+        if self.client.token.rejected is not None:
+            phase = "BookStack rejects the API token"
         return f"{phase}; cursor {cursor}; queue {await self.queue.depth()}"
 
     async def healthy(self) -> bool:
@@ -491,6 +567,7 @@ class Service:
                 async with self.store.transaction() as tx:
                     await tx.set_state("heartbeat_at", time.time())
         except Exception:
+            log.exception("health check: the database does not commit")
             return False
         # Tasks that end by design (the initial sync; the sweep when its share is 0) may be
         # done; the rest run for as long as the service does.
@@ -502,9 +579,14 @@ class Service:
             await self.store.fetchone("SELECT 1")
         except Exception as exc:
             reasons.append(f"database: {exc}")
+        if self.client.token.rejected is not None:
+            reasons.append(
+                f"BookStack rejects the API token since {self.client.token.since_iso()}: "
+                f"{self.client.token.rejected}"
+            )
         if not self.synced.is_set():
             reasons.append("initial sync in progress")
-        elif await self.store.get_state("audit_access") != "0":
+        elif await self.store.get_state(AUDIT_ACCESS) not in NO_AUDIT_LOG:
             last_poll = await self.store.get_state(LAST_POLL)
             limit = 3 * self.settings.poll_interval + 60
             if last_poll is None or time.time() - float(last_poll) > limit:

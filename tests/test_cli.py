@@ -199,8 +199,10 @@ async def make_fake() -> AsyncIterator[FakeFactory]:
     """make_fake(pages=…, books=…, seed=…): a started, seeded FakeBookStack, stopped after."""
     async with AsyncExitStack() as stack:
 
-        async def make(**seed: Any) -> FakeBookStack:
-            fake = await stack.enter_async_context(FakeBookStack(requests_per_minute=FAKE_RPM))
+        async def make(*, audit_log: bool = True, **seed: Any) -> FakeBookStack:
+            fake = await stack.enter_async_context(
+                FakeBookStack(requests_per_minute=FAKE_RPM, audit_log=audit_log)
+            )
             fake.seed(**{"pages": 20, "books": 2, "seed": 3, **seed})
             return fake
 
@@ -402,6 +404,41 @@ async def test_check_passes_for_an_admin_token(cli: Cli, make_fake: FakeFactory)
         assert what in result.stdout
     assert_no_traceback(result)
     assert fake.token_secret not in result.output
+
+
+async def test_check_reconcile_and_status_on_a_bookstack_without_an_audit_log_api(
+    cli: Cli, make_fake: FakeFactory, tmp_path: Path
+) -> None:
+    """BookStack before v23.08: `check` says so with the version, without failing (it is
+    supported); `reconcile` syncs; `status` names the mode rather than a bare 404."""
+    fake = await make_fake(audit_log=False)
+    env = settings_for(fake, tmp_path / "mirror.db")
+    checked = await cli("check", env=env)
+    assert checked.code == 0, str(checked)
+    assert_no_traceback(checked)
+    lines = checked.stdout.splitlines()
+    assert not [line for line in lines if line.startswith("FAIL")], str(checked)
+    (warned,) = [line for line in lines if line.startswith("warn")]
+    assert "audit-log access" in warned and "no audit-log API" in warned, warned
+    assert "v23.08" in warned and "HTTP 404" not in checked.stdout
+
+    synced = await cli("reconcile", env=env, timeout=60.0)
+    assert synced.code == 0, str(synced)
+    assert "mirror is consistent" in synced.stdout
+    assert json.loads((await cli("export", env=env)).stdout) == fake.truth()
+    status = await cli("status", env=env)
+    assert re.search(r"audit access:\s+NO: this BookStack has no audit-log API", status.stdout)
+    assert "v23.08" in status.stdout, status.stdout
+    data = json.loads((await cli("status", "--json", env=env)).stdout)
+    assert (data["audit_log"], data["audit_access"], data["audit_cursor"]) == (
+        "no audit-log API",
+        False,
+        None,
+    )
+    # A second run is a plain diff: no "no sync point", no gap.
+    again = await cli("reconcile", env=env, timeout=60.0)
+    assert again.code == 0, str(again)
+    assert "diff sync of everything" not in again.stderr, str(again)
 
 
 CHECK_FAILURES = {

@@ -14,18 +14,23 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from structlog.testing import capture_logs
 
 from eventsync.bookstack.client import BookStackClient, ClientStats, route_template
 from eventsync.bookstack.models import AuditLogEntry, ContentPermissions, Page, Role, Shelf
 from eventsync.bookstack.ratelimit import RateLimiter, default_burst
+from eventsync.bookstack.token import TokenState
 from eventsync.errors import (
     AuthError,
     ForbiddenError,
     IncompleteListing,
     InvalidRequest,
     NotFound,
+    PermanentError,
     Unavailable,
+    UnknownRoute,
 )
+from eventsync.testing.api import not_found_page
 
 TOKEN_ID = "tok-id-123"
 TOKEN_SECRET = "tok-secret-very-private"
@@ -246,7 +251,15 @@ async def test_timeouts_are_retried(serve: ServeFactory, make_client: ClientFact
     ("code", "error", "message"),
     [
         (401, AuthError, "No matching API token was found for the provided authorization token"),
-        (403, ForbiddenError, "The authorization token used has expired"),
+        # BookStack refuses an expired token, and a user without API access, with a 403: the
+        # token is unusable all the same (FACTS §4).
+        (403, AuthError, "The authorization token used has expired"),
+        (
+            403,
+            AuthError,
+            "The owner of the used API token does not have permission to make API calls",
+        ),
+        (403, ForbiddenError, "You do not have permission to perform the requested action."),
         (404, NotFound, "Page not found"),
         (422, InvalidRequest, "The given data was invalid."),
         (400, InvalidRequest, "Bad request"),
@@ -274,6 +287,100 @@ async def test_4xx_maps_to_errors_and_is_not_retried(
     assert TOKEN_SECRET not in str(caught.value) and TOKEN_ID not in str(caught.value)
     if code == 422:
         assert "The name field is required." in str(caught.value)
+    # Every refusal but the token's is one that no repetition can fix.
+    assert isinstance(caught.value, PermanentError) == (error is not AuthError)
+
+
+async def test_an_html_404_is_an_unknown_route_not_a_missing_item(
+    serve: ServeFactory, make_client: ClientFactory
+) -> None:
+    """BookStack answers an API route it does not have (the audit log before v23.08, a wrong
+    base URL) with its HTML page: that must not read as "this item is gone", which would
+    remove it from the mirror."""
+    handler, seen = scripted(
+        lambda: not_found_page("http://127.0.0.1", "http://127.0.0.1/api/audit-log")
+    )
+    client = make_client(await serve({"/api/audit-log": handler}))
+    with pytest.raises(UnknownRoute, match="no such API route") as caught:
+        await client.get("/api/audit-log", {"count": 1})
+    assert not isinstance(caught.value, NotFound)
+    assert caught.value.status == 404 and len(seen) == 1
+    assert client.token.rejected is None
+
+
+# --- a rejected token -------------------------------------------------------------------------
+
+
+def unauthorized() -> web.Response:
+    return web.json_response(
+        {"error": {"message": "The secret provided for the given used API token is incorrect"}},
+        status=401,
+    )
+
+
+async def test_after_a_401_nothing_is_sent_until_a_probe_finds_the_token_works(
+    serve: ServeFactory, make_client: ClientFactory
+) -> None:
+    revoked = True
+    hits: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return unauthorized() if revoked else web.json_response({"id": 1, "data": [], "total": 0})
+
+    url = await serve({"/api/pages/{id}": handler, "/api/books": handler})
+    client = make_client(url, token_probe_base=0.05, token_probe_cap=0.2)
+    with capture_logs() as logs:
+        with pytest.raises(AuthError):
+            await client.get("/api/pages/1")
+        for i in range(20):  # every caller, however many, is held back without a request
+            with pytest.raises(AuthError, match="not sent"):
+                await client.get(f"/api/pages/{i}")
+    assert hits == ["/api/pages/1"]
+    assert client.token.rejected is not None and client.token.held == 20
+    assert not client.token.working.is_set()
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert len(errors) == 1 and "rejects the API token" in errors[0]["event"]
+
+    # Probes at a growing interval: 0.05, 0.1, 0.2, 0.2, ... s.
+    stop = asyncio.Event()
+    prober = asyncio.create_task(client.until_token_works(stop))
+    await asyncio.sleep(0.5)
+    probes = client.token.probes
+    assert 2 <= probes <= 4 and set(hits[1:]) == {"/api/books"}
+    revoked = False
+    assert await asyncio.wait_for(prober, 1.0) is True
+    assert client.token.rejected is None and client.token.working.is_set()
+    assert await client.get("/api/pages/7") == {"id": 1, "data": [], "total": 0}
+    assert hits[-1] == "/api/pages/7"
+
+
+async def test_an_answer_to_a_request_sent_before_the_401_does_not_end_the_rejection(
+    serve: ServeFactory, make_client: ClientFactory
+) -> None:
+    async def slow_ok(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.3)
+        return web.json_response({"id": 1})
+
+    async def refused(request: web.Request) -> web.Response:
+        return unauthorized()
+
+    client = make_client(await serve({"/api/pages/{id}": slow_ok, "/api/books/{id}": refused}))
+    slow = asyncio.create_task(client.get("/api/pages/1"))  # sent while the token still worked
+    await asyncio.sleep(0.1)
+    with pytest.raises(AuthError):
+        await client.get("/api/books/1")
+    assert await slow == {"id": 1}
+    assert client.token.rejected is not None
+
+
+def test_token_probes_back_off_to_a_cap() -> None:
+    token = TokenState(probe_base=5, probe_cap=120)
+    delays = []
+    for probes in range(8):
+        token.probes = probes
+        delays.append(token.next_probe_delay())
+    assert delays == [5, 10, 20, 40, 80, 120, 120, 120]
 
 
 async def test_redirect_is_an_error_not_followed(

@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -208,6 +209,71 @@ async def test_unknown_route_is_html_404(fake: FakeBookStack, http: aiohttp.Clie
     # A known route with nothing behind it is BookStack's JSON error.
     status, body, _ = await get(http, fake, "/api/pages/999")
     assert (status, body["error"]["code"]) == (404, 404)
+
+
+# Answers captured from a real BookStack v25.02.4, beside this checkout (../shared/bookstack).
+REAL_API = Path(__file__).resolve().parents[2] / "shared" / "bookstack" / "real-v25.02.4" / "api"
+REAL_BASE_URL = "http://127.0.0.1:8880"  # where the real instance ran
+
+
+@pytest.mark.skipif(not REAL_API.is_dir(), reason=f"no real BookStack samples at {REAL_API}")
+async def test_error_answers_are_the_real_bookstacks(
+    fake: FakeBookStack, http: aiohttp.ClientSession
+) -> None:
+    """The errors eventsync tells apart by kind, held to what v25.02.4 answered."""
+
+    def real(name: str) -> Any:
+        return json.loads((REAL_API / name).read_text())
+
+    no_token = await get(http, fake, "/api/books", {"Accept": "application/json"})
+    assert (no_token[0], no_token[1]) == (401, real("error-401-no-token.json"))
+    wrong = await get(http, fake, "/api/books", auth(fake, fake.token_id, "wrong"))
+    assert (wrong[0], wrong[1]) == (401, real("error-401-wrong-secret.json"))
+    missing = await get(http, fake, "/api/pages/999")
+    assert (missing[0], missing[1]) == (404, real("error-404.json"))
+    # The fake validates one field at a time; BookStack lists every failing field.
+    invalid = real("error-422.json")["error"]
+    async with http.post(fake.url + "/api/pages", json={}, headers=auth(fake)) as response:
+        body = await response.json()
+    assert response.status == invalid["code"] == 422
+    assert body["error"]["message"] == invalid["message"]
+    assert body["error"]["validation"].items() <= invalid["validation"].items()
+
+    # The capture stops mid-line: the lines before that one, blank ones aside.
+    head = (REAL_API / "error-unknown-api-route-404.html.head").read_text().splitlines()[:-1]
+    captured = [line for line in head if line.strip()]
+    async with http.get(fake.url + "/api/system", headers=auth(fake)) as response:
+        html = (await response.text()).replace(fake.url, REAL_BASE_URL)
+        assert (response.status, response.content_type) == (404, "text/html")
+        assert "X-RateLimit-Limit" not in response.headers
+    assert [line for line in html.splitlines() if line.strip()][: len(captured)] == captured
+
+
+async def test_a_bookstack_before_v23_08_has_no_audit_log_api(
+    make_fake: FakeFactory, http: aiohttp.ClientSession
+) -> None:
+    fake = await make_fake(audit_log=False)
+    await fake.create_book("Logged all the same")
+    async with http.get(fake.url + "/api/audit-log", headers=auth(fake)) as response:
+        assert (response.status, response.content_type) == (404, "text/html")
+    assert (await get(http, fake, "/api/books"))[0] == 200
+    assert [a.type for a in fake.state.activities] == ["book_create"]  # webhooks still go
+    fake.audit_log = True  # upgraded
+    status, body, _ = await get(http, fake, "/api/audit-log")
+    assert status == 200 and [r["type"] for r in body["data"]] == ["book_create"]
+
+
+async def test_revoked_token_gets_401_until_restored(
+    fake: FakeBookStack, http: aiohttp.ClientSession
+) -> None:
+    fake.revoke_token()
+    status, body, _ = await get(http, fake, "/api/books")
+    assert (status, body["error"]["message"]) == (
+        401,
+        "No matching API token was found for the provided authorization token",
+    )
+    fake.restore_token()
+    assert (await get(http, fake, "/api/books"))[0] == 200
 
 
 # ------------------------------------------------------------------- listings
@@ -814,9 +880,21 @@ async def test_request_faults(fake: FakeBookStack, http: aiohttp.ClientSession) 
     fake.faults.fail_listings = {"/api/pages"}
     assert (await get(http, fake, "/api/pages"))[0] == 500
     assert (await get(http, fake, "/api/books"))[0] == 200
+    fake.faults.fail_listings = set()
+
+    # Permanent refusals, by route or by path, only once the token is accepted.
+    fake.faults.error_routes = {"/api/pages/{id}": (422, "The given data was invalid.")}
+    status, body, _ = await get(http, fake, "/api/pages/2")
+    assert (status, body["error"]) == (422, {"message": "The given data was invalid.", "code": 422})
+    assert (await get(http, fake, "/api/pages/2", auth(fake, "nope", "x")))[0] == 401
+    fake.faults.error_routes = {"/api/pages/3": (400, "Bad request")}
+    assert (await get(http, fake, "/api/pages/3"))[0] == 400
+    assert (await get(http, fake, "/api/pages/2"))[0] == 200
+    fake.faults.error_routes = {}
 
     assert fake.request_counts()["/api/books"] == 23
     assert [r.status for r in fake.requests if r.route == "/api/pages"] == [200, 500]
+    assert [r.status for r in fake.requests if r.route == "/api/pages/{id}"] == [422, 401, 400, 200]
     fake.reset_requests()
     assert fake.requests == []
 

@@ -631,8 +631,6 @@ def test_every_sample_is_compared_or_excluded() -> None:
     assert files - set(EXCLUDED) <= set(COMPARED)
 
 
-
-
 def test_webhooks_are_posted_like_bookstack_posts_them(captured: Captured) -> None:
     # README of the samples: Content-Type: application/json, User-Agent: GuzzleHttp/7.
     assert captured.webhook_headers

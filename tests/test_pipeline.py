@@ -51,8 +51,8 @@ async def make_fake() -> AsyncIterator[FakeFactory]:
     """Factory: a started fake BookStack with a small seeded wiki."""
     fakes: list[FakeBookStack] = []
 
-    async def make(**seed: Any) -> FakeBookStack:
-        fake = FakeBookStack(requests_per_minute=RPM)
+    async def make(*, audit_log: bool = True, **seed: Any) -> FakeBookStack:
+        fake = FakeBookStack(requests_per_minute=RPM, audit_log=audit_log)
         await fake.start()
         fakes.append(fake)
         fake.seed(**{"pages": 30, "books": 4, "shelves": 2, "attachments": 5, "seed": 7, **seed})
@@ -149,11 +149,18 @@ def chapter_with_pages(fake: FakeBookStack, *, not_in_book: int | None = None) -
 
 # ---- 1. every event type ends in the right mirror -------------------------------------------
 
+# With BookStack's audit log, and against a BookStack before v23.08 that has no audit-log API:
+# there the webhooks alone carry these changes (DESIGN guarantee 14).
+BOTH_VERSIONS = pytest.mark.parametrize(
+    "audit_log", [True, False], ids=["audit-log", "no-audit-log-api"]
+)
 
+
+@BOTH_VERSIONS
 async def test_content_events_reach_the_mirror(
-    make_fake: FakeFactory, make_service: ServiceFactory
+    make_fake: FakeFactory, make_service: ServiceFactory, audit_log: bool
 ) -> None:
-    fake = await make_fake()
+    fake = await make_fake(audit_log=audit_log)
     svc = await make_service(fake)
 
     # Pages: create, update, move, delete, revision restore.
@@ -189,10 +196,11 @@ async def test_content_events_reach_the_mirror(
     assert {p["book_id"] for p in mirror["pages"] if p["id"] in loose[:2]} == {book, 4}
 
 
+@BOTH_VERSIONS
 async def test_permission_updates_reach_the_mirror(
-    make_fake: FakeFactory, make_service: ServiceFactory
+    make_fake: FakeFactory, make_service: ServiceFactory, audit_log: bool
 ) -> None:
-    fake = await make_fake()
+    fake = await make_fake(audit_log=audit_log)
     svc = await make_service(fake)
     role_rows = [{"role_id": 3, "view": True, "create": False, "update": True, "delete": False}]
     await fake.set_permissions("page", 2, fallback=NO_VIEW)
@@ -208,10 +216,11 @@ async def test_permission_updates_reach_the_mirror(
     await converge(svc, fake)
 
 
+@BOTH_VERSIONS
 async def test_user_and_role_events_reach_the_mirror(
-    make_fake: FakeFactory, make_service: ServiceFactory
+    make_fake: FakeFactory, make_service: ServiceFactory, audit_log: bool
 ) -> None:
-    fake = await make_fake()
+    fake = await make_fake(audit_log=audit_log)
     svc = await make_service(fake)
     user = await fake.create_user("Pipeline User", "pipe@example.com", roles=[2])
     await fake.update_user(user, roles=[3], name="Pipeline User Renamed")
@@ -229,10 +238,11 @@ async def test_user_and_role_events_reach_the_mirror(
     assert 2 in next(u["roles"] for u in mirror["users"] if u["id"] == other)
 
 
+@BOTH_VERSIONS
 async def test_recycle_bin_and_conversions_reach_the_mirror(
-    make_fake: FakeFactory, make_service: ServiceFactory
+    make_fake: FakeFactory, make_service: ServiceFactory, audit_log: bool
 ) -> None:
-    fake = await make_fake()
+    fake = await make_fake(audit_log=audit_log)
     svc = await make_service(fake)
     book_pages = {p.id for p in fake.state.book_pages(2) if not p.trashed}
     assert book_pages and fake.state.book_chapters(2)
@@ -456,6 +466,54 @@ async def test_poison_job_is_dead_lettered_and_retried_once_fixed(
         assert await queue.dead_letters() == []
         assert await dispatcher.drain(5.0)
         assert await store.export() == fake.truth()
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "message"),
+    [
+        ("/api/pages/3", 422, "The given data was invalid."),
+        ("/api/pages/3", 400, "The request could not be understood"),
+        (
+            "/api/content-permissions/page/3",
+            403,
+            "You do not have permission to perform the requested action.",
+        ),
+    ],
+)
+async def test_a_permanent_refusal_is_dead_lettered_at_once_with_bookstacks_message(
+    make_fake: FakeFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+    status: int,
+    message: str,
+) -> None:
+    """A 400, 422 or a 403 outside the audit log gets the same answer however often it is
+    asked: one attempt, then the dead letters with BookStack's own words, and the rest of
+    the queue carries on."""
+    monkeypatch.setattr(eventsync.dispatch, "BACKOFF_BASE", 0.01)
+    fake = await make_fake()
+    async with client_for(fake) as client, await Store.open(tmp_path / "refused.db") as store:
+        reconciler = Reconciler(client, store)
+        assert (await reconciler.full_sync(set_cursor=True)).complete
+        queue = JobQueue(store)  # 8 attempts for what may pass; none for what cannot
+        dispatcher = Dispatcher(queue, Handlers(client, store, queue, reconciler))
+        fake.faults.error_routes = {path: (status, message)}
+        await fake.update_page(3, html="<p>refused</p>")
+        await fake.set_permissions("page", 3, fallback=NO_VIEW)
+        await fake.update_page(4, html="<p>healthy 4</p>")
+        fake.reset_requests()
+        await AuditPoller(client, queue).poll_once()
+        assert await dispatcher.drain(5.0)
+
+        letters = await queue.dead_letters()
+        assert [(d["key"], d["attempts"]) for d in letters] == [("page:3", 1)]
+        assert f"({status}): {message}" in letters[0]["error"]
+        assert reads_of(fake, path) == 1
+        mirror = await store.export()
+        assert next(p for p in mirror["pages"] if p["id"] == 4) == next(
+            p for p in fake.truth()["pages"] if p["id"] == 4
+        )
 
 
 async def test_an_outage_dead_letters_nothing_and_the_jobs_finish_after_it(

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from helpers import client_for, eventually, first_difference
+from structlog.testing import capture_logs
 
 from eventsync import cli
 from eventsync.bookstack.client import BookStackClient
@@ -22,6 +23,7 @@ from eventsync.reconcile import Reconciler
 from eventsync.service import Service
 from eventsync.store.sqlite import Store
 from eventsync.testing import FakeBookStack
+from eventsync.testing.models import ALL_PERMISSIONS
 
 SECRET = "recovery-test-secret-0123456789"
 RPM = 100_000
@@ -45,7 +47,11 @@ def settings_for(fake: FakeBookStack, db: Path, **extra: Any) -> Settings:
 
 @asynccontextmanager
 async def running(
-    settings: Settings, *, webhooks_from: FakeBookStack | None = None
+    settings: Settings,
+    *,
+    webhooks_from: FakeBookStack | None = None,
+    synced: bool = True,
+    **client_options: Any,
 ) -> AsyncIterator[Service]:
     async with (
         BookStackClient(
@@ -57,13 +63,15 @@ async def running(
             requests_per_minute=RPM,
             backoff_base=0.01,
             backoff_cap=0.05,
+            **client_options,
         ) as client,
         await Store.open(settings.database) as store,
     ):
         svc = Service(settings, client, store)
         await svc.start()
         try:
-            await asyncio.wait_for(svc.synced.wait(), 30)
+            if synced:
+                await asyncio.wait_for(svc.synced.wait(), 30)
             if webhooks_from is not None:
                 webhooks_from.add_webhook(
                     f"http://127.0.0.1:{svc.port}/webhooks/bookstack/{SECRET}"
@@ -563,3 +571,238 @@ async def test_the_cold_sync_and_the_sweep_read_nothing_twice(tmp_path: Path) ->
             assert reads["/api/shelves/{id}"] == len(truth["shelves"])
             assert reads["/api/content-permissions/{type}/{id}"] == len(truth["permissions"])
             assert reads["/api/pages/{id}"] == len(truth["pages"])
+
+
+# ---- a revoked token -------------------------------------------------------------------------
+
+
+async def readyz(svc: Service) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{svc.port}/readyz") as response,
+    ):
+        return response.status, await response.json()
+
+
+async def test_a_revoked_token_costs_a_few_requests_fails_readyz_and_loses_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """BookStack refuses the sync token (revoked, rotated, expired) while the wiki changes:
+    eventsync says so (readyz, status, one error line), spends a handful of requests probing
+    instead of its budget, and once the token works again catches up on everything."""
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=40, books=4, seed=8)
+        settings = settings_for(fake, tmp_path / "m.db")
+        # Probes 0.25, 0.5, 1, 1, ... s apart: the production 5 s doubling to 120 s, sped up.
+        async with running(
+            settings, webhooks_from=fake, token_probe_base=0.25, token_probe_cap=1.0
+        ) as svc:
+
+            async def ready() -> bool:
+                return (await readyz(svc))[0] == 200
+
+            await eventually(ready, 10, "ready after the first audit-log poll")
+            before = len(fake.requests)
+            with capture_logs() as entries:
+                fake.revoke_token()
+                # Half the webhooks are lost: those changes are only in the audit log, which
+                # cannot be read until the token works again.
+                fake.faults.webhook_drop = 0.5
+                fake.faults.seed = 3
+                no_view = {"view": False, "create": False, "update": False, "delete": False}
+                pages = [p["id"] for p in fake.truth()["pages"]]
+                for i in range(12):
+                    await fake.update_page(pages[i], html=f"<p>while revoked {i}</p>")
+                for i in range(3):
+                    await fake.create_page(book_id=1 + i, name=f"Born while revoked {i}")
+                await fake.delete_page(pages[-1])
+                await fake.set_permissions("page", pages[-2], fallback=no_view)
+                await fake.update_book(2, description="described while revoked")
+                await fake.update_user(2, name="Renamed while revoked")
+                await fake.update_chapter(1, name="Chapter renamed while revoked")
+
+                async def refused() -> bool:
+                    return svc.client.token.rejected is not None
+
+                await eventually(refused, 10, "the client notices the refusal")
+                status, body = await readyz(svc)
+                assert status == 503, body
+                assert any("rejects the API token" in r for r in body["reasons"]), body
+
+                async def recorded() -> bool:
+                    return (await svc.status())["token_rejected"] is not None
+
+                await eventually(recorded, 5, "status records the refusal")
+                assert (await svc.status())["token_rejected"].endswith(
+                    "(401): No matching API token was found for the provided authorization token"
+                )
+                args = cli.build_parser().parse_args(["status"])
+                assert await cli.cmd_status(settings, args) == cli.EXIT_OK
+                assert "API token:       REJECTED by BookStack" in capsys.readouterr().out
+
+                await asyncio.sleep(4.0)  # the revocation lasts; nothing but probes goes out
+                during = fake.requests[before:]
+                probes = [r for r in during if r.route == "/api/books"]
+                print(
+                    f"requests during the revocation: {len(during)} ({len(probes)} probes), "
+                    f"by route {Counter(r.route for r in during)}"
+                )
+                assert {r.status for r in during} == {401}
+                # The requests in flight when the refusal came (at most one per worker and the
+                # poller), then one probe per interval: 0.25 + 0.5 + 1 + 1 + 1 s fit in ~4 s.
+                assert len(during) - len(probes) <= settings.fetch_concurrency + 1
+                assert 3 <= len(probes) <= 8
+                assert await svc.queue.dead_letters() == []
+            errors = [e for e in entries if e["log_level"] in ("error", "critical")]
+            assert [e["event"] for e in errors] == [
+                "BookStack rejects the API token (revoked, rotated or expired?): no request is "
+                "sent until it works again; probing it at a growing interval"
+            ]
+            assert not [e for e in entries if e["log_level"] == "warning"], entries
+
+            fake.restore_token()
+
+            async def caught_up() -> bool:
+                return await converged(svc, fake)
+
+            await eventually(caught_up, 20, "the mirror converges after the token works again")
+            await eventually(ready, 10, "ready again")
+            assert (await svc.status())["token_rejected"] is None
+            assert await svc.queue.dead_letters() == []
+            # The refusal never passed for a lack of audit access.
+            assert await svc.store.get_state("audit_access") == "1"
+
+
+async def test_serve_started_with_a_rejected_token_waits_and_syncs_once_it_works(
+    tmp_path: Path,
+) -> None:
+    """A token refused from the start (rotated before a restart) stops nothing: serve stays
+    up, not ready, probing; the moment the token works the first sync runs."""
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=20, books=2, seed=5)
+        fake.revoke_token()
+        settings = settings_for(fake, tmp_path / "m.db")
+        async with running(
+            settings, synced=False, token_probe_base=0.2, token_probe_cap=0.5
+        ) as svc:
+
+            async def refused() -> bool:
+                return (await svc.status())["token_rejected"] is not None
+
+            await eventually(refused, 10, "the refusal is recorded")
+            await asyncio.sleep(1.5)
+            status, body = await readyz(svc)
+            assert status == 503 and any("rejects the API token" in r for r in body["reasons"])
+            assert not svc.stop_event.is_set() and svc.exit_code == 0
+            assert len(fake.requests) <= 10, fake.request_counts()  # the first, then probes
+            fake.restore_token()
+            await asyncio.wait_for(svc.synced.wait(), 10)
+            assert await converged(svc, fake)
+            assert (await svc.status())["token_rejected"] is None
+
+
+# ---- a BookStack without the audit-log API ------------------------------------------------------
+
+
+async def test_without_an_audit_log_api_webhooks_and_diffs_carry_the_mirror(tmp_path: Path) -> None:
+    """BookStack before v23.08 answers /api/audit-log with an HTML 404. eventsync says so once
+    and runs on webhooks plus diff syncs: no audit-log request per poll, no warning per poll,
+    no gap diffs, no webhook taken for unconfirmed; a dropped webhook is caught by the diff.
+    When an upgrade brings the audit log, eventsync starts reading it."""
+    async with FakeBookStack(requests_per_minute=RPM, audit_log=False) as fake:
+        fake.seed(pages=30, books=3, seed=9)
+        settings = settings_for(
+            fake, tmp_path / "m.db", reconcile_interval=1.0, webhook_confirm_grace=0.3
+        )
+        with capture_logs() as entries:
+            async with running(settings, webhooks_from=fake) as svc:
+                status = await svc.status()
+                assert (status["audit_log"], status["audit_access"]) == ("no audit-log API", False)
+                assert status["audit_cursor"] is None
+                assert (await readyz(svc))[0] == 200
+
+                # Webhooks drive it.
+                page = await fake.create_page(book_id=1, name="Announced", html="<p>a</p>")
+                await fake.update_page(3, html="<p>announced edit</p>")
+                await fake.set_permissions("page", 4, fallback={"view": False})
+                await fake.set_permissions("page", 4)  # same second, identical webhook body
+
+                async def synced() -> bool:
+                    return await converged(svc, fake)
+
+                await eventually(synced, 10, "the webhooks reach the mirror")
+                # A lost webhook: the periodic diff finds the change.
+                fake.faults.webhook_drop = 1.0
+                await fake.update_page(page, html="<p>its webhook was lost</p>")
+                await fake.create_page(book_id=2, name="Unannounced")
+                await eventually(synced, 10, "the diff sync catches the lost webhooks")
+                fake.faults.webhook_drop = 0.0
+
+                await asyncio.sleep(1.5)  # polls, housekeeping and diffs keep running
+                assert (await readyz(svc))[0] == 200
+                counts = fake.request_counts()
+                # One audit-log look per diff sync (it notices an upgrade), none per poll.
+                diffs = counts["/api/pages"]
+                assert diffs >= 2 and counts["/api/audit-log"] <= diffs + 1, counts
+                assert await svc.store.get_state("last_gap") is None
+                assert await svc.store.get_state("audit_gap") is None
+                assert await svc.queue.unconfirmed_webhooks(time.time()) == 0
+
+                # BookStack upgraded: the next diff starts a cursor and the poller reads on.
+                fake.audit_log = True
+
+                async def reading() -> bool:
+                    return (await svc.status())["audit_cursor"] is not None
+
+                await eventually(reading, 10, "a cursor once the audit log exists")
+                await svc.poller.poll_once()
+                assert (await svc.status())["audit_log"] == "readable"
+                fake.faults.webhook_drop = 1.0
+                await fake.update_book(1, name="Found in the audit log")
+                await eventually(synced, 10, "the audit log carries what the webhook lost")
+        said = [e for e in entries if "no audit-log API" in e["event"]]
+        assert len(said) == 1, said
+        assert said[0]["log_level"] == "warning"
+        assert not [e for e in entries if e["log_level"] in ("error", "critical")]
+        assert not [e for e in entries if "gap" in e["event"]]
+
+
+async def test_losing_audit_access_is_said_once_and_the_polls_stop(tmp_path: Path) -> None:
+    """A 403 on the audit log (the token's role lost 'Manage app settings'): no audit access,
+    said once; the poller stops asking (no error per poll), webhooks carry on."""
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        # No entity restrictions: the sync user sees what the admin sees.
+        fake.seed(pages=20, books=2, permission_share=0.0, seed=2)
+        role = await fake.create_role("Sync", permissions=list(ALL_PERMISSIONS))
+        user = await fake.create_user("Sync bot", "sync-bot@example.com", roles=[role])
+        fake.add_token(user, "sync-id", "sync-secret-0123456789abcdef")
+        settings = settings_for(
+            fake,
+            tmp_path / "m.db",
+            bookstack_token_id="sync-id",
+            bookstack_token_secret="sync-secret-0123456789abcdef",
+        )
+        with capture_logs() as entries:
+            async with running(settings, webhooks_from=fake) as svc:
+                await svc.poller.poll_once()
+                assert await svc.poller.cursor() is not None
+                without = [p for p in ALL_PERMISSIONS if p != "settings-manage"]
+                await fake.update_role(role, permissions=without)
+
+                async def forbidden() -> bool:
+                    return (await svc.status())["audit_log"] == "no access"
+
+                await eventually(forbidden, 10, "the poller notices the 403")
+                fake.reset_requests()
+                await asyncio.sleep(1.5)  # five poll intervals
+                assert "/api/audit-log" not in fake.request_counts()
+                await fake.update_page(3, html="<p>after the access went</p>")
+
+                async def synced() -> bool:
+                    return await converged(svc, fake)
+
+                await eventually(synced, 10, "webhooks still reach the mirror")
+                assert (await readyz(svc))[0] == 200
+        said = [e for e in entries if "cannot read the audit log" in e["event"]]
+        assert len(said) == 1, said
+        assert not [e for e in entries if e["log_level"] in ("error", "critical")]

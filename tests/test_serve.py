@@ -293,22 +293,32 @@ async def sync_token_without_audit_access(fake: FakeBookStack) -> tuple[str, str
 # ---- 1. kill -9 right after the last 2xx --------------------------------------------------------
 
 
-async def test_kill_after_accept_loses_no_accepted_webhook(tmp_path: Path) -> None:
+@pytest.mark.parametrize("no_audit_log", ["no access", "no audit-log API"])
+async def test_kill_after_accept_loses_no_accepted_webhook(
+    tmp_path: Path, no_audit_log: str
+) -> None:
     db = tmp_path / "mirror.db"
-    async with FakeBookStack(requests_per_minute=RPM) as fake:
+    # "no audit-log API": a BookStack before v23.08, which has none at all.
+    async with FakeBookStack(
+        requests_per_minute=RPM, audit_log=no_audit_log == "no access"
+    ) as fake:
         # No entity restrictions: the sync user below must see exactly what the admin sees.
         fake.seed(pages=40, books=4, shelves=2, permission_share=0.0, seed=11)
         # "Nothing lost" must mean the webhooks were kept, not that the audit log filled in
-        # afterwards: serve gets a token that cannot read the audit log, so the accepted
-        # webhooks are the only record of these changes (the periodic diff sync is an hour
-        # away and the sweep is off). Clearing the audit log instead would look like a gap,
-        # and the diff sync it triggers would repair the mirror whatever the inbox kept.
-        token = await sync_token_without_audit_access(fake)
+        # afterwards: serve gets a token that cannot read the audit log (or a BookStack that
+        # has none), so the accepted webhooks are the only record of these changes (the
+        # periodic diff sync is an hour away and the sweep is off). Clearing the audit log
+        # instead would look like a gap, and the diff sync it triggers would repair the
+        # mirror whatever the inbox kept.
+        token = None
+        if no_audit_log == "no access":
+            token = await sync_token_without_audit_access(fake)
         env = serve_env(fake, db, free_port(), token=token)
 
         async with serving(env, tmp_path, "serve-1") as serve:
             async with aiohttp.ClientSession() as session:
-                assert (await serve.status(session))["audit_access"] is False
+                status = await serve.status(session)
+                assert (status["audit_access"], status["audit_log"]) == (False, no_audit_log)
             # Real bodies, captured from the fake without eventsync seeing them.
             fake.add_webhook(nowhere_url())
             plain = [p for p in sorted(fake.state.pages) if p not in included_pages(fake)]
@@ -341,6 +351,12 @@ async def test_kill_after_accept_loses_no_accepted_webhook(tmp_path: Path) -> No
 
         statuses = [status for status, _ in results]
         assert statuses == [202] * len(burst), statuses
+        # Said once (by the first sync), not once per poll; and no gap from it.
+        lines = serve.output().splitlines()
+        said = [line for line in lines if "running on webhooks and periodic diff syncs" in line]
+        assert len(said) == 1, said
+        assert not [line for line in lines if "gap" in line.lower()]
+        assert not [line for line in lines if '"level": "error"' in line]
         outcomes = [payload.get("outcome") for _, payload in results]
         assert "duplicate" not in outcomes
         # Every accepted event is in the inbox, and the jobs are one per entity.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -23,7 +24,9 @@ from tenacity import (
 )
 
 from eventsync import __version__
+from eventsync.aio import wait_any
 from eventsync.bookstack.ratelimit import RateLimiter
+from eventsync.bookstack.token import PROBE_BASE, PROBE_CAP, TokenState
 from eventsync.errors import (
     AuthError,
     BookStackError,
@@ -32,6 +35,7 @@ from eventsync.errors import (
     InvalidRequest,
     NotFound,
     Unavailable,
+    UnknownRoute,
 )
 
 log = structlog.get_logger("eventsync.bookstack")
@@ -103,6 +107,17 @@ RETRY_AFTER_MARGIN = 0.25
 # 429s do not use up `max_attempts` (they are the server pacing us, not failing), but a server
 # that keeps answering 429 is unavailable all the same.
 MAX_RATE_LIMITED = 20
+
+# ApiTokenGuard refuses an expired token, and one whose user lost "Access system API", with a
+# 403 (FACTS §4), yet like a 401 they concern the token, not the request: nothing succeeds
+# until someone fixes it. Told apart from an action's 403 by BookStack's message.
+TOKEN_REFUSALS_403 = (
+    "The authorization token used has expired",
+    "does not have permission to make API calls",
+)
+
+# The probe of a rejected token: any API user may list books, and one row is cheap.
+PROBE_PATH = "/api/books"
 
 _NUMERIC_SEGMENT = re.compile(r"/\d+(?=/|$)")
 
@@ -216,6 +231,7 @@ class _Call:
     method: str
     path: str
     route: str
+    probe: bool = False  # sent even while the token is rejected
     attempt: int = 0
     rate_limited: int = 0
     sent_at: float = 0.0  # our clock when the latest attempt was sent
@@ -256,6 +272,8 @@ class BookStackClient:
         limiter: RateLimiter | None = None,
         backoff_base: float = 0.5,
         max_rate_limited: int = MAX_RATE_LIMITED,
+        token_probe_base: float = PROBE_BASE,
+        token_probe_cap: float = PROBE_CAP,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -277,6 +295,7 @@ class BookStackClient:
         self._owns_session = session is None
         self._closed = False
         self.stats = ClientStats()
+        self.token = TokenState(token_probe_base, token_probe_cap)
 
     def __repr__(self) -> str:
         return f"BookStackClient({self.base_url!r})"
@@ -377,6 +396,10 @@ class BookStackClient:
             if waited > 0:
                 self.stats.limiter_waits += 1
                 self.stats.limiter_waited_seconds += waited
+            if self.token.rejected is not None and not call.probe:
+                # Every request would be refused too: spend none until a probe says the
+                # token works again (held here, after the limiter, so none slips through).
+                raise self.token.held_error(call.method, call.path)
             started = time.monotonic()
             call.sent_at = time.time()
             self.stats.last_attempt_at = call.sent_at
@@ -415,10 +438,73 @@ class BookStackClient:
                 # BookStack answered (even a 404 is an answer): it is up.
                 self.stats.last_answer_at = time.time()
             if 200 <= status < 300:
+                self._token_works(call)
                 return self._parse(status, body)
             if status >= 500:
                 raise _Transient(f"HTTP {status}", status)
-            raise self._client_error(call, status, response_headers, body)
+            error = self._client_error(call, status, response_headers, body)
+            if isinstance(error, AuthError):
+                self._token_refused(call, error)
+            elif status >= 400 and not isinstance(error, UnknownRoute):
+                # BookStack authenticates before it checks permissions or finds the item;
+                # an unknown route (and a 429) is answered before any authentication.
+                self._token_works(call)
+            raise error
+
+    def _token_refused(self, call: _Call, error: AuthError) -> None:
+        if self.token.reject(error, call.sent_at):
+            log.error(
+                "BookStack rejects the API token (revoked, rotated or expired?): no request "
+                "is sent until it works again; probing it at a growing interval",
+                status=error.status,
+                error=str(error),
+                first_probe_in=self.token.next_probe_delay(),
+            )
+
+    def _token_works(self, call: _Call) -> None:
+        if self.token.rejected is None:
+            return
+        probes, held = self.token.probes, self.token.held
+        lasted = self.token.accept(call.sent_at)
+        if lasted is not None:
+            log.warning(
+                "BookStack accepts the API token again: requests resume",
+                rejected_seconds=round(lasted, 1),
+                probes=probes,
+                held_requests=held,
+            )
+
+    # --- token probes ---------------------------------------------------------------------
+
+    async def probe_token(self) -> bool:
+        """One cheap request, sent even while the token is rejected: True if it works."""
+        call = _Call("GET", PROBE_PATH, route_template(PROBE_PATH), probe=True, attempt=1)
+        if self.token.rejected is not None:
+            self.token.probes += 1
+        try:
+            await self._attempt(call, {"count": "1"})
+        except AuthError:
+            return False
+        except (BookStackError, _Transient) as exc:
+            # BookStack down or refusing the probe for another reason: try again later.
+            log.debug("token probe failed", error=str(exc))
+        return self.token.rejected is None
+
+    async def until_token_works(self, stop: asyncio.Event | None = None) -> bool:
+        """While the token is rejected, probe it at a growing interval; True once it works,
+        False if `stop` was set first. One task per client should do this (the others wait
+        for `token.working`), or the probes multiply."""
+        while self.token.rejected is not None:
+            delay = self.token.next_probe_delay()
+            if stop is None:
+                await asyncio.sleep(delay)
+            else:
+                await wait_any(stop, timeout=delay)
+                if stop.is_set():
+                    return False
+            if self.token.rejected is not None:
+                await self.probe_token()
+        return True
 
     def _count(self, route: str, status: int) -> None:
         self.stats.requests += 1
@@ -497,9 +583,23 @@ class BookStackClient:
                 status=status,
                 path=call.path,
             )
-        detail = _error_message(body) or f"HTTP {status}"
+        found = _error_message(body)
+        if status == 404 and (found is None or "json" not in headers.get("Content-Type", "")):
+            # BookStack answers an unknown route with its HTML error page (FACTS, first
+            # section), every missing item with JSON: this one is about the route.
+            return UnknownRoute(
+                f"BookStack {call.method} {call.path} failed (404): no such API route here "
+                "(an HTML page, not BookStack's JSON error)",
+                status=status,
+                path=call.path,
+            )
+        detail = found or f"HTTP {status}"
         message = f"BookStack {call.method} {call.path} failed ({status}): {detail}"
-        cls = {401: AuthError, 403: ForbiddenError, 404: NotFound}.get(status, InvalidRequest)
+        cls: type[BookStackError] = {401: AuthError, 403: ForbiddenError, 404: NotFound}.get(
+            status, InvalidRequest
+        )
+        if status == 403 and any(refusal in detail for refusal in TOKEN_REFUSALS_403):
+            cls = AuthError
         return cls(message, status=status, path=call.path)
 
     # --- listings -------------------------------------------------------------------------

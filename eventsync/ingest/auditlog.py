@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 
+from eventsync.aio import wait_any
 from eventsync.bookstack.client import BookStackClient
-from eventsync.errors import AuthError, BookStackError, ForbiddenError
+from eventsync.errors import AuthError, BookStackError, ForbiddenError, UnknownRoute
 from eventsync.events import DIFF_KEY, FETCH, THOROUGH, Event, from_audit
 from eventsync.logging import get_logger
 from eventsync.reconcile import (
+    AUDIT_ABSENT,
     AUDIT_ACCESS,
     AUDIT_CURSOR,
+    AUDIT_FORBIDDEN,
     AUDIT_GAP,
     AUDIT_LAST_ROW,
     AUDIT_OVERLAP,
+    NO_AUDIT_LOG,
     audit_signature,
+    note_audit_access,
     record_gap,
 )
 from eventsync.store.queue import JobQueue
@@ -138,18 +142,31 @@ class AuditPoller:
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         if ready is not None:
-            await _wait_any(ready, stop)
+            await wait_any(ready, stop)
         while not stop.is_set():
             try:
+                if await self.store.get_state(AUDIT_ACCESS) in NO_AUDIT_LOG:
+                    # Nothing to read (no access, or a BookStack without the API): no request
+                    # and no warning per poll. Every diff sync looks again and resets this.
+                    await self._sleep(stop)
+                    continue
                 await self.poll_once()
                 self.last_error = None
-            except (AuthError, ForbiddenError) as exc:
+            except AuthError as exc:
+                # The token, not the audit log: no request is sent until it works again (the
+                # client logged that once), and the cursor stays where the last committed
+                # page left it, so the next poll catches up on everything meanwhile.
                 self.last_error = str(exc)
-                log.error(
-                    "audit log not readable: relying on webhooks and diff syncs", error=str(exc)
-                )
+                log.debug("audit-log poll waits for the API token", error=str(exc))
+                await wait_any(self.client.token.working, stop)
+                continue
+            except (ForbiddenError, UnknownRoute) as exc:
+                # A 403 is the token's role, an HTML 404 a BookStack before v23.08: either
+                # way there is no audit log to poll (note_audit_access says so, once).
+                self.last_error = str(exc)
+                access = AUDIT_FORBIDDEN if isinstance(exc, ForbiddenError) else AUDIT_ABSENT
                 async with self.store.transaction() as tx:
-                    await tx.set_state(AUDIT_ACCESS, 0)
+                    await note_audit_access(tx, access)
             except BookStackError as exc:
                 self.last_error = str(exc)
                 log.warning("audit-log poll failed; cursor unchanged", error=str(exc))
@@ -164,17 +181,6 @@ class AuditPoller:
 
     async def _sleep(self, stop: asyncio.Event) -> None:
         self._trigger.clear()
-        await _wait_any(self._trigger, stop, timeout=self.interval)
+        await wait_any(self._trigger, stop, timeout=self.interval)
         if self._trigger.is_set() and not stop.is_set():
-            await _wait_any(stop, timeout=DEBOUNCE)
-
-
-async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await w
+            await wait_any(stop, timeout=DEBOUNCE)

@@ -24,6 +24,14 @@ PAIR_WINDOW = 2.0
 # its clock and ours matters), and both are whole seconds, so a change in the event's own
 # second may or may not be in our read.
 COVER_MARGIN = 1.0
+# `audit_access` in sync_state (SCHEMA.md): is there an audit log to read? Without one,
+# webhooks and diff syncs carry the mirror and nothing can confirm a webhook. "No access" (a
+# 403) is the token's role; "no API" (an HTML 404) a BookStack before v23.08: told apart, as
+# the fixes differ.
+AUDIT_READABLE = "1"
+AUDIT_FORBIDDEN = "0"
+AUDIT_ABSENT = "absent"
+NO_AUDIT_LOG = frozenset({AUDIT_FORBIDDEN, AUDIT_ABSENT})
 
 
 @dataclass
@@ -200,18 +208,23 @@ class JobQueue:
         )
         return False
 
-    async def retry(self, job: Job, error: str, delay: float, *, count: bool = True) -> bool:
-        """Put a failed job back after `delay`; dead-letter it after max_attempts. True if kept."""
+    async def retry(
+        self, job: Job, error: str, delay: float, *, count: bool = True, final: bool = False
+    ) -> bool:
+        """Put a failed job back after `delay`; dead-letter it after max_attempts, or at once
+        when `final` (an error no retry can fix). True if kept."""
         attempts = job.attempts + (1 if count else 0)
         async with self.store.transaction() as tx:
             merged = await tx.fetchall(
                 "SELECT 1 FROM jobs WHERE key = ? AND version != ?", (job.key, job.version)
             )
-            if attempts >= self.max_attempts and merged:
+            bury = final or attempts >= self.max_attempts
+            if bury and merged:
                 # Events merged while the last attempt ran: the state may have moved on, so
                 # they earn the job one more try rather than going down with it.
-                attempts = self.max_attempts - 1
-            if attempts >= self.max_attempts:
+                bury = False
+                attempts = min(attempts, self.max_attempts - 1)
+            if bury:
                 await tx.execute(
                     "INSERT INTO dead_letters (key, hints, attempts, error, failed_at, payload) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
@@ -374,8 +387,9 @@ def _alive(worker: str) -> bool:
 
 def record_sync(conn: sqlite3.Connection, events: Sequence[Event], now: float) -> list[str]:
     outcomes = []
+    audit_log = _audit_log_readable(conn)
     for event in events:
-        outcome = _outcome_sync(conn, event)
+        outcome = _outcome_sync(conn, event, audit_log)
         if outcome == "duplicate" and event.source == "audit":
             outcomes.append(outcome)  # the row is in the table already (by activity id)
             continue
@@ -437,7 +451,13 @@ def record_covered_sync(conn: sqlite3.Connection, events: Sequence[Event], now: 
     )
 
 
-def _outcome_sync(conn: sqlite3.Connection, event: Event) -> str:
+def _audit_log_readable(conn: sqlite3.Connection) -> bool:
+    """Is there an audit log to read (`audit_access`, see SCHEMA.md)? Unknown counts as yes."""
+    row = conn.execute("SELECT value FROM sync_state WHERE key = 'audit_access'").fetchone()
+    return row is None or str(row[0]) not in NO_AUDIT_LOG
+
+
+def _outcome_sync(conn: sqlite3.Connection, event: Event, audit_log: bool = True) -> str:
     if (
         event.activity_id is not None
         and conn.execute(
@@ -448,7 +468,11 @@ def _outcome_sync(conn: sqlite3.Connection, event: Event) -> str:
     if event.key is None:
         return "ignored"
     if (
-        event.source == "webhook"
+        # Two changes within one second can send byte-identical webhooks (a permission
+        # change moves no timestamp): the audit log tells them apart by activity id, so
+        # without one the second is another change, not a second delivery of the first.
+        audit_log
+        and event.source == "webhook"
         and event.at is not None
         and event.raw is not None
         and conn.execute(

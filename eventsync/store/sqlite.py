@@ -709,6 +709,10 @@ class Tx:
     async def delete_state(self, key: str) -> None:
         await self._db.execute("DELETE FROM sync_state WHERE key = ?", (key,))
 
+    async def get_state(self, key: str) -> str | None:
+        rows = await self._rows("SELECT value FROM sync_state WHERE key = ?", (key,))
+        return None if not rows else str(rows[0][0])
+
     # ---- entities ---------------------------------------------------------------------------
 
     async def exists(self, kind: str, entity_id: Any) -> bool:

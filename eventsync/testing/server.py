@@ -38,6 +38,10 @@ logger = logging.getLogger(__name__)
 
 RATE_WINDOW = 60.0  # seconds: Laravel's perMinute decay
 
+# The audit-log API came in BookStack v23.08; FakeBookStack(audit_log=False) is an older one,
+# where the route answers like any unknown one (api.not_found_page).
+AUDIT_LOG_ROUTE = "/api/audit-log"
+
 
 @dataclass
 class Faults:
@@ -52,6 +56,9 @@ class Faults:
     webhook_drop: float = 0.0  # share of webhooks never sent
     webhook_duplicate: float = 0.0  # share of webhooks sent twice
     webhook_delay: float = 0.0  # >0: sent later from a background task, may reorder
+    # Route template or exact path -> (status, message) answered once authenticated, as
+    # BookStack's JSON error: a 422 or 400 that no retry can fix.
+    error_routes: dict[str, tuple[int, str]] = field(default_factory=dict)
     seed: int = 0  # seeds the random choices above, so runs repeat
 
 
@@ -89,8 +96,12 @@ class FakeBookStack(ContentMutations, AdminMutations, SortRuleMutations):
         requests_per_minute: int = 180,
         clock: Clock | None = None,
         recycle_bin_lifetime: int = 30,
+        audit_log: bool = True,
     ) -> None:
         self.state = WikiState(clock=clock, recycle_bin_lifetime=recycle_bin_lifetime)
+        # False: a BookStack before v23.08, whose API has no /api/audit-log at all (it still
+        # logs activities and sends webhooks). Tests may switch it at any time.
+        self.audit_log = audit_log
         self.requests_per_minute = requests_per_minute
         self.faults = Faults()
         self.requests: list[RequestRecord] = []
@@ -100,6 +111,7 @@ class FakeBookStack(ContentMutations, AdminMutations, SortRuleMutations):
         self.token_id = "eventsync-admin-id"
         self.token_secret = "eventsync-admin-secret"
         self.add_token(ADMIN_USER_ID, self.token_id, self.token_secret)
+        self._revoked: dict[str, ApiToken] = {}
         self._buckets: dict[str, _Bucket] = {}
         self._rngs: dict[str, tuple[int, random.Random]] = {}
         self._runner: web.AppRunner | None = None
@@ -153,6 +165,17 @@ class FakeBookStack(ContentMutations, AdminMutations, SortRuleMutations):
         self.state.tokens[token_id] = ApiToken(
             token_id=token_id, secret=secret, user_id=user_id, expires_at=expires_at
         )
+
+    def revoke_token(self, token_id: str | None = None) -> None:
+        """Delete an API token (the sync token by default), as an admin would in the UI: its
+        requests get BookStack's 401 until `restore_token`."""
+        token_id = token_id or self.token_id
+        self._revoked[token_id] = self.state.tokens.pop(token_id)
+
+    def restore_token(self, token_id: str | None = None) -> None:
+        """Bring a revoked token back with the same id and secret."""
+        token_id = token_id or self.token_id
+        self.state.tokens[token_id] = self._revoked.pop(token_id)
 
     def request_counts(self) -> collections.Counter[str]:
         return collections.Counter(r.route or r.path for r in self.requests)
@@ -322,6 +345,8 @@ class FakeBookStack(ContentMutations, AdminMutations, SortRuleMutations):
         match_error = request.match_info.http_exception
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None and match_error is None else ""
+        if route == AUDIT_LOG_ROUTE and not self.audit_log:
+            route = ""
         if not route:
             # No route, so no throttle middleware ran.
             status = match_error.status if match_error is not None else 404
@@ -358,6 +383,9 @@ class FakeBookStack(ContentMutations, AdminMutations, SortRuleMutations):
         token = ACTING_IP.set(request.remote or "127.0.0.1")
         try:
             request[USER_KEY] = self._authenticate(request)
+            injected = faults.error_routes.get(request.path) or faults.error_routes.get(route)
+            if injected is not None:
+                return error_response(*injected)
             return await handler(request)  # type: ignore[no-any-return]
         except ApiError as exc:
             extra = {"validation": exc.validation} if exc.validation else {}
