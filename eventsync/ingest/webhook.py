@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from eventsync.errors import UnstorableEvent
 from eventsync.events import BadEvent, Event, from_webhook
 from eventsync.ingest.inbox import Inbox
 from eventsync.logging import debug_enabled, get_logger
@@ -83,16 +84,25 @@ class WebhookReceiver:
         if len(body) > MAX_BODY:
             return self._reject("too_large", 413, f"the body is over {MAX_BODY} bytes")
         try:
-            raw = json.loads(body)
-        except (ValueError, UnicodeDecodeError, RecursionError):
+            # JSON between systems is UTF-8 (RFC 8259 8.1), and only strict decoding keeps
+            # what is stored equal to what was sent (a BOM may be ignored: 8.1 again).
+            text = body.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError:
+            return self._reject("bad_json", 400, "the body is not UTF-8")
+        try:
+            raw = json.loads(text)
+        except (ValueError, RecursionError):
             # RecursionError: nesting deeper than the parser's stack (`[[[[…`).
             return self._reject("bad_json", 400, "the body is not valid JSON")
         try:
-            event = from_webhook(raw, body.decode("utf-8", "replace"))
+            event = from_webhook(raw, text)
         except BadEvent as exc:
             return self._reject("invalid", 422, str(exc))
         try:
             outcome = await self.inbox.submit(event)
+        except UnstorableEvent:
+            # Validation let through a value the database refuses; the inbox logged which.
+            return self._reject("invalid", 422, "the event cannot be stored")
         except RuntimeError:
             return json_error(503, "shutting down")
         if self._on_event is not None:

@@ -1,0 +1,157 @@
+"""Hostile input (issue 13; DESIGN guarantees 1, 11, 12): a poisoned webhook fails alone, an
+undecodable body is the sender's 4xx, the secret reaches no log line whatever request line
+carries it, and the command line answers bad arguments and settings with one line, never a
+traceback. Real parts: `eventsync serve` and the CLI as subprocesses, a FakeBookStack and
+real SQLite files, everything on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+from test_serve import free_port, serve_env, serving, sql_all
+
+from eventsync.errors import UnstorableEvent
+from eventsync.events import FETCH, BadEvent, Event, from_webhook
+from eventsync.ingest.inbox import Inbox
+from eventsync.store.queue import JobQueue
+from eventsync.store.sqlite import Store
+from eventsync.testing import FakeBookStack
+
+pytestmark = pytest.mark.timeout(90)
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "bookstack" / "real-v25.02.4"
+JSON = {"Content-Type": "application/json"}
+GZIP = {"Content-Encoding": "gzip"}
+RPM = 100_000
+
+
+def real_bodies() -> dict[str, str]:
+    """BookStack v25.02.4's webhook bodies, by event, as it sent them."""
+    folder = REAL / "webhooks"
+    if not folder.is_dir():
+        pytest.fail(f"{folder} is missing: the captured BookStack bodies sit beside the repo")
+    return {p.stem: p.read_text() for p in sorted(folder.glob("*.json"))}
+
+
+def distinct_bodies(n: int) -> list[str]:
+    """n real bodies, each made unique by its text (so none is a duplicate of another)."""
+    bodies = list(real_bodies().values())
+    out = []
+    for i in range(n):
+        raw = json.loads(bodies[i % len(bodies)])
+        raw["text"] = f"{raw.get('text')} #{i}"
+        out.append(json.dumps(raw))
+    return out
+
+
+def stored_webhooks(database: Path) -> list[str]:
+    return sorted(
+        r[0] for r in sql_all(database, "SELECT payload FROM events WHERE source = 'webhook'")
+    )
+
+
+async def post(
+    session: aiohttp.ClientSession, url: str, body: bytes | str, headers: dict[str, str]
+) -> tuple[int, str]:
+    async with session.post(url, data=body, headers=headers) as r:
+        return r.status, await r.text()
+
+
+def env_for(fake: FakeBookStack, database: Path, **extra: str) -> dict[str, str]:
+    # No webhooks from the fake itself: every stored webhook row is one this test sent.
+    return serve_env(fake, database, free_port(), **extra)
+
+
+# ---- 1. a poisoned request never fails another --------------------------------------------------
+
+# Lone UTF-16 surrogates wherever a string is stored: escaped, as raw bytes (ED A0 80 is the
+# UTF-8 spelling of U+D800, which is no UTF-8), in a nested value, in a key, in a list.
+POISONED: dict[str, bytes] = {
+    "escaped in event": b'{"event":"\\ud800"}',
+    "raw bytes in event": b'{"event":"\xed\xa0\x80"}',
+    "in related_item.name": (
+        b'{"event":"page_update","related_item":{"id":7,"name":"a\\udfffb"},'
+        b'"triggered_at":"2026-12-01T19:35:24.000000Z"}'
+    ),
+    "in a key": b'{"event":"page_update","related_item":{"id":7,"\\uDBFF":1}}',
+    "in a list": b'{"event":"page_update","related_item":{"id":7,"tags":["ok","\\uD83D"]}}',
+    "in text": b'{"event":"page_update","text":"\\ud800\\ud800","related_item":{"id":7}}',
+}
+
+
+async def test_a_poisoned_webhook_fails_alone_among_40_concurrent_valid_ones(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "mirror.db"
+    valid = distinct_bodies(40)
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=5, books=1, seed=3)
+        async with serving(env_for(fake, db), tmp_path) as serve:
+            # Each poisoned body in the middle of the 40 valid ones, all sent at once: they
+            # arrive together, so the valid ones share the poisoned one's group commit.
+            for name, poisoned in POISONED.items():
+                order: list[bytes | str] = [*valid[:20], poisoned, *valid[20:]]
+                async with aiohttp.ClientSession() as session:
+                    results = await asyncio.gather(
+                        *(post(session, serve.webhook_url, body, JSON) for body in order)
+                    )
+                codes = [code for code, _ in results]
+                bad_code, bad_text = results[20]
+                assert codes[:20] + codes[21:] == [202] * 40, (name, codes)
+                # Rejected by validation, saying why (not found unstorable by the database).
+                assert bad_code in (400, 422), (name, bad_code, bad_text)
+                assert "surrogate" in bad_text or "UTF-8" in bad_text, (name, bad_text)
+            log = serve.output()
+    assert "event not stored" not in log and "inbox commit failed" not in log
+    # Every valid one stored once per time it was sent, the poisoned never.
+    assert stored_webhooks(db) == sorted(valid * len(POISONED))
+
+
+def test_lone_surrogates_are_bad_events_anywhere_in_the_body() -> None:
+    for name, body in POISONED.items():
+        if name == "raw bytes in event":
+            continue  # no UTF-8: the receiver rejects it before it is parsed
+        text = body.decode()
+        with pytest.raises(BadEvent, match="surrogate"):
+            from_webhook(json.loads(text), text)
+        with pytest.raises(BadEvent, match="surrogate"):
+            from_webhook(json.loads(text))  # no text to prefilter: the whole body is searched
+    # A surrogate *pair* is one ordinary character; an escaped backslash before "ud800" is
+    # text about an escape, not an escape.
+    for fine in ('{"event":"\\ud83d\\ude00"}', '{"event":"\\\\ud800"}'):
+        assert from_webhook(json.loads(fine), fine).type.encode("utf-8")
+
+
+async def test_the_group_commit_stores_every_event_but_the_one_it_cannot(tmp_path: Path) -> None:
+    """Values no validation foresaw reach the inbox: each fails alone, the rest of its group
+    is committed, and nothing of a failed one stays (not even what it wrote first)."""
+    valid = [from_webhook(json.loads(t), t) for t in distinct_bodies(40)]
+    poisoned = [
+        Event("webhook", "\ud800", None),  # a type SQLite cannot encode
+        # an id SQLite cannot hold: fails at the first statement
+        Event("webhook", "page_update", "page:5", frozenset({FETCH}), at=1.0, activity_id=2**64),
+        # a job is merged before the unstorable body is inserted: both must go
+        Event("webhook", "page_update", "page:999999", frozenset({FETCH}), raw="\udcff"),
+    ]
+    order = [*valid[:10], poisoned[0], *valid[10:25], poisoned[1], *valid[25:], poisoned[2]]
+    commits: list[int] = []
+    async with await Store.open(tmp_path / "m.db") as store:
+        inbox = Inbox(JobQueue(store), on_commit=lambda events, _: commits.append(len(events)))
+        inbox.start()
+        results = await asyncio.gather(*(inbox.submit(e) for e in order), return_exceptions=True)
+        await inbox.close()
+        rows = await store.fetchall("SELECT payload FROM events ORDER BY seq")
+        jobs = {r[0] for r in await store.fetchall("SELECT key FROM jobs")}
+    assert commits == [40], "the 43 events were not one group, or the group failed"
+    for event, result in zip(order, results, strict=True):
+        if any(event is p for p in poisoned):
+            assert isinstance(result, UnstorableEvent), result
+        else:
+            assert result in ("queued", "merged", "ignored"), result
+    assert [r[0] for r in rows] == [e.raw for e in valid]
+    assert "page:999999" not in jobs
+    assert {e.key for e in valid if e.key} <= jobs
