@@ -155,3 +155,17 @@ async def test_the_group_commit_stores_every_event_but_the_one_it_cannot(tmp_pat
     assert [r[0] for r in rows] == [e.raw for e in valid]
     assert "page:999999" not in jobs
     assert {e.key for e in valid if e.key} <= jobs
+
+
+async def test_a_webhook_cannot_choose_the_entity_a_deletion_job_resolves_to(
+    tmp_path: Path,
+) -> None:
+    """The audit log's deletion rows name their entity, and that goes into the job; a
+    webhook's body is the sender's, so an "entity" in it must not."""
+    body = json.loads(real_bodies()["recycle_bin_restore"])
+    body["entity"] = "role:1"
+    async with await Store.open(tmp_path / "m.db") as store:
+        queue = JobQueue(store)
+        await queue.submit([from_webhook(body)])
+        rows = await store.fetchall("SELECT key, payload FROM jobs")
+    assert [(r[0], r[1]) for r in rows] == [("deletion:4", None)]

@@ -340,7 +340,11 @@ class JobQueue:
 
 
 def _job_payload(event: Event) -> dict[str, Any] | None:
-    entity = event.payload.get("entity") if event.payload else None
+    # A webhook's payload is its body as sent: an "entity" there is the sender's, not one
+    # from_audit parsed, and would become a job key of the sender's choosing.
+    if event.source == "webhook" or not event.payload:
+        return None
+    entity = event.payload.get("entity")
     return {"entity": entity} if entity else None
 
 
