@@ -20,6 +20,11 @@ MAX_CHANGES = 1000
 WEBHOOK_ROUTE = "/webhooks/bookstack/{secret}"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# For web.AppRunner. The receiver decodes Content-Encoding itself (ingest/webhook.py): aiohttp's
+# decoding fails a body that does not decode in the middle of the handler's read (a 500), and
+# hands on bodies of codings it does not know as they came.
+RUNNER_OPTIONS: dict[str, Any] = {"auto_decompress": False}
+
 
 @web.middleware
 async def _errors_and_access_log(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -33,7 +33,7 @@ from eventsync.reconcile import (
     Reconciler,
     record_gap,
 )
-from eventsync.server import build_app
+from eventsync.server import RUNNER_OPTIONS, build_app
 from eventsync.store.queue import Job, JobQueue
 from eventsync.store.sqlite import KINDS, Store
 
@@ -141,7 +141,11 @@ class Service:
             log.info("jobs of a stopped worker put back", jobs=recovered)
         self.inbox.start()
         self._runner = web.AppRunner(
-            build_app(self), access_log=None, handle_signals=False, shutdown_timeout=2.0
+            build_app(self),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=2.0,
+            **RUNNER_OPTIONS,
         )
         await self._runner.setup()
         site = web.TCPSite(

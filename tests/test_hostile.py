@@ -7,7 +7,10 @@ real SQLite files, everything on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import random
+import zlib
 from pathlib import Path
 
 import aiohttp
@@ -169,3 +172,82 @@ async def test_a_webhook_cannot_choose_the_entity_a_deletion_job_resolves_to(
         await queue.submit([from_webhook(body)])
         rows = await store.fetchall("SELECT key, payload FROM jobs")
     assert [(r[0], r[1]) for r in rows] == [("deletion:4", None)]
+
+
+# ---- 2. undecodable bodies are the sender's fault -----------------------------------------------
+
+
+def _deflate(data: bytes, raw: bool = False) -> bytes:
+    c = zlib.compressobj(wbits=-15 if raw else 15)
+    return c.compress(data) + c.flush()
+
+
+async def test_content_encodings_decode_or_get_a_4xx(tmp_path: Path) -> None:
+    db = tmp_path / "mirror.db"
+    good = distinct_bodies(8)
+    noise = random.Random(13).randbytes(300)
+    big = json.dumps({"event": "x", "text": "a" * (1024 * 1024)}).encode()
+    cases: list[tuple[str, bytes, dict[str, str], int]] = [
+        ("gzip", gzip.compress(good[0].encode()), {"Content-Encoding": "gzip"}, 202),
+        ("x-gzip", gzip.compress(good[1].encode()), {"Content-Encoding": "x-gzip"}, 202),
+        ("zlib deflate", _deflate(good[2].encode()), {"Content-Encoding": "deflate"}, 202),
+        ("raw deflate", _deflate(good[3].encode(), raw=True), {"Content-Encoding": "Deflate"}, 202),
+        ("identity", good[4].encode(), {"Content-Encoding": "identity"}, 202),
+        (
+            "gzip twice",
+            gzip.compress(gzip.compress(good[5].encode())),
+            {"Content-Encoding": "gzip, gzip"},
+            202,
+        ),
+        (
+            "two gzip members",
+            gzip.compress(good[6][:100].encode()) + gzip.compress(good[6][100:].encode()),
+            {"Content-Encoding": "gzip"},
+            202,
+        ),
+        ("gzip named, plain sent", good[7].encode(), {"Content-Encoding": "gzip"}, 400),
+        ("gzip of random bytes", noise, {"Content-Encoding": "gzip"}, 400),
+        (
+            "deflate of random bytes",
+            b"\x78" + noise,
+            {"Content-Encoding": "deflate"},
+            400,
+        ),
+        (
+            "truncated gzip",
+            gzip.compress(good[0].encode())[:-12],
+            {"Content-Encoding": "gzip"},
+            400,
+        ),
+        ("empty gzip", b"", {"Content-Encoding": "gzip"}, 400),
+        (
+            "gzip with trailing junk",
+            gzip.compress(good[0].encode()) + b"junk",
+            {"Content-Encoding": "gzip"},
+            400,
+        ),
+        ("gzip bomb", gzip.compress(big), {"Content-Encoding": "gzip"}, 413),
+        ("brotli", good[0].encode(), {"Content-Encoding": "br"}, 415),
+        ("zstd", good[0].encode(), {"Content-Encoding": "zstd"}, 415),
+        ("compress", good[0].encode(), {"Content-Encoding": "compress"}, 415),
+        ("unknown", good[0].encode(), {"Content-Encoding": "rot13"}, 415),
+        ("unknown after gzip", good[0].encode(), {"Content-Encoding": "gzip, x-foo"}, 415),
+        ("UTF-16 body", good[0].encode("utf-16"), {}, 400),
+        ("latin-1 body", b'{"event":"caf\xe9"}', {}, 400),
+    ]
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=5, books=1, seed=3)
+        async with serving(env_for(fake, db), tmp_path) as serve:
+            got = {}
+            async with aiohttp.ClientSession(auto_decompress=False) as session:
+                for name, body, headers, _ in cases:
+                    async with session.post(
+                        serve.webhook_url, data=body, headers={**JSON, **headers}
+                    ) as r:
+                        got[name] = (r.status, r.headers.get("Accept-Encoding"), await r.text())
+    wrong = {name: got[name] for name, _, _, want in cases if got[name][0] != want}
+    assert not wrong, wrong
+    # A 415 for a coding says which ones would do (RFC 9110 15.5.16).
+    assert all(got[name][1] == "gzip, deflate" for name, *_, want in cases if want == 415)
+    accepted = [good[i] for i in range(7)]
+    assert stored_webhooks(db) == sorted(accepted)
