@@ -10,12 +10,17 @@ import asyncio
 import gzip
 import json
 import random
+import socket
+import subprocess
+import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import aiohttp
 import pytest
-from test_serve import free_port, serve_env, serving, sql_all
+from test_serve import WEBHOOK_SECRET, free_port, serve_env, serving, sql_all
 
 from eventsync.errors import UnstorableEvent
 from eventsync.events import FETCH, BadEvent, Event, from_webhook
@@ -251,3 +256,120 @@ async def test_content_encodings_decode_or_get_a_4xx(tmp_path: Path) -> None:
     assert all(got[name][1] == "gzip, deflate" for name, *_, want in cases if want == 415)
     accepted = [good[i] for i in range(7)]
     assert stored_webhooks(db) == sorted(accepted)
+
+
+# ---- 3. the secret reaches no log -------------------------------------------------------------
+
+
+def raw_request(port: int, data: bytes) -> bytes:
+    """Send bytes as they are; the answer up to the server's close (a bad request closes it)
+    or a pause of a second."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(data)
+        s.settimeout(1.0)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except TimeoutError:
+            pass
+    return out
+
+
+def secret_spellings(secret: str) -> Iterator[str]:
+    """The secret, and what of it a reader could still put together."""
+    yield secret
+    yield quote(secret, safe="")
+    yield secret[1:]  # after a percent-encoded first character
+    yield secret[: len(secret) // 2]
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+async def test_malformed_request_lines_never_put_the_secret_in_a_log(
+    tmp_path: Path, log_format: str
+) -> None:
+    db = tmp_path / "mirror.db"
+    path = f"/webhooks/bookstack/{WEBHOOK_SECRET}"
+    body = b'{"event":"x"}'
+    head = f"Host: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    requests = {
+        "HTTP/9.9": f"POST {path} HTTP/9.9\r\n{head}".encode() + body,
+        "NUL after the secret": f"POST {path}\x00 HTTP/1.1\r\n{head}".encode() + body,
+        "tab after the secret": f"POST {path}\t HTTP/1.1\r\n{head}".encode() + body,
+        "bare LF line ends": f"POST {path} HTTP/1.1\n{head.replace(chr(13), '')}".encode() + body,
+        "percent-encoded": (
+            f"POST /webhooks/bookstack/{quote(WEBHOOK_SECRET, safe='').replace('-', '%2D')} "
+            f"HTTP/9.9\r\n{head}"
+        ).encode(),
+        "partly encoded, elsewhere": f"POST /x/%77{WEBHOOK_SECRET[1:]} HTTP/9.9\r\n{head}".encode(),
+        "bad method": f"P\x01ST {path} HTTP/1.1\r\n{head}".encode(),
+        # a near miss: half of the secret, which no literal match finds
+        "half the secret": (
+            f"POST /webhooks/bookstack/{WEBHOOK_SECRET[: len(WEBHOOK_SECRET) // 2]}\x00 "
+            f"HTTP/1.1\r\n{head}"
+        ).encode(),
+        "a header with the secret": f"POST {path} HTTP/1.1\r\nX\x00: {WEBHOOK_SECRET}\r\n".encode(),
+    }
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=5, books=1, seed=3)
+        env = env_for(fake, db, EVENTSYNC_LOG_FORMAT=log_format, EVENTSYNC_LOG_LEVEL="debug")
+        async with serving(env, tmp_path) as serve:
+            answers = {
+                name: await asyncio.to_thread(raw_request, serve.port, data)
+                for name, data in requests.items()
+            }
+            # and one good request, so the log is known to hold the webhook route's lines
+            async with aiohttp.ClientSession() as session:
+                status, _ = await post(session, serve.webhook_url, distinct_bodies(1)[0], JSON)
+            assert status == 202
+            await asyncio.sleep(0.3)  # the last lines written
+            log = serve.output()
+    for name, answer in answers.items():
+        assert answer.startswith(b"HTTP/1.") and answer.split()[1].startswith(b"4"), (name, answer)
+    for spelling in secret_spellings(WEBHOOK_SECRET):
+        assert spelling not in log, f"{spelling!r} in the {log_format} log"
+    # aiohttp's lines went through the same handler: one warning each, no traceback.
+    assert log.count("bad HTTP request") >= 6, log[-3000:]
+    assert "Traceback" not in log and "Error handling request" not in log
+
+
+LOGGING_SNIPPET = r"""
+import logging, sys
+from aiohttp.http_exceptions import BadStatusLine
+from eventsync.logging import configure_logging, get_logger, redact
+secret = sys.argv[1]
+configure_logging(sys.argv[2], "debug", secrets=[secret], stream=sys.stdout)
+try:
+    raise RuntimeError(f"boom at /webhooks/bookstack/{secret}?x=1 and {secret}")
+except RuntimeError:
+    get_logger("eventsync.test").exception("ours", url=f"http://h/webhooks/bookstack/{secret}")
+    logging.getLogger("asyncio").exception("theirs, %s", secret[1:] and "%77" + secret[1:])
+logging.getLogger("aiohttp.server").error(
+    "Error handling request from %s", "127.0.0.1",
+    exc_info=BadStatusLine(f"POST /webhooks/bookstack/{secret}\x00 HTTP/1.1"),
+)
+get_logger("eventsync.test").info("route", route="/webhooks/bookstack/{secret}")
+get_logger("eventsync.test").info("near", path=f"/webhooks/bookstack/{secret[:len(secret) // 2]}")
+print("printed:", redact(f"cannot open {secret}"))
+"""
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_redaction_covers_tracebacks_foreign_loggers_and_encodings(log_format: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", LOGGING_SNIPPET, WEBHOOK_SECRET, log_format],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    for spelling in secret_spellings(WEBHOOK_SECRET):
+        assert spelling not in out, f"{spelling!r} in:\n{out}"
+    assert out.count("[redacted]") >= 5, out
+    assert "boom at" in out and "theirs" in out  # the lines are there, only redacted
+    assert "/webhooks/bookstack/{secret}" in out  # the route's template is no secret
+    # aiohttp's parse error is one warning line, without the bytes or a traceback
+    lines = [x for x in out.splitlines() if "bad HTTP request" in x]
+    assert len(lines) == 1 and "warning" in lines[0].lower(), out
+    assert "POST" not in lines[0] and "Traceback" not in out.split("bad HTTP request")[1]
+    assert "printed: cannot open [redacted]" in out
