@@ -16,7 +16,7 @@ from aiohttp import web
 from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
 from eventsync.dispatch import Dispatcher, backoff
-from eventsync.errors import AuthError
+from eventsync.errors import AuthError, ConfigError
 from eventsync.events import DIFF_KEY, FETCH, IGNORED, PERMISSIONS, ROUTES, THOROUGH, Event
 from eventsync.handlers import Handlers
 from eventsync.ingest.auditlog import LAST_POLL, AuditPoller
@@ -153,7 +153,13 @@ class Service:
             self.settings.listen_host,
             self.settings.listen_port,
         )
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # taken since serve checked it (cli: check_listen)
+            raise ConfigError(
+                f"setting EVENTSYNC_LISTEN is invalid: cannot listen on "
+                f"{self.settings.listen}: {exc.strerror or exc}"
+            ) from None
         sockets = getattr(site._server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self.settings.listen_port
         log.info("listening", address=f"{self.settings.listen_host}:{self.port}")

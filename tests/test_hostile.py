@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
 import random
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
+from test_cli import NOWHERE, Cli, assert_one_line_error, settings_for
 from test_serve import WEBHOOK_SECRET, free_port, serve_env, serving, sql_all
 
 from eventsync.errors import UnstorableEvent
@@ -373,3 +375,123 @@ def test_redaction_covers_tracebacks_foreign_loggers_and_encodings(log_format: s
     assert len(lines) == 1 and "warning" in lines[0].lower(), out
     assert "POST" not in lines[0] and "Traceback" not in out.split("bad HTTP request")[1]
     assert "printed: cannot open [redacted]" in out
+
+
+# ---- 4. the command line never prints a traceback ------------------------------------------------
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    return Cli(workdir)
+
+
+def serve_settings(database: Path, listen: str) -> dict[str, str]:
+    return settings_for(None, database, webhook_secret="whsec-hostile-cli-5e1f0a9b", listen=listen)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("changes", "--after", "99999999999999999999999"),
+        ("changes", "--after", "-1"),
+        ("changes", "--after", "ten"),
+        ("dead-letters", "retry", "99999999999999999999999"),
+        ("export", "--indent", "99999999999"),
+        ("reconcile", "--timeout", "nan"),
+    ],
+)
+async def test_bad_arguments_get_one_line(cli: Cli, tmp_path: Path, args: tuple[str, ...]) -> None:
+    database = tmp_path / "mirror.db"
+    async with await Store.open(database):
+        pass  # an existing, empty mirror: the argument is all that is wrong
+    result = await cli(*args, env=settings_for(None, database))
+    assert_one_line_error(result, args[1] if args[1].startswith("--") else "id")
+
+
+async def test_serve_checks_the_listen_address_before_any_start_up_work(
+    cli: Cli, tmp_path: Path
+) -> None:
+    database = tmp_path / "mirror.db"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = {
+            "port in use": f"127.0.0.1:{port}",
+            "IPv6 without brackets": "::1",
+            "IPv6 without brackets, with a port": "::1:8780",
+            "no IPv4 address": "256.1.1.1:80",
+            "no such host": "no-such-host.invalid:8780",
+            "not an address of this machine": "192.0.2.1:8780",
+            "bracket missing": "[::1:8780",
+        }
+        results = {
+            name: await cli("serve", env=serve_settings(database, listen))
+            for name, listen in cases.items()
+        }
+    for name, result in results.items():
+        assert_one_line_error(result, "EVENTSYNC_LISTEN")
+        assert result.stdout == "", name
+    # Nothing was started: not even the database was created.
+    assert not database.exists()
+
+
+@pytest.fixture
+def unwritable_database(tmp_path: Path) -> Iterator[Path]:
+    """An existing mirror this process may not write: read-only for a user, immutable for
+    root (whom file modes do not stop)."""
+    database = tmp_path / "locked" / "mirror.db"
+    database.parent.mkdir()
+
+    async def create() -> None:
+        async with await Store.open(database):
+            pass
+
+    asyncio.run(create())
+    if os.geteuid() != 0:
+        database.chmod(0o400)
+        database.parent.chmod(0o500)
+        yield database
+        database.parent.chmod(0o700)
+        database.chmod(0o600)
+        return
+    locked = subprocess.run(["chattr", "+i", str(database)], capture_output=True, check=False)
+    if locked.returncode != 0:
+        pytest.skip("running as root without chattr +i: no file it cannot write")
+    try:
+        yield database
+    finally:
+        subprocess.run(["chattr", "-i", str(database)], check=False)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("status",), ("export",), ("changes",), ("dead-letters", "list"), ("reconcile",), ("serve",)],
+)
+async def test_a_database_it_cannot_write_is_one_line_naming_it(
+    cli: Cli, unwritable_database: Path, command: tuple[str, ...]
+) -> None:
+    env = serve_settings(unwritable_database, f"127.0.0.1:{free_port()}")
+    result = await cli(*command, env=env)
+    assert_one_line_error(result, str(unwritable_database))
+
+
+async def test_a_database_path_through_a_file_is_one_line_naming_it(
+    cli: Cli, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    database = blocker / "mirror.db"
+    for command in (("reconcile",), ("serve",)):
+        env = serve_settings(database, f"127.0.0.1:{free_port()}")
+        assert_one_line_error(await cli(*command, env=env), str(database))
+
+
+async def test_a_config_that_is_a_directory_says_so(cli: Cli, tmp_path: Path) -> None:
+    result = await cli(
+        "--config", str(tmp_path), "status", env={"EVENTSYNC_BOOKSTACK_URL": NOWHERE}
+    )
+    assert_one_line_error(result, str(tmp_path), "is a directory")
+    assert "does not exist" not in result.stderr
