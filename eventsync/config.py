@@ -18,6 +18,7 @@ from pydantic_settings import (
 from eventsync.errors import ConfigError
 
 ENV_PREFIX = "EVENTSYNC_"
+_IPV6_FORM = "an IPv6 address goes in brackets, before the port: [::1]:8780"
 
 
 class Settings(BaseSettings):
@@ -69,13 +70,14 @@ class Settings(BaseSettings):
         if host.startswith("[") or host.endswith("]"):
             inner = host.removeprefix("[").removesuffix("]")
             if not (host.startswith("[") and host.endswith("]")):
-                raise ValueError(f"{host} is missing a bracket: write [{inner}]:{port}")
+                raise ValueError(_IPV6_FORM)
             try:
                 ipaddress.IPv6Address(inner)
             except ValueError:
                 raise ValueError(f"{inner} is not an IPv6 address") from None
         elif ":" in host:
-            raise ValueError(f"an IPv6 address goes in brackets: [{host}]:{port}")
+            # "::1" or "::1:8780": which colon ends the address only brackets can say.
+            raise ValueError(_IPV6_FORM)
         elif re.fullmatch(r"[0-9.]+", host):
             try:
                 ipaddress.IPv4Address(host)
@@ -144,7 +146,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"
-        raise ConfigError(f"setting {ENV_PREFIX}{field.upper()} is invalid: {err['msg']}") from None
+        message = err["msg"].removeprefix("Value error, ")  # pydantic's, for our validators
+        raise ConfigError(f"setting {ENV_PREFIX}{field.upper()} is invalid: {message}") from None
     except ValueError as exc:  # e.g. a TOML syntax error
         where = f" from {config_file}" if config_file is not None else ""
         raise ConfigError(f"cannot read settings{where}: {exc}") from None
