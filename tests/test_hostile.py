@@ -167,6 +167,20 @@ async def test_the_group_commit_stores_every_event_but_the_one_it_cannot(tmp_pat
     assert {e.key for e in valid if e.key} <= jobs
 
 
+async def test_a_failing_commit_callback_does_not_stop_the_inbox(tmp_path: Path) -> None:
+    def callback(_events: list[Event], _outcomes: list[str]) -> None:
+        raise RuntimeError("a bug in whatever listens")
+
+    first, second = (from_webhook(json.loads(t), t) for t in distinct_bodies(2))
+    async with await Store.open(tmp_path / "m.db") as store:
+        inbox = Inbox(JobQueue(store), on_commit=callback)
+        inbox.start()
+        assert await inbox.submit(first) == "ignored"  # auth_login
+        # Had the writer died with the callback, this would raise (and the webhook be a 503).
+        assert await inbox.submit(second) == "queued"
+        await inbox.close()
+
+
 async def test_a_webhook_cannot_choose_the_entity_a_deletion_job_resolves_to(
     tmp_path: Path,
 ) -> None:

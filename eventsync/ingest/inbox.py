@@ -82,7 +82,12 @@ class Inbox:
                 if not future.done():
                     future.set_result(result)
             if self._on_commit is not None and committed:
-                self._on_commit(committed, outcomes)
+                try:
+                    self._on_commit(committed, outcomes)
+                except Exception:
+                    # The events are committed and answered; a writer that died here would
+                    # make every later webhook a 503.
+                    log.exception("inbox commit callback failed", events=len(committed))
 
     async def close(self) -> None:
         """Stop taking events; commit what was already handed in."""
