@@ -6,11 +6,12 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from eventsync import __version__
 from eventsync.bookstack.client import BookStackClient
@@ -25,7 +26,7 @@ from eventsync.errors import (
     Unavailable,
     UnknownRoute,
 )
-from eventsync.logging import configure_logging
+from eventsync.logging import configure_logging, get_logger, redact
 from eventsync.reconcile import Reconciler, SyncSummary
 from eventsync.store.sqlite import KINDS, Store, StoreError
 
@@ -34,6 +35,20 @@ EXIT_INCONSISTENT = 1
 EXIT_USAGE = 2
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
+# SQLite's INTEGER: a seq or id beyond it is no row, and SQLite would raise on it.
+MAX_INTEGER = 2**63 - 1
+
+log = get_logger("eventsync.cli")
+
+
+async def open_store(path: Path) -> Store:
+    """Store.open, with a file the OS refuses us (permissions, an immutable file, a parent
+    that is a file) said in one line naming it, like every other database problem."""
+    try:
+        return await Store.open(path)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path (from a TOML file)
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise StoreError(f"cannot open database {path}: {reason} (EVENTSYNC_DATABASE)") from None
 
 
 def make_client(settings: Settings, **overrides: Any) -> BookStackClient:
@@ -117,7 +132,7 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     bar = _ProgressBar(sys.stderr.isatty() and not args.json)
-    async with make_client(settings) as client, await Store.open(settings.database) as store:
+    async with make_client(settings) as client, await open_store(settings.database) as store:
         queue = JobQueue(store)
         await queue.recover()
         reconciler = Reconciler(
@@ -202,7 +217,7 @@ async def _open_existing(settings: Settings) -> Store:
             f"database {settings.database} does not exist yet: run `eventsync reconcile` first "
             "(or set EVENTSYNC_DATABASE)"
         )
-    return await Store.open(settings.database)
+    return await open_store(settings.database)
 
 
 async def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
@@ -363,6 +378,7 @@ async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from eventsync.server import check_listen
     from eventsync.service import Service
 
     if args.demo_if_unconfigured and settings.bookstack_url is None:
@@ -373,7 +389,10 @@ async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         )
         return await cmd_demo(settings, args)
     settings.require("webhook_secret")
-    async with make_client(settings) as client, await Store.open(settings.database) as store:
+    # Before any start-up work: a port in use or a host that does not resolve is a setting
+    # to fix, not something to find after the database is open and the sync has begun.
+    check_listen(settings.listen_host, settings.listen_port)
+    async with make_client(settings) as client, await open_store(settings.database) as store:
         service = Service(settings, client, store)
         return await service.run_until_stopped()
 
@@ -431,8 +450,37 @@ async def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
 # ---- entry point ---------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other eventsync error; --help has the usage.
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _whole_number(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is not between {low} and {high}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="eventsync",
         description="Keep a local mirror of a BookStack wiki in sync.",
     )
@@ -464,27 +512,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=1800.0,
         help="give up on pending jobs after this many seconds (default 1800)",
     )
     p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser("changes", help="the change feed as NDJSON")
-    p.add_argument("--after", type=int, default=0, help="start after this seq")
+    p.add_argument(
+        "--after", type=_whole_number(0, MAX_INTEGER), default=0, help="start after this seq"
+    )
     p.add_argument("--follow", action="store_true", help="keep printing new changes")
-    p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--interval", type=_seconds, default=1.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_changes)
 
     p = sub.add_parser("dead-letters", help="list or retry jobs that kept failing")
     p.add_argument("action", nargs="?", choices=["list", "retry"], default="list")
-    p.add_argument("id", nargs="?", type=int, help="the dead letter to retry")
+    p.add_argument(
+        "id", nargs="?", type=_whole_number(1, MAX_INTEGER), help="the dead letter to retry"
+    )
     p.add_argument("--all", action="store_true", help="retry every dead letter")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_dead_letters)
 
     p = sub.add_parser("export", help="the whole mirror as one canonical JSON document")
-    p.add_argument("--indent", type=int, default=None, help="pretty-print with this indent")
+    p.add_argument(
+        "--indent", type=_whole_number(0, 16), default=None, help="pretty-print with this indent"
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("status", help="cursor, last sync, counts")
@@ -496,30 +550,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(message: str, code: int) -> int:
+    # Errors can quote what came back from BookStack or the OS: redacted like the log.
+    print(f"eventsync: {redact(message)}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
-        print(f"eventsync: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(str(exc), EXIT_USAGE)
     configure_logging(settings.log_format, settings.log_level, secrets=_secrets(settings))
     func: Command = args.func
     try:
         return asyncio.run(func(settings, args))
     except (ConfigError, StoreError) as exc:
-        print(f"eventsync: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(str(exc), EXIT_USAGE)
     except AuthError as exc:
-        print(
-            f"eventsync: BookStack rejected the API token: {exc} "
+        return _fail(
+            f"BookStack rejected the API token: {exc} "
             "(check EVENTSYNC_BOOKSTACK_TOKEN_ID / EVENTSYNC_BOOKSTACK_TOKEN_SECRET)",
-            file=sys.stderr,
+            EXIT_USAGE,
         )
-        return EXIT_USAGE
     except EventsyncError as exc:
-        print(f"eventsync: {exc}", file=sys.stderr)
-        return EXIT_INCONSISTENT
+        return _fail(str(exc), EXIT_INCONSISTENT)
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        # A file the OS refuses (a setting or argument named it): no traceback either.
+        if exc.filename:
+            return _fail(f"{exc.filename}: {exc.strerror or exc}", EXIT_USAGE)
+        return _fail(f"{exc.strerror or exc}", EXIT_INCONSISTENT)
+    except Exception as exc:
+        # None of ours: a bug. One line here; the traceback goes to the log at debug level.
+        log.debug("unexpected error", exc_info=True)
+        return _fail(f"unexpected error: {type(exc).__name__}: {exc}", EXIT_INCONSISTENT)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +18,7 @@ from pydantic_settings import (
 from eventsync.errors import ConfigError
 
 ENV_PREFIX = "EVENTSYNC_"
+_IPV6_FORM = "an IPv6 address goes in brackets, before the port: [::1]:8780"
 
 
 class Settings(BaseSettings):
@@ -61,8 +64,31 @@ class Settings(BaseSettings):
     @classmethod
     def _check_listen(cls, value: str) -> str:
         host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8780")
+        if (
+            not sep
+            or not host
+            or not (port.isascii() and port.isdigit())
+            or not 0 <= int(port) < 65536
+        ):
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8780 or [::1]:8780")
+        # Whether the host resolves and the port is free, serve checks before it starts
+        # (server.check_listen); what is wrong with the text itself is said here.
+        if host.startswith("[") or host.endswith("]"):
+            inner = host.removeprefix("[").removesuffix("]")
+            if not (host.startswith("[") and host.endswith("]")):
+                raise ValueError(_IPV6_FORM)
+            try:
+                ipaddress.IPv6Address(inner)
+            except ValueError:
+                raise ValueError(f"{inner} is not an IPv6 address") from None
+        elif ":" in host:
+            # "::1" or "::1:8780": which colon ends the address only brackets can say.
+            raise ValueError(_IPV6_FORM)
+        elif re.fullmatch(r"[0-9.]+", host):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(f"{host} is not an IPv4 address") from None
         return value
 
     @field_validator("webhook_secret")
@@ -112,6 +138,10 @@ class Settings(BaseSettings):
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build settings; any problem becomes one ConfigError line naming the setting."""
     if config_file is not None and not config_file.is_file():
+        if config_file.is_dir():
+            raise ConfigError(f"config file {config_file} is a directory, not a TOML file")
+        if config_file.exists():
+            raise ConfigError(f"config file {config_file} is not a regular file")
         raise ConfigError(f"config file {config_file} does not exist")
     cls: type[Settings] = Settings
     if config_file is not None:
@@ -122,7 +152,11 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"
-        raise ConfigError(f"setting {ENV_PREFIX}{field.upper()} is invalid: {err['msg']}") from None
+        message = err["msg"].removeprefix("Value error, ")  # pydantic's, for our validators
+        raise ConfigError(f"setting {ENV_PREFIX}{field.upper()} is invalid: {message}") from None
     except ValueError as exc:  # e.g. a TOML syntax error
         where = f" from {config_file}" if config_file is not None else ""
         raise ConfigError(f"cannot read settings{where}: {exc}") from None
+    except OSError as exc:  # the TOML or .env file unreadable
+        name = exc.filename or config_file or ".env"
+        raise ConfigError(f"cannot read settings from {name}: {exc.strerror or exc}") from None

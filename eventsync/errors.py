@@ -14,6 +14,15 @@ class ConfigError(EventsyncError):
     """A setting is missing or invalid."""
 
 
+class UnstorableEvent(EventsyncError):
+    """The database refused one event of a group commit (a value it cannot store); the rest
+    of the group is committed without it. `index` is its place in the group."""
+
+    def __init__(self, message: str | None = None, *, index: int = 0) -> None:
+        super().__init__(message)
+        self.index = index
+
+
 class RetryLater(EventsyncError):
     """A transient failure: try again after `delay` seconds."""
 

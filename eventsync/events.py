@@ -171,6 +171,38 @@ class BadEvent(ValueError):
     """The body is not a BookStack webhook."""
 
 
+# JSON's \uXXXX escapes can spell half of a UTF-16 surrogate pair, which json.loads turns into
+# a lone surrogate: a Python str, but no text, and SQLite (UTF-8) cannot store it. Decoded
+# strictly from UTF-8, a body holds none unless it spells one this way, so only a body that
+# contains such an escape is searched.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_at(raw: Any, text: str | None = None) -> str | None:
+    """Where in a parsed JSON value a string (key or value) holds a lone surrogate, as a
+    dotted path ("related_item.name"), or None. `text`, the strictly decoded body `raw` was
+    parsed from, lets a body without surrogate escapes skip the search."""
+    if text is not None and not _SURROGATE_ESCAPE.search(text):
+        return None
+    # An explicit stack: the parser accepts nesting deeper than a recursive walk could go.
+    stack: list[tuple[str, Any]] = [("", raw)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return where or "body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                path = f"{where}.{key}" if where else str(key)
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    return path
+                stack.append((path, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+    return None
+
+
 def parse_time(value: Any) -> float | None:
     if not isinstance(value, str) or not value:
         return None
@@ -281,10 +313,22 @@ def _plain_body(raw: dict[str, Any]) -> _PlainBody | None:
     return _PlainBody(raw)
 
 
+def _printable(path: str) -> str:
+    """A JSON path for an error message: surrogates escaped, long keys cut."""
+    path = path.encode("utf-8", "backslashreplace").decode("utf-8")
+    return path if len(path) <= 200 else path[:200] + "…"
+
+
 def from_webhook(raw: Any, text: str | None = None) -> Event:
-    """A webhook body → Event; raises BadEvent when it is not shaped like one."""
+    """A webhook body → Event; raises BadEvent when it is not shaped like one. `text` is the
+    body as received (strictly decoded UTF-8): it is what gets stored."""
     if not isinstance(raw, dict):
         raise BadEvent("the body must be a JSON object")
+    surrogate = lone_surrogate_at(raw, text)
+    if surrogate is not None:
+        raise BadEvent(
+            f"{_printable(surrogate)}: a lone UTF-16 surrogate (\\uD800-\\uDFFF) is not text"
+        )
     body: Any = _plain_body(raw)
     if body is None:
         try:

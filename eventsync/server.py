@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from eventsync.errors import ConfigError
 from eventsync.ingest.webhook import json_error
 from eventsync.logging import debug_enabled, get_logger
 
@@ -19,6 +21,38 @@ log = get_logger("eventsync.http")
 MAX_CHANGES = 1000
 WEBHOOK_ROUTE = "/webhooks/bookstack/{secret}"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# For web.AppRunner. The receiver decodes Content-Encoding itself (ingest/webhook.py): aiohttp's
+# decoding fails a body that does not decode in the middle of the handler's read (a 500), and
+# hands on bodies of codings it does not know as they came.
+RUNNER_OPTIONS: dict[str, Any] = {"auto_decompress": False}
+
+
+def check_listen(host: str, port: int) -> None:
+    """Fail with one line naming EVENTSYNC_LISTEN when `serve` could not listen there (a host
+    that does not resolve, an address not on this machine, a port in use or not ours to
+    take), before any start-up work: bind what aiohttp will bind, the way asyncio binds it,
+    and let go again."""
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(
+            f"setting EVENTSYNC_LISTEN is invalid: cannot resolve {host} ({reason})"
+        ) from None
+    for family, kind, proto, _name, address in dict.fromkeys(infos):
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+        except OSError as exc:
+            raise ConfigError(
+                f"setting EVENTSYNC_LISTEN is invalid: cannot listen on {shown}: "
+                f"{exc.strerror or exc}"
+            ) from None
 
 
 @web.middleware

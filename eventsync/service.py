@@ -17,7 +17,7 @@ from eventsync.aio import wait_any
 from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
 from eventsync.dispatch import Dispatcher, backoff
-from eventsync.errors import AuthError
+from eventsync.errors import AuthError, ConfigError
 from eventsync.events import DIFF_KEY, FETCH, IGNORED, PERMISSIONS, ROUTES, THOROUGH, Event
 from eventsync.handlers import Handlers
 from eventsync.ingest.auditlog import LAST_POLL, AuditPoller
@@ -41,7 +41,7 @@ from eventsync.reconcile import (
     Reconciler,
     record_gap,
 )
-from eventsync.server import build_app
+from eventsync.server import RUNNER_OPTIONS, build_app
 from eventsync.store.queue import Job, JobQueue
 from eventsync.store.sqlite import CONTENT_TYPES, KINDS, Store
 
@@ -174,7 +174,11 @@ class Service:
             )
         self.inbox.start()
         self._runner = web.AppRunner(
-            build_app(self), access_log=None, handle_signals=False, shutdown_timeout=2.0
+            build_app(self),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=2.0,
+            **RUNNER_OPTIONS,
         )
         await self._runner.setup()
         site = web.TCPSite(
@@ -182,7 +186,13 @@ class Service:
             self.settings.listen_host,
             self.settings.listen_port,
         )
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # taken since serve checked it (cli: check_listen)
+            raise ConfigError(
+                f"setting EVENTSYNC_LISTEN is invalid: cannot listen on "
+                f"{self.settings.listen}: {exc.strerror or exc}"
+            ) from None
         sockets = getattr(site._server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self.settings.listen_port
         log.info("listening", address=f"{self.settings.listen_host}:{self.port}")

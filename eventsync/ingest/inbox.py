@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
+from eventsync.errors import UnstorableEvent
 from eventsync.events import Event
 from eventsync.logging import get_logger
 from eventsync.store.queue import JobQueue
@@ -32,7 +33,9 @@ class Inbox:
             self._task = asyncio.create_task(self._writer(), name="inbox writer")
 
     async def submit(self, event: Event) -> str:
-        """Commit one event (grouped with whatever else is waiting); returns its outcome."""
+        """Commit one event (grouped with whatever else is waiting); returns its outcome.
+        Raises UnstorableEvent when the database refuses this event (the others of its group
+        are committed all the same)."""
         if self._closing or self._task is None or self._task.done():
             raise RuntimeError("the inbox is not accepting events")
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -50,18 +53,41 @@ class Inbox:
                 continue
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             try:
-                outcomes = await self.queue.submit([event for event, _ in batch])
+                results = await self.queue.submit_isolated([event for event, _ in batch])
             except Exception as exc:
+                # The database itself failed: nothing of the group is stored.
                 log.exception("inbox commit failed", events=len(batch))
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
+            committed: list[Event] = []
+            outcomes: list[str] = []
+            for (event, future), result in zip(batch, results, strict=True):
+                if isinstance(result, UnstorableEvent):
+                    # A value nobody foresaw got past validation: it fails alone, and says
+                    # which event it was so the validation can be taught about it.
+                    log.error(
+                        "event not stored",
+                        source=event.source,
+                        entity=event.key,
+                        error=str(result),
+                        group=len(batch),
+                    )
+                    if not future.done():
+                        future.set_exception(result)
+                    continue
+                committed.append(event)
+                outcomes.append(result)
                 if not future.done():
-                    future.set_result(outcome)
-            if self._on_commit is not None:
-                self._on_commit([e for e, _ in batch], outcomes)
+                    future.set_result(result)
+            if self._on_commit is not None and committed:
+                try:
+                    self._on_commit(committed, outcomes)
+                except Exception:
+                    # The events are committed and answered; a writer that died here would
+                    # make every later webhook a 503.
+                    log.exception("inbox commit callback failed", events=len(committed))
 
     async def close(self) -> None:
         """Stop taking events; commit what was already handed in."""

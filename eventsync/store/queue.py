@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from eventsync.errors import UnstorableEvent
 from eventsync.events import DEFAULT_PERMISSIONS, FETCH, Event, parse_time
 from eventsync.store.sqlite import PLACEMENT, TABLES, Store, Tx
 
@@ -95,6 +96,13 @@ class JobQueue:
         """Record events in a transaction of their own (one round trip for the batch)."""
         at = time.time()
         return await self.store.run_tx(lambda conn: record_sync(conn, events, at))
+
+    async def submit_isolated(self, events: Sequence[Event]) -> list[str | UnstorableEvent]:
+        """Like submit, but an event the database refuses fails alone: its place in the
+        result holds the error, and every other event is committed (the group commit of many
+        senders must not fail them all for one sender's value)."""
+        at = time.time()
+        return await self.store.run_tx(lambda conn: record_isolated_sync(conn, events, at))
 
     async def enqueue(
         self,
@@ -350,7 +358,11 @@ class JobQueue:
 
 
 def _job_payload(event: Event) -> dict[str, Any] | None:
-    entity = event.payload.get("entity") if event.payload else None
+    # A webhook's payload is its body as sent: an "entity" there is the sender's, not one
+    # from_audit parsed, and would become a job key of the sender's choosing.
+    if event.source == "webhook" or not event.payload:
+        return None
+    entity = event.payload.get("entity")
     return {"entity": entity} if entity else None
 
 
@@ -385,47 +397,102 @@ def _alive(worker: str) -> bool:
 # webhook intake rate.
 
 
+# What the database raises about itself (locked, full, I/O, corrupt) rather than about a value
+# it was given: no event is to blame, and retrying the others without one would not help.
+_DATABASE_FAILURES = (
+    sqlite3.OperationalError,
+    sqlite3.InternalError,
+    sqlite3.NotSupportedError,
+    MemoryError,
+)
+
+
+def _is_database_failure(exc: BaseException) -> bool:
+    return isinstance(exc, _DATABASE_FAILURES) or type(exc) is sqlite3.DatabaseError
+
+
 def record_sync(conn: sqlite3.Connection, events: Sequence[Event], now: float) -> list[str]:
+    """Record events; an event whose values cannot be stored raises UnstorableEvent naming
+    its index (the statements of the events before it have run: roll back or isolate)."""
     outcomes = []
     audit_log = _audit_log_readable(conn)
-    for event in events:
-        outcome = _outcome_sync(conn, event, audit_log)
-        if outcome == "duplicate" and event.source == "audit":
-            outcomes.append(outcome)  # the row is in the table already (by activity id)
-            continue
-        # A webhook copy is stored (it was accepted) but counts as paired: it is no sign of
-        # a gap when no second audit row turns up for it.
-        paired = outcome in ("paired", "duplicate")
-        if outcome == "paired":
-            outcome = "covered"
-        elif outcome == "job":
-            existed = merge_job_sync(
-                conn,
-                event.key or "",
-                event.hints,
-                now,
-                event.at,
-                _job_payload(event),
-                (event.type, event.source),
-            )
-            outcome = "merged" if existed else "queued"
-        conn.execute(
-            "INSERT INTO events (source, activity_id, type, entity_key, event_time, received_at, "
-            "outcome, paired, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                event.source,
-                event.activity_id,
-                event.type,
-                event.key,
-                event.at,
-                now,
-                outcome,
-                int(paired),
-                event.raw or (json.dumps(event.payload) if event.payload else None),
-            ),
-        )
-        outcomes.append(outcome)
+    for index, event in enumerate(events):
+        try:
+            outcomes.append(_record_one_sync(conn, event, now, audit_log))
+        except Exception as exc:
+            if _is_database_failure(exc):
+                raise
+            raise UnstorableEvent(
+                f"the event cannot be stored: {type(exc).__name__}: {exc}", index=index
+            ) from exc
     return outcomes
+
+
+def record_isolated_sync(
+    conn: sqlite3.Connection, events: Sequence[Event], now: float
+) -> list[str | UnstorableEvent]:
+    """record_sync inside the caller's transaction, with each unstorable event left out and
+    its error in its place. The common case (nothing fails) costs one savepoint; after a
+    failure the group is recorded again one savepoint per event, so however many of its
+    events fail, it takes two passes, not one retry per failure."""
+    conn.execute("SAVEPOINT record_group")
+    try:
+        outcomes: list[str | UnstorableEvent] = list(record_sync(conn, events, now))
+    except UnstorableEvent as first:
+        conn.execute("ROLLBACK TO record_group")
+        outcomes = []
+        for index, event in enumerate(events):
+            if index == first.index:
+                outcomes.append(first)
+                continue
+            conn.execute("SAVEPOINT record_one")
+            try:
+                outcomes.extend(record_sync(conn, [event], now))
+            except UnstorableEvent as exc:
+                conn.execute("ROLLBACK TO record_one")
+                exc.index = index
+                outcomes.append(exc)
+            conn.execute("RELEASE record_one")
+    conn.execute("RELEASE record_group")
+    return outcomes
+
+
+def _record_one_sync(conn: sqlite3.Connection, event: Event, now: float, audit_log: bool) -> str:
+    outcome = _outcome_sync(conn, event, audit_log)
+    if outcome == "duplicate" and event.source == "audit":
+        return outcome  # the row is in the table already (by activity id)
+    # A webhook copy is stored (it was accepted) but counts as paired: it is no sign of
+    # a gap when no second audit row turns up for it.
+    paired = outcome in ("paired", "duplicate")
+    if outcome == "paired":
+        outcome = "covered"
+    elif outcome == "job":
+        existed = merge_job_sync(
+            conn,
+            event.key or "",
+            event.hints,
+            now,
+            event.at,
+            _job_payload(event),
+            (event.type, event.source),
+        )
+        outcome = "merged" if existed else "queued"
+    conn.execute(
+        "INSERT INTO events (source, activity_id, type, entity_key, event_time, received_at, "
+        "outcome, paired, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            event.source,
+            event.activity_id,
+            event.type,
+            event.key,
+            event.at,
+            now,
+            outcome,
+            int(paired),
+            event.raw or (json.dumps(event.payload) if event.payload else None),
+        ),
+    )
+    return outcome
 
 
 def record_covered_sync(conn: sqlite3.Connection, events: Sequence[Event], now: float) -> None:
