@@ -91,6 +91,22 @@ class Settings(BaseSettings):
                 raise ValueError(f"{host} is not an IPv4 address") from None
         return value
 
+    @field_validator("database", mode="before")
+    @classmethod
+    def _check_database(cls, value: Any) -> Any:
+        # A URL is not a file name: "postgresql://…" would otherwise become a folder called
+        # "postgresql:" with a SQLite file in it, and everything would seem to work.
+        text = str(value)
+        scheme, sep, _ = text.partition("://")
+        if sep and scheme and scheme.replace("+", "").replace("-", "").isalnum():
+            if scheme.lower() in ("postgresql", "postgres"):
+                raise ValueError(
+                    "PostgreSQL is not supported by this version of eventsync: give a SQLite "
+                    "file path"
+                )
+            raise ValueError(f"{scheme}:// is not a supported database: give a SQLite file path")
+        return value
+
     @field_validator("webhook_secret")
     @classmethod
     def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:

@@ -362,6 +362,16 @@ BAD_SETTINGS = {
     "invalid value in toml": BadSetting(
         ("check",), ("EVENTSYNC_POLL_INTERVAL",), toml="poll_interval = -1\n"
     ),
+    "database a postgresql url": BadSetting(
+        ("reconcile",),
+        ("EVENTSYNC_DATABASE", "PostgreSQL"),
+        env=(("EVENTSYNC_DATABASE", "postgresql://sync:pw@127.0.0.1:5432/wiki"),),
+    ),
+    "database another url": BadSetting(
+        ("status",),
+        ("EVENTSYNC_DATABASE", "mysql://"),
+        env=(("EVENTSYNC_DATABASE", "mysql://127.0.0.1/wiki"),),
+    ),
     "config file missing": BadSetting(("check",), ("nowhere.toml",), toml="-"),
     "toml syntax error": BadSetting(("check",), ("eventsync.toml",), toml="database = \n"),
 }
@@ -389,6 +399,9 @@ async def test_bad_setting_stops_with_one_line_and_exit_2(
     assert_one_line_error(result, *case.names)
     assert result.stdout == ""
     assert not database.exists()
+    # A URL taken for a file name would leave a folder such as "postgresql:" behind.
+    assert not [p for p in cli.workdir.iterdir() if p.name.endswith(":")]
+    assert "pw@" not in result.output
 
 
 # ---- check ---------------------------------------------------------------------------------------

@@ -109,6 +109,7 @@ async def main(args: argparse.Namespace) -> int:
                 listen="127.0.0.1:0",
                 requests_per_minute=args.sweep_rpm,
                 sweep_share=args.share,
+                sweep_interval=0,  # a cycle at once: the cycle is what is measured
                 poll_interval=3600,
                 reconcile_interval=3600,
             )
@@ -132,11 +133,24 @@ async def main(args: argparse.Namespace) -> int:
                         return 1
                 cycle = time.monotonic() - started
                 requests = sum(fake.request_counts().values())
+                by_route = dict(sorted(fake.request_counts().items()))
+                sweep_truth = fake.truth()
                 await service.stop()
         per_minute = args.share * args.rpm
+        restricted = len(sweep_truth["permissions"])
+        floor = (
+            restricted
+            + max(1, math.ceil(restricted / 100))
+            + len(sweep_truth["roles"])
+            + len(sweep_truth["shelves"])
+        )
         print(
             f"sweep: {items} items in a cycle of {requests} requests, measured {cycle:.1f} s "
-            f"at {args.sweep_rpm:.0f}/min x {args.share}"
+            f"at {args.sweep_rpm:.0f}/min x {args.share}; by route: {by_route}"
+        )
+        print(
+            f"  {restricted} restricted items (R): R + R/100 search pages + roles + shelves = "
+            f"{floor}, plus pages with includes (re-read whole)"
         )
         print(
             f"  at {args.rpm:.0f}/min x {args.share} = {per_minute:.0f} requests/min: a cycle "
