@@ -7,6 +7,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from aiohttp import web
+
 from eventsync.bookstack.client import BookStackClient
 from eventsync.testing import FakeBookStack
 
@@ -52,3 +54,44 @@ def client_for(fake: FakeBookStack, **overrides: Any) -> BookStackClient:
         **overrides,
     }
     return BookStackClient(fake.url, fake.token_id, fake.token_secret, **options)
+
+
+class Receiver:
+    """A webhook endpoint on 127.0.0.1 that keeps every JSON body with its headers, and can
+    run a hook on each arrival."""
+
+    def __init__(self) -> None:
+        self.bodies: list[Any] = []
+        self.headers: list[dict[str, str]] = []
+        self.on_body: Callable[[Any], Awaitable[None]] | None = None
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    def keep(self, body: Any) -> Any:
+        """What is kept of a body (subclasses tag it)."""
+        return body
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.bodies.append(self.keep(body))
+        self.headers.append(dict(request.headers))
+        if self.on_body is not None:
+            await self.on_body(body)
+        return web.Response(text="ok")
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}/hook"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def events(self) -> list[str]:
+        return [b["event"] for b in self.bodies]

@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 import pytest
-from aiohttp import web
+from helpers import Receiver
 
 from eventsync.testing import FakeBookStack, Faults
 from eventsync.testing.sorting import SortRuleInUseError
@@ -61,40 +61,6 @@ async def get(
 ) -> tuple[int, Any, Any]:
     async with http.get(fake.url + path, headers=headers or auth(fake)) as response:
         return response.status, await response.json(), response.headers
-
-
-class Receiver:
-    """A tiny webhook endpoint that keeps every body and can run a hook on arrival."""
-
-    def __init__(self) -> None:
-        self.bodies: list[Json] = []
-        self.on_body: Callable[[Json], Awaitable[None]] | None = None
-        self.url = ""
-        self._runner: web.AppRunner | None = None
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.bodies.append(body)
-        if self.on_body is not None:
-            await self.on_body(body)
-        return web.Response(text="ok")
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hook", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/hook"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    def events(self) -> list[str]:
-        return [b["event"] for b in self.bodies]
 
 
 @pytest.fixture

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import helpers
 import pytest
-from aiohttp import web
 
 from eventsync.testing import FakeBookStack
 
@@ -332,34 +332,15 @@ class Captured:
     webhook_headers: list[dict[str, str]]
 
 
-class Receiver:
-    """A webhook endpoint on 127.0.0.1; tags each body with the variant the scenario names."""
+class Receiver(helpers.Receiver):
+    """Tags each body with the variant the scenario names."""
 
     def __init__(self) -> None:
-        self.bodies: list[tuple[Json, str | None]] = []
-        self.headers: list[dict[str, str]] = []
+        super().__init__()
         self.variant: str | None = None
-        self.url = ""
-        self._runner: web.AppRunner | None = None
 
-    async def _handle(self, request: web.Request) -> web.Response:
-        self.bodies.append((await request.json(), self.variant))
-        self.headers.append(dict(request.headers))
-        return web.Response(text="ok")
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hook", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/hook"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+    def keep(self, body: Json) -> tuple[Json, str | None]:
+        return body, self.variant
 
 
 async def drive(fake: FakeBookStack, receiver: Receiver) -> None:
