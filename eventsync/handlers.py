@@ -34,6 +34,9 @@ from eventsync.records import ENDPOINTS, listed, permissions_row, to_row
 from eventsync.store.queue import Job, JobQueue
 from eventsync.store.sqlite import CONTENT_TYPES, KIND_OF_CONTENT_TYPE, PLACEMENT, Store
 
+# How far before a user delete the listings of what changed are read from (see _owners).
+OWNER_WINDOW = 15 * 3600.0 + 2
+
 log = get_logger("eventsync.handlers")
 
 # Re-check delays for webhooks that BookStack sends before the change is visible (FACTS 2.6):
@@ -183,10 +186,13 @@ class Handlers:
         it is deleted, clears those books' sort_rule_id and moves their updated_at, with no
         event of theirs (FACTS, first section)."""
         books = await self.store.books_sorted_by(job.entity_id)
+        # BookStack re-sorts the rule's books one after another after the webhook: the more
+        # books, the longer before the last is done.
+        delay = min(RESORT_DELAY + 0.1 * len(books), 60.0)
         for book_id in books:
             if SORT in job.hints:
                 await self.queue.enqueue(
-                    f"{CONTENTS_KIND}:{book_id}", [FETCH], delay=RESORT_DELAY, reason="sort rule"
+                    f"{CONTENTS_KIND}:{book_id}", [FETCH], delay=delay, reason="sort rule"
                 )
             else:
                 await self.queue.enqueue(f"book:{book_id}", [FETCH], reason="sort rule deleted")
@@ -422,9 +428,12 @@ class Handlers:
 
     async def _owners(self, job: Job) -> str:
         user_id, deleted_at = job.entity_id, float(job.payload["since"])
-        # BookStack's clock has one-second resolution, and the migration runs before the
-        # activity is logged.
-        since = datetime.fromtimestamp(deleted_at - 2, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        # The filter compares with the stored column, which holds BookStack's APP_TIMEZONE
+        # (UTC by default; up to 14 h off otherwise), in MySQL's own format: the window
+        # reaches back far enough for any zone. Only rows that were the user's are taken.
+        since = datetime.fromtimestamp(deleted_at - OWNER_WINDOW, UTC).strftime(
+            "%Y-%m-%d %H:%M:%S"
+        )
         taken = 0
         for kind in CONTENT_TYPES:
             mirror = await self.store.index(kind, ("owned_by",))
