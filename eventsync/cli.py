@@ -85,11 +85,17 @@ class _ProgressBar:
         self.enabled = enabled
         self.bar: Any = None
 
-    def plan(self, total: int) -> None:
-        if self.enabled and total:
+    def plan(self, more: int) -> None:
+        """`more` reads were planned: the sync plans as its listings arrive."""
+        if not self.enabled or not more:
+            return
+        if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="req", desc="syncing", file=sys.stderr)
+            self.bar = tqdm(total=more, unit="req", desc="syncing", file=sys.stderr)
+        else:
+            self.bar.total += more
+            self.bar.refresh()
 
     def step(self, n: int) -> None:
         if self.bar is not None:

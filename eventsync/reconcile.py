@@ -184,40 +184,45 @@ class Reconciler:
             and await self.store.get_state(AUDIT_CURSOR) is None
         )
 
-        listings, listed_at = await self._listings(summary)
-        await self._remove_missing(listings, listed_at, summary)
-        jobs = await self._plan(listings, listed_at, summary, verify_memberships)
         restricted = await self.restricted_items()
-        permission_jobs, defaults = await self._plan_permissions(
-            listings, all_permissions, restricted
+        plan = _PermissionPlan(
+            all_permissions,
+            restricted,
+            set() if all_permissions else await self.store.permission_keys(),
+            await self.store.restricted_keys(),
         )
-        total = len(jobs) + len(permission_jobs)
-        if self._on_plan:
-            self._on_plan(total)
-        log.info(
-            "diff sync planned",
-            reads=len(jobs),
-            permission_reads=len(permission_jobs),
-            first_sync=first,
-        )
-        # Roles and books first: permission rows, memberships and shelf book lists name
-        # only what the mirror holds, so what they name must be there when they are written.
-        # Then the items, then their permissions (a permission row needs its item).
-        first = ("role", "book")
-        await self._run(job for kind, job in jobs if kind in first)
-        await self._run(job for kind, job in jobs if kind not in first)
-        await self._run(
-            self._permission_job(ct, cid, owner, summary) for ct, cid, owner in permission_jobs
-        )
-        await self._write_defaults(defaults, listed_at, summary)
+        listed_at: dict[str, float] = {}
+        pool = _Pool(self.concurrency, self._on_progress)
+        try:
+            # Each listing is streamed against the mirror a page at a time (memory does not
+            # grow with the wiki), its reads handed to a bounded pool. Memberships, shelf
+            # book lists and permission rows name only what the mirror holds, so what they
+            # name is written first: users, then roles and books, then the rest, then the
+            # permissions of the items, and attachments after their pages.
+            for group in (("user",), ("role", "book"), ("shelf", "chapter", "page")):
+                await asyncio.gather(
+                    *(
+                        self._stream(kind, summary, pool, plan, listed_at, verify_memberships)
+                        for kind in group
+                    )
+                )
+                await pool.drain()
+            log.info(
+                "diff sync: listings read",
+                permission_reads=len(plan.reads),
+                defaults=len(plan.defaults),
+                first_sync=first,
+            )
+            for content_type, content_id, owner in plan.reads:
+                await pool.put(self._permission_job(content_type, content_id, owner, summary))
+            self._planned(len(plan.reads))
+            await pool.drain()
+        finally:
+            await pool.close()
+        await self._write_defaults(plan.defaults, listed_at, summary)
         await self._refresh_includers(summary)
         await self._reshelve(summary)
-        # Attachments last: only those of pages the mirror holds now are written.
-        if listings["attachment"] is not None:
-            mirror = await self.store.index("attachment", LISTED_FIELDS["attachment"])
-            await self._write_listed(
-                "attachment", listings["attachment"], mirror, summary, listed_at["attachment"]
-            )
+        await self._stream("attachment", summary, None, None, listed_at, verify_memberships)
         await self._ensure_whole(summary)
 
         summary.requests = self.client.stats.requests - requests_before
@@ -283,33 +288,6 @@ class Reconciler:
         if top is not None and top.activity_id is not None:
             await tx.set_state(AUDIT_LAST_ROW, audit_signature(top))
 
-    async def _listings(
-        self, summary: SyncSummary
-    ) -> tuple[dict[str, list[dict[str, Any]] | None], dict[str, float]]:
-        """Every listing (None for one that failed or came back short: it removes nothing),
-        and when each was first requested."""
-        listed_at: dict[str, float] = {}
-
-        async def one(kind: str) -> tuple[str, list[dict[str, Any]] | None]:
-            endpoint = ENDPOINTS[kind][0]
-            filters = {"draft": 0} if kind == "page" else None
-            try:
-                rows, listed_at[kind] = await self.client.list_timed(endpoint, filters=filters)
-                return kind, rows
-            except AuthError:
-                raise
-            except ForbiddenError as exc:
-                if kind in CONTENT_TYPES:
-                    # Any API user may list content: a 403 here means no API access at all.
-                    raise
-                summary.problems.append(f"{endpoint}: the token may not list it ({exc})")
-            except BookStackError as exc:
-                summary.problems.append(f"{endpoint}: {exc}")
-            log.warning("listing failed: nothing of this kind is removed", kind=kind)
-            return kind, None
-
-        return dict(await asyncio.gather(*(one(k) for k in KINDS))), listed_at
-
     async def _ensure_whole(self, summary: SyncSummary) -> None:
         """DESIGN 13: nothing names what the mirror does not hold. The writes keep it so;
         what a race left behind (a page deleted while its attachments were listed) goes
@@ -321,67 +299,115 @@ class Reconciler:
         for what, count in (await self.store.dangling()).items():
             summary.problems.append(f"mirror not whole: {count} {what}")
 
-    async def _remove_missing(
-        self,
-        listings: dict[str, list[dict[str, Any]] | None],
-        listed_at: dict[str, float],
-        summary: SyncSummary,
-    ) -> None:
-        for kind in KINDS:
-            rows = listings[kind]
-            if rows is None:
-                continue
-            gone = await self.store.ids(kind) - {r["id"] for r in rows}
-            if not gone:
-                continue
-            async with self.store.transaction() as tx:
-                for entity_id in sorted(gone):
-                    # A row read after the listing began (created meanwhile, and written by a
-                    # job beside this sync) is not gone: delete() leaves it alone.
-                    if await tx.delete(kind, entity_id, listed_at[kind]):
-                        summary.kinds[kind].add("deleted")
-                        if kind == "page":
-                            summary.changed_pages.add(entity_id)
+    def _planned(self, reads: int) -> None:
+        if reads and self._on_plan:
+            self._on_plan(reads)
 
-    async def _plan(
+    async def _stream(
         self,
-        listings: dict[str, list[dict[str, Any]] | None],
-        listed_at: dict[str, float],
+        kind: str,
         summary: SyncSummary,
-        verify_memberships: bool = True,
-    ) -> list[tuple[str, Awaitable[None]]]:
-        jobs: list[tuple[str, Awaitable[None]]] = []
+        pool: _Pool | None,
+        plan: _PermissionPlan | None,
+        listed_at: dict[str, float],
+        verify_memberships: bool,
+    ) -> None:
+        """Diff one listing against the mirror as its pages arrive, then remove what it no
+        longer shows. A listing that fails or comes back short removes nothing."""
+        endpoint = ENDPOINTS[kind][0]
+        filters = {"draft": 0} if kind == "page" else None
+        listing = self.client.list(endpoint, filters=filters)
+        seen: set[int] = set()
+        chunk: list[dict[str, Any]] = []
         now = time.time()
-        for kind in KINDS:
-            rows = listings[kind]
-            if rows is None or kind == "attachment":
-                continue  # attachments are written after the pages they belong to
-            fields = LISTED_FIELDS[kind]
-            mirror = await self.store.index(kind, fields)
-            if kind in COMPLETE_FROM_LISTING:
-                await self._write_listed(kind, rows, mirror, summary, listed_at[kind])
-                continue
+        try:
+            async for raw in listing:
+                chunk.append(raw)
+                if len(chunk) >= CHUNK:
+                    await self._diff_chunk(
+                        kind, chunk, listing, summary, pool, plan, seen, now, verify_memberships
+                    )
+                    chunk = []
+            if chunk:
+                await self._diff_chunk(
+                    kind, chunk, listing, summary, pool, plan, seen, now, verify_memberships
+                )
+        except AuthError:
+            raise
+        except ForbiddenError as exc:
             if kind in CONTENT_TYPES:
-                # Ownership migrations are written from the listing: no read each. What
-                # they patched now equals its row; what differs in more still differs.
-                await self.take_owners(kind, rows, listed_at[kind])
-                mirror = await self.store.index(kind, fields)
-            for raw in rows:
-                current = mirror.get(raw["id"])
-                wanted = listed(kind, raw)
-                # Roles and shelves are few, and their members and books change with no
-                # timestamp moving: a full sync reads them all; a periodic diff leaves that
-                # to the sweep.
-                if (
-                    (kind in ("role", "shelf") and verify_memberships)
-                    or current is None
-                    or differs(current, wanted)
-                    or _racy(current, now)
-                ):
-                    jobs.append((kind, self._read_job(kind, raw["id"], summary)))
-                else:
-                    summary.kinds[kind].add("unchanged")
-        return jobs
+                # Any API user may list content: a 403 here means no API access at all.
+                raise
+            summary.problems.append(f"{endpoint}: the token may not list it ({exc})")
+            log.warning("listing failed: nothing of this kind is removed", kind=kind)
+            return
+        except BookStackError as exc:
+            summary.problems.append(f"{endpoint}: {exc}")
+            log.warning("listing failed: nothing of this kind is removed", kind=kind)
+            return
+        assert listing.started_at is not None  # every listing makes at least one request
+        listed_at[kind] = listing.started_at
+        await self._remove_gone(kind, seen, listing.started_at, summary)
+
+    async def _diff_chunk(
+        self,
+        kind: str,
+        rows: list[dict[str, Any]],
+        listing: Any,
+        summary: SyncSummary,
+        pool: _Pool | None,
+        plan: _PermissionPlan | None,
+        seen: set[int],
+        now: float,
+        verify_memberships: bool,
+    ) -> None:
+        read_at: float = listing.started_at
+        ids = [r["id"] for r in rows]
+        seen.update(ids)
+        if plan is not None and kind in CONTENT_TYPES:
+            plan.add(CONTENT_TYPES[kind], rows)
+        fields = LISTED_FIELDS[kind]
+        if kind in COMPLETE_FROM_LISTING:
+            mirror = await self.store.index(kind, fields, ids=ids)
+            await self._write_listed(kind, rows, mirror, summary, read_at)
+            return
+        assert pool is not None
+        if kind in CONTENT_TYPES:
+            # Ownership migrations are written from the listing: no read each. What they
+            # patched now equals its row; what differs in more still differs.
+            await self.take_owners(kind, rows, read_at)
+        mirror = await self.store.index(kind, fields, ids=ids)
+        reads = 0
+        for raw in rows:
+            current = mirror.get(raw["id"])
+            # Roles and shelves are few, and their members and books change with no timestamp
+            # moving: a full sync reads them all; a periodic diff leaves that to the sweep.
+            if (
+                (kind in ("role", "shelf") and verify_memberships)
+                or current is None
+                or differs(current, listed(kind, raw))
+                or _racy(current, now)
+            ):
+                await pool.put(self._read_job(kind, raw["id"], summary))
+                reads += 1
+            else:
+                summary.kinds[kind].add("unchanged")
+        self._planned(reads)
+
+    async def _remove_gone(
+        self, kind: str, seen: set[int], listed_at: float, summary: SyncSummary
+    ) -> None:
+        gone = await self.store.ids(kind) - seen
+        if not gone:
+            return
+        async with self.store.transaction() as tx:
+            for entity_id in sorted(gone):
+                # A row read after the listing began (created meanwhile, and written by a job
+                # beside this sync) is not gone: delete() leaves it alone.
+                if await tx.delete(kind, entity_id, listed_at):
+                    summary.kinds[kind].add("deleted")
+                    if kind == "page":
+                        summary.changed_pages.add(entity_id)
 
     async def _write_listed(
         self,
@@ -394,7 +420,7 @@ class Reconciler:
         model = ENDPOINTS[kind][1]
         if kind == "attachment":
             # BookStack lists attachments of binned pages too: only those of mirrored pages.
-            pages = await self.store.ids("page")
+            pages = await self.store.present("page", {r.get("uploaded_to") for r in rows})
             rows = [r for r in rows if r.get("uploaded_to") in pages]
         # The listing shows every field the mirror keeps, except an attachment's content: a
         # file replaced within the second of our last read shows no change but updated_at's.
@@ -466,7 +492,9 @@ class Reconciler:
     ) -> list[dict[str, Any]]:
         """Apply the ownership migrations these listing rows show (owner_only) from the rows
         themselves; returns the rows that differ in more and need a read."""
-        mirror = await self.store.index(kind, (*LISTED_FIELDS[kind], "owned_by"))
+        mirror = await self.store.index(
+            kind, (*LISTED_FIELDS[kind], "owned_by"), ids=[r["id"] for r in rows]
+        )
         to_read = []
         async with self.store.transaction() as tx:
             for raw in rows:
@@ -515,34 +543,6 @@ class Reconciler:
                 error=str(exc),
             )
             return None
-
-    async def _plan_permissions(
-        self,
-        listings: dict[str, list[dict[str, Any]] | None],
-        all_permissions: bool,
-        restricted: set[tuple[str, int]] | None,
-    ) -> tuple[list[tuple[str, int, int | None]], list[tuple[str, int, int | None]]]:
-        """(content type, id, owner as the listing names it) of each item whose permissions
-        are read, and of each item given the default without a read: with the search, only
-        restricted items are read (all of them, or those the mirror does not know as
-        restricted); every other item has the default (inheriting, no rows)."""
-        known = set() if all_permissions else await self.store.permission_keys()
-        known_restricted = await self.store.restricted_keys()
-        reads, defaults = [], []
-        for kind, content_type in CONTENT_TYPES.items():
-            for raw in listings[kind] or ():
-                key = (content_type, raw["id"])
-                owner = raw.get("owned_by")
-                item = (content_type, raw["id"], owner if as_id(owner) is not None else None)
-                if restricted is None:
-                    if key not in known:
-                        reads.append(item)
-                elif key in restricted:
-                    if all_permissions or key not in known_restricted:
-                        reads.append(item)
-                elif key not in known or key in known_restricted:
-                    defaults.append(item)
-        return reads, defaults
 
     async def _write_defaults(
         self,
@@ -679,6 +679,91 @@ class Reconciler:
             summary.permissions.add("updated" if changed else "unchanged")
 
         return run()
+
+
+# Listing rows compared with the mirror at a time: one listing page's worth.
+CHUNK = 500
+
+
+class _PermissionPlan:
+    """Which items' content permissions a sync reads, and which get the default without a
+    read, built as the listings stream by. With the {is_restricted} search, only restricted
+    items are read (all of them, or those the mirror does not know as restricted); every
+    other item has the default (inheriting, no rows). Without it, every item it has none
+    for is read."""
+
+    def __init__(
+        self,
+        all_permissions: bool,
+        restricted: set[tuple[str, int]] | None,
+        known: set[tuple[str, int]],
+        known_restricted: set[tuple[str, int]],
+    ) -> None:
+        self.all_permissions = all_permissions
+        self.restricted = restricted
+        self.known = known
+        self.known_restricted = known_restricted
+        # (content type, id, owner as the listing names it)
+        self.reads: list[tuple[str, int, int | None]] = []
+        self.defaults: list[tuple[str, int, int | None]] = []
+
+    def add(self, content_type: str, rows: list[dict[str, Any]]) -> None:
+        for raw in rows:
+            key = (content_type, raw["id"])
+            owner = raw.get("owned_by")
+            item = (content_type, raw["id"], owner if as_id(owner) is not None else None)
+            if self.restricted is None:
+                if key not in self.known:
+                    self.reads.append(item)
+            elif key in self.restricted:
+                if self.all_permissions or key not in self.known_restricted:
+                    self.reads.append(item)
+            elif key not in self.known or key in self.known_restricted:
+                self.defaults.append(item)
+
+
+class _Pool:
+    """A fixed number of workers running the reads handed to it, so that a sync of any size
+    holds at most a few of them at once. The first error a read raised (reads catch
+    BookStack's own errors; what escapes stops the sync, a rejected token say) is raised
+    by drain()."""
+
+    def __init__(self, size: int, on_done: Progress | None) -> None:
+        self._queue: asyncio.Queue[Awaitable[None]] = asyncio.Queue(maxsize=size * 2)
+        self._on_done = on_done
+        self._error: BaseException | None = None
+        self._workers = [asyncio.create_task(self._work()) for _ in range(size)]
+
+    async def _work(self) -> None:
+        while True:
+            job = await self._queue.get()
+            try:
+                if self._error is None:
+                    await job
+                else:
+                    job.close()  # type: ignore[attr-defined]  # a coroutine never awaited
+            except Exception as exc:
+                self._error = self._error or exc
+            finally:
+                self._queue.task_done()
+                if self._on_done:
+                    self._on_done(1)
+
+    async def put(self, job: Awaitable[None]) -> None:
+        await self._queue.put(job)
+
+    async def drain(self) -> None:
+        await self._queue.join()
+        if self._error is not None:
+            raise self._error
+
+    async def close(self) -> None:
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        while not self._queue.empty():
+            leftover = self._queue.get_nowait()
+            leftover.close()  # type: ignore[attr-defined]
 
 
 def owner_only(kind: str, current: dict[str, Any], raw: dict[str, Any]) -> bool:

@@ -399,8 +399,24 @@ class Store:
     async def ids(self, kind: str) -> set[int]:
         return {r[0] for r in await self.fetchall(f"SELECT id FROM {TABLES[kind].name}")}
 
-    async def index(self, kind: str, columns: Sequence[str]) -> dict[int, dict[str, Any]]:
-        """What a diff sync compares against a listing: id → the given columns + fetched_at."""
+    async def present(self, kind: str, ids: Iterable[Any]) -> set[int]:
+        """Those of `ids` the mirror holds (anything that is no id is left out)."""
+        wanted = sorted({i for i in ids if isinstance(i, int) and not isinstance(i, bool)})
+        found: set[int] = set()
+        for start in range(0, len(wanted), 500):
+            part = wanted[start : start + 500]
+            marks = ", ".join("?" for _ in part)
+            rows = await self.fetchall(
+                f"SELECT id FROM {TABLES[kind].name} WHERE id IN ({marks})", part
+            )
+            found.update(r[0] for r in rows)
+        return found
+
+    async def index(
+        self, kind: str, columns: Sequence[str], *, ids: Sequence[int] | None = None
+    ) -> dict[int, dict[str, Any]]:
+        """What a diff sync compares against a listing: id → the given columns + fetched_at,
+        of every row or of those `ids` (at most a listing page's worth)."""
         table = TABLES[kind]
         computed = {
             "users_count": "(SELECT count(*) FROM user_roles ur WHERE ur.role_id = roles.id)",
@@ -409,7 +425,12 @@ class Store:
         select = ", ".join(
             f"{computed[c]} AS {c}" if c in computed else _q(c) for c in ("id", *columns)
         )
-        rows = await self.fetchall(f"SELECT {select}, fetched_at FROM {table.name}")
+        sql = f"SELECT {select}, fetched_at FROM {table.name}"
+        if ids is None:
+            rows = await self.fetchall(sql)
+        else:
+            marks = ", ".join("?" for _ in ids)
+            rows = await self.fetchall(f"{sql} WHERE id IN ({marks})", list(ids)) if ids else []
         return {r["id"]: dict(r) for r in rows}
 
     async def includers(self, page_ids: Iterable[int]) -> set[int]:
