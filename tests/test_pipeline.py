@@ -289,8 +289,9 @@ async def test_ignored_activity_costs_no_api_request(
         [("webhook", "ignored")] * 3 + [("audit", "ignored")] * 3
     )
     assert await svc.queue.depth() == 0
-    # Nothing but audit polls and the silent-change probe's listings (sort=-updated_at).
-    others = [r for r in fake.requests if r.route != "/api/audit-log"]
+    # Nothing but audit polls and the silent-change probe's listings (sort=-updated_at)
+    # and restricted search.
+    others = [r for r in fake.requests if r.route not in ("/api/audit-log", "/api/search")]
     assert all(r.query.get("sort") == "-updated_at" for r in others), others
 
 

@@ -55,17 +55,20 @@ async def test_attachments_created_renamed_and_deleted_arrive_within_a_poll(
             await _within_bound(svc, lambda: _gone(svc, {old, new}))
             assert await svc.store.export() == fake.truth()
 
-            # Its steady cost: one listing request per probed kind and poll, nothing else.
+            # Its steady cost: one listing request per probed kind and one restricted search
+            # (this wiki's fits one page) per poll, nothing else.
             await svc.dispatcher.drain(5)
             fake.reset_requests()
             polls = svc.probe_runs
             await eventually(lambda: _after(svc, polls + 3), timeout=10)
             routes = Counter(r.route for r in fake.requests if r.route != "/api/audit-log")
             probes = svc.probe_runs - polls
-            assert set(routes) <= {
+            listings = {
                 f"/api/{e}" for e in ("attachments", "pages", "chapters", "books", "shelves")
             }
-            assert sum(routes.values()) <= (probes + 1) * len(PROBED), routes
+            assert set(routes) <= listings | {"/api/search"}, routes
+            assert sum(routes.values()) <= (probes + 1) * (len(PROBED) + 1), routes
+            assert routes["/api/search"] <= probes + 1, routes
 
 
 async def test_an_ownership_migration_is_read_within_a_poll(tmp_path: Path) -> None:
@@ -133,3 +136,29 @@ async def test_an_ownership_migration_costs_a_few_listings_not_a_read_per_item(
             assert len(listings) == 4  # shelves, books, chapters, pages
             assert routes["/api/pages/{id}"] == 0, routes
             assert routes["/api/content-permissions/{type}/{id}"] == 0, routes
+
+
+async def test_a_silent_shelf_permission_copy_is_read_within_a_poll(tmp_path: Path) -> None:
+    """Copying a shelf's permissions to its books logs nothing and moves no updated_at; the
+    books then show in the {is_restricted} search, which the probe reads on every poll."""
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=20, books=3, shelves=1, permission_share=0.0, seed=14)
+        settings = settings_for(
+            fake, tmp_path / "m.db", poll_interval=POLL, reconcile_interval=3600
+        )
+        async with running(settings, webhooks_from=fake) as svc:
+            shelf = fake.truth()["shelves"][0]["id"]
+            no = {"view": False, "create": False, "update": False, "delete": False}
+            await fake.set_permissions("bookshelf", shelf, fallback=no)
+            books = await fake.copy_shelf_permissions_to_books(shelf)  # silent
+            assert books
+
+            async def copied() -> bool:
+                mirror = {
+                    (p["content_type"], p["content_id"])
+                    for p in (await svc.store.export())["permissions"]
+                }
+                return {("book", b) for b in books} <= mirror
+
+            await _within_bound(svc, copied)
+            assert await svc.store.export() == fake.truth()

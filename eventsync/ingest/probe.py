@@ -5,24 +5,27 @@ Attachments log nothing and send nothing; ownership migration and link rewrites 
 listing's most recently updated rows (`sort=-updated_at`, one request per kind) and acts only
 on what differs from the mirror: a content item that moved is read (its job, coalesced with
 any other), an attachment is written from its listing row, and a `total` that the mirror
-cannot explain starts the listing diff of that kind. The cost is one request per probed kind
-per poll, whatever the size of the wiki.
+cannot explain starts the listing diff of that kind; and the {is_restricted} search shows
+items whose permissions became (or stopped being) their own without an event. The cost is one
+request per probed kind per poll, plus about one for the search, whatever the wiki's size.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from eventsync.bookstack.client import BookStackClient
+from eventsync.bookstack.client import SEARCH_COUNT, BookStackClient
 from eventsync.errors import AuthError, BookStackError
-from eventsync.events import ALL_ATTACHMENTS_KEY, DIFF_KEY, FETCH
+from eventsync.events import ALL_ATTACHMENTS_KEY, DIFF_KEY, FETCH, PERMISSIONS
 from eventsync.logging import get_logger
 from eventsync.reconcile import Reconciler, differs
 from eventsync.records import ENDPOINTS, LISTED_FIELDS, listed
 from eventsync.store.queue import JobQueue
-from eventsync.store.sqlite import Store
+from eventsync.store.sqlite import KIND_OF_CONTENT_TYPE, Store
 
 log = get_logger("eventsync.probe")
 
@@ -31,6 +34,8 @@ PROBED = ("attachment", "page", "chapter", "book", "shelf")
 # Rows per probe request: a request costs the same whatever its count, so take enough to
 # cover a burst of silent changes between two polls (a user delete migrating many items).
 PROBE_COUNT = 100
+# Polls to wait after the restricted search failed (an old BookStack, or no search access).
+SEARCH_BACKOFF = 20
 # A total the mirror cannot explain is acted on only when it persists this many probes: in
 # between, the jobs of the events behind it (creates, deletes) are usually still running.
 TOTAL_PATIENCE = 2
@@ -42,6 +47,7 @@ class ProbeResult:
     reads: int = 0  # content items whose job was queued
     attachments: int = 0  # attachment rows written from the probe's listing
     diffs: list[str] = field(default_factory=list)  # listing diffs started, by kind
+    permissions: int = 0  # items whose content permissions were queued for a read
 
 
 class Probe:
@@ -54,6 +60,7 @@ class Probe:
         *,
         kinds: Sequence[str] = PROBED,
         count: int = PROBE_COUNT,
+        search: bool = True,
     ) -> None:
         self.client = client
         self.store = store
@@ -63,6 +70,8 @@ class Probe:
         self.count = count
         self._attachment_total: int | None = None  # the attachments listing's last total
         self._unexplained: dict[str, int] = {}  # kind → consecutive probes off in total
+        self.search = search
+        self._search_wait = 0  # polls to skip before the next restricted search
 
     async def probe_once(self) -> ProbeResult:
         result = ProbeResult()
@@ -74,14 +83,49 @@ class Probe:
             except BookStackError as exc:
                 # The next poll probes again; nothing is concluded from a failed request.
                 log.warning("silent-change probe failed", kind=kind, error=str(exc))
-        if result.reads or result.attachments or result.diffs:
+        if self.search:
+            await self._restricted(result)
+        if result.reads or result.attachments or result.diffs or result.permissions:
             log.info(
                 "silent changes found",
                 reads=result.reads,
+                permission_reads=result.permissions,
                 attachments=result.attachments,
                 diffs=result.diffs,
             )
         return result
+
+    async def _restricted(self, result: ProbeResult) -> None:
+        """Which items have permissions of their own (the {is_restricted} search), against
+        what the mirror holds: a shelf's permissions copied to its books, silently, make
+        them restricted (FACTS, first section). Items whose status changed either way have
+        their permissions read. A search of several pages runs only every as many polls, so
+        that it costs one request per poll on average."""
+        if self._search_wait > 0:
+            self._search_wait -= 1
+            return
+        try:
+            found = await self.client.search_all("{is_restricted}")
+        except AuthError:
+            raise
+        except BookStackError as exc:
+            # Where search cannot be had or trusted, the sweep and the diff read instead.
+            log.debug("restricted search failed", error=str(exc))
+            self._search_wait = SEARCH_BACKOFF
+            return
+        per_type = Counter(content_type for content_type, _ in found)
+        pages = max(1, math.ceil(max(per_type.values(), default=0) / SEARCH_COUNT))
+        result.requests += pages
+        self._search_wait = pages - 1
+        changed = found ^ await self.store.restricted_keys()
+        for content_type, content_id in sorted(changed):
+            kind = KIND_OF_CONTENT_TYPE.get(content_type)
+            if kind is None or not await self.store.present(kind, [content_id]):
+                continue  # not mirrored (a draft, or not read yet): its own read decides
+            key = f"{kind}:{content_id}"
+            if key not in await self.queue.pending_keys(kind):
+                await self.queue.enqueue(key, [PERMISSIONS], reason="restricted search")
+                result.permissions += 1
 
     async def _probe(self, kind: str, result: ProbeResult) -> None:
         endpoint = ENDPOINTS[kind][0]
