@@ -436,11 +436,11 @@ class Handlers:
         )
         taken = 0
         for kind in CONTENT_TYPES:
-            mirror = await self.store.index(kind, ("owned_by",))
             filters: dict[str, Any] = {"updated_at:gte": since}
             if kind == "page":
                 filters["draft"] = 0
             rows, read_at = await self.client.list_timed(ENDPOINTS[kind][0], filters=filters)
+            mirror = await self.store.index(kind, ("owned_by",), ids=[r["id"] for r in rows])
             was_theirs = [r for r in rows if mirror.get(r["id"], {}).get("owned_by") == user_id]
             for raw in await self.reconciler.take_owners(kind, was_theirs, read_at):
                 await self.queue.enqueue(f"{kind}:{raw['id']}", [FETCH], reason="owner")

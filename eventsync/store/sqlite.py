@@ -427,11 +427,15 @@ class Store:
         )
         sql = f"SELECT {select}, fetched_at FROM {table.name}"
         if ids is None:
-            rows = await self.fetchall(sql)
-        else:
-            marks = ", ".join("?" for _ in ids)
-            rows = await self.fetchall(f"{sql} WHERE id IN ({marks})", list(ids)) if ids else []
-        return {r["id"]: dict(r) for r in rows}
+            return {r["id"]: dict(r) for r in await self.fetchall(sql)}
+        found: dict[int, dict[str, Any]] = {}
+        wanted = list(ids)
+        for start in range(0, len(wanted), 500):  # bound the statement's parameters
+            part = wanted[start : start + 500]
+            marks = ", ".join("?" for _ in part)
+            for r in await self.fetchall(f"{sql} WHERE id IN ({marks})", part):
+                found[r["id"]] = dict(r)
+        return found
 
     async def includers(self, page_ids: Iterable[int]) -> set[int]:
         """Pages whose rendered html embeds one of `page_ids` through a `{{@id}}` include
