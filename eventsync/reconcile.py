@@ -552,19 +552,20 @@ class Reconciler:
     ) -> None:
         """The default permissions of items the search does not find restricted, as of the
         listing that named them (a later read, or an event's, stands)."""
-        if not defaults:
-            return
-        async with self.store.transaction() as tx:
-            for content_type, content_id, owner in defaults:
-                perms = {
-                    "owner_id": owner,
-                    "inheriting": True,
-                    "fallback": {},
-                    "role_permissions": [],
-                }
-                read_at = listed_at.get(KIND_OF_CONTENT_TYPE[content_type])
-                changed = await tx.set_permissions(content_type, content_id, perms, read_at)
-                summary.permissions.add("updated" if changed else "unchanged")
+        # In transactions of a listing page's worth: the webhook intake and the jobs beside
+        # this sync wait for the write lock no longer than that.
+        for start in range(0, len(defaults), CHUNK):
+            async with self.store.transaction() as tx:
+                for content_type, content_id, owner in defaults[start : start + CHUNK]:
+                    perms = {
+                        "owner_id": owner,
+                        "inheriting": True,
+                        "fallback": {},
+                        "role_permissions": [],
+                    }
+                    read_at = listed_at.get(KIND_OF_CONTENT_TYPE[content_type])
+                    changed = await tx.set_permissions(content_type, content_id, perms, read_at)
+                    summary.permissions.add("updated" if changed else "unchanged")
 
     async def _run(self, jobs: Iterable[Awaitable[None]]) -> None:
         queue = list(jobs)
