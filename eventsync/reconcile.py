@@ -555,17 +555,17 @@ class Reconciler:
         # In transactions of a listing page's worth: the webhook intake and the jobs beside
         # this sync wait for the write lock no longer than that.
         for start in range(0, len(defaults), CHUNK):
+            chunk = defaults[start : start + CHUNK]
+            by_type: dict[str, list[tuple[int, int | None]]] = {}
+            for content_type, content_id, owner in chunk:
+                by_type.setdefault(content_type, []).append((content_id, owner))
             async with self.store.transaction() as tx:
-                for content_type, content_id, owner in defaults[start : start + CHUNK]:
-                    perms = {
-                        "owner_id": owner,
-                        "inheriting": True,
-                        "fallback": {},
-                        "role_permissions": [],
-                    }
-                    read_at = listed_at.get(KIND_OF_CONTENT_TYPE[content_type])
-                    changed = await tx.set_permissions(content_type, content_id, perms, read_at)
-                    summary.permissions.add("updated" if changed else "unchanged")
+                changed = 0
+                for content_type, items in by_type.items():
+                    read_at = listed_at.get(KIND_OF_CONTENT_TYPE[content_type], time.time())
+                    changed += await tx.set_default_permissions(content_type, items, read_at)
+            summary.permissions.updated += changed
+            summary.permissions.unchanged += len(chunk) - changed
 
     async def _run(self, jobs: Iterable[Awaitable[None]]) -> None:
         queue = list(jobs)

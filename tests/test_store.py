@@ -418,3 +418,45 @@ async def test_nothing_names_what_the_mirror_does_not_hold(make_store: StoreFact
         await tx.delete("page", 1)
     assert await store.dangling() == {}
     assert (await store.export())["attachments"] == []
+
+
+async def test_default_permissions_in_bulk_follow_the_rules_of_one(
+    make_store: StoreFactory,
+) -> None:
+    """set_default_permissions: only mirrored items; a newer stored read stands; an owner the
+    listing does not name keeps the known one; a restricted item becomes the default, with
+    its role rows gone and a change-feed row; an item already at the default changes nothing."""
+    store = await make_store()
+    restricted = {
+        "owner_id": 7,
+        "inheriting": False,
+        "fallback": {"view": False, "create": False, "update": False, "delete": False},
+        "role_permissions": [
+            {"role_id": 3, "view": True, "create": False, "update": False, "delete": False}
+        ],
+    }
+    async with store.transaction() as tx:
+        await tx.upsert("role", entity("role", id=3, display_name="R"), read_at=T0)
+        for page_id in (1, 2, 3):
+            await tx.upsert("page", page(page_id), read_at=T0)
+        await tx.set_permissions("page", 1, restricted, read_at=T0)
+        await tx.set_permissions("page", 2, restricted, read_at=T0 + 50)  # newer than below
+    seq = await store.last_seq()
+    async with store.transaction() as tx:
+        changed = await tx.set_default_permissions(
+            "page", [(1, None), (2, 8), (3, 9), (4, 9)], read_at=T0 + 10
+        )
+    assert changed == 2  # page 1 (restricted → default) and page 3 (no row yet)
+    doc = await store.export()
+    assert [p["content_id"] for p in doc["permissions"]] == [2]  # only 2 is still restricted
+    owners = {
+        r[0]: r[1]
+        for r in await store.fetchall("SELECT content_id, owner_id FROM content_permissions")
+    }
+    assert owners == {1: 7, 2: 7, 3: 9}  # no row for page 4, which is not mirrored
+    roles = await store.fetchall("SELECT content_id FROM content_role_permissions")
+    assert [r[0] for r in roles] == [2]
+    feed = [(c["entity"], c["entity_id"]) for c in await store.changes(after=seq)]
+    assert sorted(feed) == [("permissions", 1), ("permissions", 3)]
+    async with store.transaction() as tx:
+        assert await tx.set_default_permissions("page", [(1, 7), (3, 9)], T0 + 20) == 0

@@ -1218,6 +1218,70 @@ class Tx:
         await self.change("upsert", "permissions", content_id, content_type=content_type)
         return True
 
+    async def set_default_permissions(
+        self, content_type: str, items: Sequence[tuple[int, int | None]], read_at: float
+    ) -> int:
+        """BookStack's default content permissions (inheriting, no rows of its own) for many
+        items of one type, as a listing read at `read_at` named their owners, in one trip to
+        the database thread; returns how many changed. The rules are set_permissions' own:
+        only mirrored items, a newer stored read stands, an owner the listing does not name
+        keeps the one known."""
+        kind_table = TABLES[KIND_OF_CONTENT_TYPE[content_type]].name
+        now = self._now
+
+        def write(conn: sqlite3.Connection) -> int:
+            changed = 0
+            for content_id, owner in items:
+                if (
+                    conn.execute(
+                        f"SELECT 1 FROM {kind_table} WHERE id = ?", (content_id,)
+                    ).fetchone()
+                    is None
+                ):
+                    continue
+                row = conn.execute(
+                    "SELECT owner_id, inheriting, fetched_at, EXISTS (SELECT 1 FROM "
+                    "content_role_permissions r WHERE r.content_type = ? AND r.content_id = ?) "
+                    "FROM content_permissions WHERE content_type = ? AND content_id = ?",
+                    (content_type, content_id, content_type, content_id),
+                ).fetchone()
+                if row is not None and newer(row[2], read_at):
+                    continue
+                new_owner = owner if owner is not None else (row[0] if row else None)
+                if row is not None and row[1] == 1 and not row[3] and row[0] == new_owner:
+                    conn.execute(
+                        "UPDATE content_permissions SET fetched_at = ? WHERE content_type = ? "
+                        "AND content_id = ?",
+                        (read_at, content_type, content_id),
+                    )
+                    continue
+                conn.execute(
+                    "DELETE FROM content_role_permissions WHERE content_type = ? "
+                    "AND content_id = ?",
+                    (content_type, content_id),
+                )
+                conn.execute(
+                    "INSERT INTO content_permissions (content_type, content_id, owner_id, "
+                    "inheriting, fallback_view, fallback_create, fallback_update, "
+                    "fallback_delete, fetched_at) VALUES (?, ?, ?, 1, NULL, NULL, NULL, NULL, ?) "
+                    "ON CONFLICT (content_type, content_id) DO UPDATE SET owner_id = "
+                    "excluded.owner_id, inheriting = 1, fallback_view = NULL, fallback_create = "
+                    "NULL, fallback_update = NULL, fallback_delete = NULL, fetched_at = "
+                    "excluded.fetched_at",
+                    (content_type, content_id, new_owner, read_at),
+                )
+                conn.execute(
+                    "INSERT INTO changes (changed_at, op, entity, entity_id, content_type, data) "
+                    "VALUES (?, 'upsert', 'permissions', ?, ?, NULL)",
+                    (now, content_id, content_type),
+                )
+                changed += 1
+            return changed
+
+        changed = await self.run(write)
+        self.changed += changed
+        return changed
+
     async def delete_permissions(self, content_type: str, content_id: int) -> None:
         await self._db.execute(
             "DELETE FROM content_role_permissions WHERE content_type = ? AND content_id = ?",
