@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     @field_validator("database", mode="before")
     @classmethod
     def _check_database(cls, value: Any) -> Any:
-        # A URL is not a file name: "postgresql://…" would otherwise become a folder called
+        # A URL is not a file name: a PostgreSQL URL would otherwise become a folder called
         # "postgresql:" with a SQLite file in it, and everything would seem to work.
         text = str(value)
         scheme, sep, _ = text.partition("://")

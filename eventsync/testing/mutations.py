@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any
 
 from eventsync.testing import links
@@ -72,9 +72,7 @@ class MutationBase:
 
     state: WikiState
     _pending: set[asyncio.Task[None]]
-
-    async def _flush(self) -> None:  # pragma: no cover - provided by FakeBookStack
-        raise NotImplementedError
+    _flush: Callable[[], Awaitable[None]]  # FakeBookStack's webhook delivery
 
     def _sort_parent(self, book_ids: Iterable[int]) -> None:
         """BaseRepo::sortParent, after an item inside these books changed (the sort-rule
