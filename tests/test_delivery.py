@@ -33,6 +33,7 @@ from receivers import (
 from structlog.testing import capture_logs
 
 from eventsync.config import Settings
+from eventsync.consumer import verify
 from eventsync.delivery import RETRY_BASE, backoff, encode_row, new_secret
 from eventsync.service import Service
 from eventsync.store.sqlite import Store
@@ -134,6 +135,10 @@ async def test_every_change_arrives_signed_and_replays_to_the_change_feed(tmp_pa
         assert receiver.received and all(r.verified for r in receiver.received), [
             r.error for r in receiver.received if not r.verified
         ]
+        # eventsync.consumer.verify accepts them too (it wraps the same implementation).
+        assert all(
+            verify(r.headers, r.body, secret) == json.loads(r.body) for r in receiver.received
+        )
         assert all(r.headers["content-type"] == "application/json" for r in receiver.received)
         assert all(r.webhook_id.startswith("msg_") for r in receiver.received)
         assert all(abs(int(r.headers["webhook-timestamp"]) - r.at) < 5 for r in receiver.received)
