@@ -28,6 +28,11 @@ HUGE = "huge"  # 500 with a 5 MB body
 SLOW = "slow"  # 204 after `slow` seconds (within the sender's timeout)
 
 
+# What a receiver has processed once it took the body: it answered 2xx, or it meant to and
+# the answer came too late or was cut off (the sender cannot tell those from a failure).
+PROCESSED = frozenset({OK, HANG, SLOW, ENDLESS})
+
+
 @dataclass
 class Received:
     headers: dict[str, str]
@@ -36,6 +41,10 @@ class Received:
     behaviour: str
     verified: bool
     error: str = ""
+
+    @property
+    def processed(self) -> bool:
+        return self.behaviour in PROCESSED
 
     @property
     def webhook_id(self) -> str:
@@ -131,20 +140,24 @@ class Receiver:
 
     # ---- what arrived --------------------------------------------------------------------------
 
-    def by_id(self) -> dict[str, list[dict[str, Any]]]:
-        """Every distinct webhook-id with its rows, in order of first arrival. Fails when one
-        id came with different rows (a receiver deduping by id would lose some)."""
+    def by_id(self, processed: bool = True) -> dict[str, list[dict[str, Any]]]:
+        """Every distinct webhook-id this receiver processed (or, with processed=False, got)
+        with its rows, in order of first arrival. Fails when one id ever came with other
+        rows: a receiver deduping by id would lose some."""
+        seen: dict[str, list[dict[str, Any]]] = {}
         out: dict[str, list[dict[str, Any]]] = {}
         for r in self.received:
             rows = r.changes
-            if r.webhook_id in out:
-                assert out[r.webhook_id] == rows, f"webhook-id {r.webhook_id} with other rows"
-            else:
+            if r.webhook_id in seen:
+                assert seen[r.webhook_id] == rows, f"webhook-id {r.webhook_id} with other rows"
+            seen.setdefault(r.webhook_id, rows)
+            if (r.processed or not processed) and r.webhook_id not in out:
                 out[r.webhook_id] = rows
         return out
 
     def deduped(self) -> list[dict[str, Any]]:
-        """What a receiver that dedups by webhook-id processed, in order."""
+        """What a receiver that dedups by webhook-id processed, in order: each delivery
+        it answered 2xx (or took and answered too late), once."""
         return [row for rows in self.by_id().values() for row in rows]
 
     def seqs(self) -> list[int]:

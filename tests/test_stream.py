@@ -224,8 +224,9 @@ async def test_kinds_filter_heartbeats_and_ids_past_filtered_rows(tmp_path: Path
                 # Quiet now: heartbeats, and an id with no data that moves the client's
                 # Last-Event-ID past the page rows it never saw.
                 seen: list[dict[str, Any]] = []
-                while not any(b.get("id") == str(head) for b in seen):
-                    seen.append(await events.next(timeout=3))
+                async with asyncio.timeout(5):
+                    while not any(b.get("id") == str(head) for b in seen):
+                        seen.append(await events.next(timeout=3))
                 seen.append(await events.next(timeout=3))
                 assert all("data" not in b for b in seen)
                 assert any("keep-alive" in b["comments"] for b in seen)
@@ -327,8 +328,9 @@ async def test_changes_raises_feed_error_on_a_4xx(tmp_path: Path) -> None:
         fake.seed(pages=2, books=1, seed=6)
         async with running(settings_for(fake, tmp_path / "m.db"), fake) as svc:
             with pytest.raises(FeedError) as caught:
-                async for _ in changes(f"http://127.0.0.1:{svc.port}", kinds=["nope"]):
-                    pass
+                async with asyncio.timeout(10):  # retrying it would never end
+                    async for _ in changes(f"http://127.0.0.1:{svc.port}", kinds=["nope"]):
+                        pass
             assert caught.value.status == 400 and "unknown kind" in str(caught.value)
 
 
