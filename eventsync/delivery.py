@@ -500,7 +500,9 @@ class Delivery:
         except aiohttp.ClientConnectorError as exc:
             return None, f"cannot connect to {url.host}: {exc.os_error.strerror or exc}", 0.0
         except aiohttp.ClientError as exc:
-            return None, f"{type(exc).__name__}: {exc}", 0.0
+            # Some of aiohttp's messages quote the URL: never with its password.
+            text = str(exc).replace(sub.url, shown_url(sub.url))
+            return None, f"{type(exc).__name__}: {text}", 0.0
 
     # ---- reporting ----------------------------------------------------------------------------
 
