@@ -222,7 +222,7 @@ def backoff(attempts: int, cap: float, floor: float = 0.0) -> float:
     """Seconds before the next attempt after `attempts` failures in a row: doubling, with
     jitter (half to all of it: a receiver coming back is not hit by every sender at once),
     at most `cap`, at least `floor` (a Retry-After), within the cap."""
-    delay = min(cap, RETRY_BASE * 2 ** min(attempts - 1, 32))
+    delay = min(cap, RETRY_BASE * 2.0 ** min(attempts - 1, 32))
     return min(cap, max(floor, delay * random.uniform(0.5, 1.0)))
 
 
