@@ -477,7 +477,10 @@ async def cmd_subscriptions(settings: Settings, args: argparse.Namespace) -> int
             await check_destination(parsed, settings.subscriptions_allow_private)
         except AddressRefused as exc:
             raise UsageError(str(exc)) from None
-    async with await _open_existing(settings) as store:
+    # A subscription may come before the first sync (it then gets the whole of it): add
+    # creates the database; the other actions need one.
+    opened = open_store(settings.database) if action == "add" else _open_existing(settings)
+    async with await opened as store:
         subs = Subscriptions(store)
         head = await store.last_seq()
         if getattr(args, "from_seq", None) is not None and args.from_seq > head + 1:
@@ -495,7 +498,10 @@ async def cmd_subscriptions(settings: Settings, args: argparse.Namespace) -> int
             cursor = head if args.from_seq is None else max(0, args.from_seq - 1)
             added = await subs.add(url, kinds, secret or new_secret(), cursor)
             what = ",".join(kinds) if kinds else "every change"
-            print(f"subscription {added.id}: {shown_url(url)} ({what}), from seq {cursor + 1}")
+            print(
+                f"subscription {added.id}: {shown_url(url)} ({what}), from seq {cursor + 1}, "
+                f"in {settings.database}"
+            )
             if secret is None:
                 # The only time it is shown: nothing prints or logs it again.
                 print(f"secret: {added.secret}")

@@ -67,8 +67,10 @@ class Settings(BaseSettings):
     subscription_pause_after: float = Field(86400.0, gt=0)
     # One delivery attempt, connect to answer (the answer's body is read with a cap too).
     subscription_timeout: float = Field(10.0, gt=0, le=300)
-    # The back-off between attempts doubles (with jitter) up to this.
-    subscription_retry_max: float = Field(600.0, gt=0)
+    # The back-off between attempts doubles (with jitter) up to this. A minute: a receiver
+    # that is back gets its backlog within a minute, and one attempt a minute costs a dead
+    # one nothing.
+    subscription_retry_max: float = Field(60.0, gt=0)
     # Changes in one delivery at most (fewer when they add up to more than 1 MiB).
     subscription_batch_size: int = Field(50, ge=1, le=1000)
     # /changes/stream sends a comment this often when there is nothing else to send, so that

@@ -283,7 +283,7 @@ class Delivery:
         *,
         allow_private: bool = False,
         timeout: float = 10.0,
-        retry_max: float = 600.0,
+        retry_max: float = 60.0,
         pause_after: float = 86400.0,
         batch_size: int = 50,
     ) -> None:

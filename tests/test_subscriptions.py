@@ -207,6 +207,13 @@ async def test_private_addresses_are_accepted_when_allowed_and_from_is_checked(
     assert past.code == 2 and "past the change feed's head (2)" in past.stderr, str(past)
     missing = await cli("subscriptions", "list", env=clean_env(tmp_path / "nope.db"), cwd=tmp_path)
     assert missing.code == 2 and "does not exist" in missing.stderr, str(missing)
+    # Before the first sync: add creates the database, and the subscription starts at seq 1
+    # (it will get the whole first sync).
+    fresh = tmp_path / "fresh.db"
+    env = clean_env(fresh, EVENTSYNC_SUBSCRIPTIONS_ALLOW_PRIVATE="true")
+    first = await cli("subscriptions", "add", "http://127.0.0.1:9/h", env=env, cwd=tmp_path)
+    assert first.code == 0 and f"from seq 1, in {fresh}" in first.stdout, str(first)
+    assert rows(fresh, "SELECT cursor FROM subscriptions") == [(0,)]
 
 
 # ---- serve: kill -9 in the middle of a delivery -------------------------------------------------
