@@ -517,3 +517,41 @@ async def test_a_replay_during_a_delivery_is_not_undone_by_its_answer(tmp_path: 
 
 async def _holding(receiver: Receiver) -> bool:
     return receiver.in_flight > 0
+
+
+async def test_a_receiver_outage_and_lossy_webhooks_lose_nothing(tmp_path: Path) -> None:
+    """The receiver's process is gone for a while (connections refused) while BookStack's
+    webhooks are dropped half the time (the audit log fills in): once it is back, deduped,
+    it has exactly the change feed."""
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=20, books=2, seed=10)
+        fake.faults.webhook_drop = 0.5
+        fake.faults.seed = 10
+        settings = settings_for(fake, tmp_path / "m.db", subscription_batch_size=4)
+        secret = new_secret()
+        receiver = await Receiver(secret=secret).start()
+        try:
+            async with running(settings, fake) as svc:
+                sub = await Subscriptions(svc.store).add(receiver.url, None, secret, 0)
+                for page_id in range(1, 6):
+                    await fake.update_page(page_id, html=f"<p>before the outage {page_id}</p>")
+                await settled(svc, fake)
+                await receiver.stop()  # the receiver goes away
+                for page_id in range(6, 16):
+                    await fake.update_page(page_id, html=f"<p>during the outage {page_id}</p>")
+                await fake.delete_page(16)
+                await settled(svc, fake)
+                await eventually(lambda: _failed(svc, sub.id), timeout=10)
+                failing = await subscription(svc, sub.id)
+                assert failing.cursor < await svc.store.last_seq()
+                assert (failing.last_error or "").startswith("cannot connect")
+                await receiver.start()  # back, on the same port
+                await caught_up(svc, sub.id)
+                expected = await feed(svc)
+        finally:
+            await receiver.stop()
+        assert all(r.verified for r in receiver.received)
+        assert receiver.deduped() == expected
+        during = [r for r in expected if r["entity"] == "page" and r["entity_id"] >= 6]
+        assert {r["entity_id"] for r in during} >= set(range(6, 17))
+        assert ("delete", None) in [(r["op"], r["state"]) for r in during if r["entity_id"] == 16]
