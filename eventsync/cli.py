@@ -282,11 +282,11 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         "mirror:          "
         + ", ".join(f"{counts[k]} {plural.get(k, k + 's')}" for k in (*KINDS, "permissions"))
     )
-    for s in data.get("subscriptions", []):
-        line = f"subscription {s['id']}: {s['state']}, {s['behind']} behind (cursor {s['cursor']})"
+    for i, s in enumerate(data.get("subscriptions", [])):
+        line = f"{s['id']}: {s['state']}, {s['behind']} behind (cursor {s['cursor']})"
         if s["last_error"]:
             line += f"; last error: {s['last_error']}"
-        print(f"{'subscriptions:' if s is data['subscriptions'][0] else '':17}{line}")
+        print(f"{'subscriptions:' if i == 0 else '':17}{line}")
     return EXIT_OK
 
 

@@ -132,7 +132,7 @@ async def test_add_shows_a_generated_secret_once_and_the_commands_work(tmp_path:
     assert [s["id"] for s in json.loads(as_json.stdout)] == [1, 2]
     assert json.loads(status.stdout)["subscriptions"][1]["kinds"] == ["page", "book"]
     assert "page,book http://127.0.0.1:9/b" in listed.stdout
-    assert "subscription 1: active, 0 behind" in status_text.stdout
+    assert "subscriptions:   1: active, 0 behind (cursor 5)" in status_text.stdout
 
     for action, expected in (
         ("pause", ("operator", 2)),
