@@ -10,6 +10,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -287,6 +288,11 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         "mirror:          "
         + ", ".join(f"{counts[k]} {plural.get(k, k + 's')}" for k in (*KINDS, "permissions"))
     )
+    for i, s in enumerate(data.get("subscriptions", [])):
+        line = f"{s['id']}: {s['state']}, {s['behind']} behind (cursor {s['cursor']})"
+        if s["last_error"]:
+            line += f"; last error: {s['last_error']}"
+        print(f"{'subscriptions:' if i == 0 else '':17}{line}")
     return EXIT_OK
 
 
@@ -426,6 +432,155 @@ async def cmd_changes(settings: Settings, args: argparse.Namespace) -> int:
             await asyncio.sleep(args.interval)
 
 
+# ---- subscriptions (outbound webhooks) ---------------------------------------------------------
+
+
+def _when(stamp: float | None) -> str:
+    if stamp is None:
+        return "never"
+    return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def print_subscriptions(subs: list[dict[str, Any]]) -> None:
+    if not subs:
+        print("no subscriptions")
+        return
+    print(f"{'id':>4}  {'state':<17}{'cursor':>9}{'behind':>9}{'delivered':>11}  kinds / url")
+    for s in subs:
+        kinds = ",".join(s["kinds"]) if s["kinds"] else "all"
+        print(
+            f"{s['id']:>4}  {s['state']:<17}{s['cursor']:>9}{s['behind']:>9}"
+            f"{s['delivered']:>11}  {kinds} {s['url']}"
+        )
+        if s["last_error"]:
+            since = f", failing since {_when(s['failing_since'])}" if s["failing_since"] else ""
+            print(f"      last error: {s['last_error']} ({s['attempts']} attempt(s){since})")
+
+
+async def cmd_subscriptions(settings: Settings, args: argparse.Namespace) -> int:
+    """Outbound webhooks: each subscription gets every change-feed row (of its kinds), signed
+    (Standard Webhooks), from its own cursor; `serve` delivers them."""
+    from eventsync.delivery import (
+        check_destination,
+        check_url,
+        new_secret,
+        parse_kinds,
+        parse_secret,
+        shown_url,
+        subscription_status,
+    )
+    from eventsync.errors import AddressRefused, UsageError
+    from eventsync.store.subscriptions import Subscriptions
+
+    action = args.action
+    if action == "add":
+        # Everything about the input first: a refusal changes nothing.
+        url = args.url.strip()
+        parsed = check_url(url)
+        kinds = parse_kinds(args.kinds)
+        secret = parse_secret(args.secret) if args.secret is not None else None
+        try:
+            await check_destination(parsed, settings.subscriptions_allow_private)
+        except AddressRefused as exc:
+            raise UsageError(str(exc)) from None
+    # A subscription may come before the first sync (it then gets the whole of it): add
+    # creates the database; the other actions need one.
+    opened = open_store(settings.database) if action == "add" else _open_existing(settings)
+    async with await opened as store:
+        subs = Subscriptions(store)
+        head = await store.last_seq()
+        if getattr(args, "from_seq", None) is not None and args.from_seq > head + 1:
+            raise UsageError(f"--from {args.from_seq} is past the change feed's head ({head})")
+        if action == "list":
+            listed = await subscription_status(store)
+            if args.json:
+                print(json.dumps(listed, indent=2))
+            else:
+                print_subscriptions(listed)
+            return EXIT_OK
+        if action == "add":
+            # --from SEQ: SEQ is the first change delivered. Without it, the first change
+            # after this moment.
+            cursor = head if args.from_seq is None else max(0, args.from_seq - 1)
+            added = await subs.add(url, kinds, secret or new_secret(), cursor)
+            what = ",".join(kinds) if kinds else "every change"
+            print(
+                f"subscription {added.id}: {shown_url(url)} ({what}), from seq {cursor + 1}, "
+                f"in {settings.database}"
+            )
+            if secret is None:
+                # The only time it is shown: nothing prints or logs it again.
+                print(f"secret: {added.secret}")
+                print("(shown only now: give it to the receiver, which verifies the signatures)")
+            else:
+                print("secret: the one given with --secret")
+            print("`eventsync serve` delivers it (within a second when it is running)")
+            return EXIT_OK
+        sub_id = args.id
+        if action == "remove":
+            done = await subs.remove(sub_id)
+            message = f"subscription {sub_id} removed"
+        elif action == "pause":
+            done = await subs.pause(sub_id)
+            message = f"subscription {sub_id} paused; `resume` carries on from where it stopped"
+        elif action == "resume":
+            done = await subs.resume(sub_id)
+            message = f"subscription {sub_id} resumed"
+        else:  # replay
+            cursor = max(0, args.from_seq - 1)
+            done = await subs.replay(sub_id, cursor)
+            message = (
+                f"subscription {sub_id}: delivering again from seq {cursor + 1}, "
+                "with new webhook-ids"
+            )
+            current = await subs.get(sub_id)
+            if current is not None and current.paused:
+                message += f" (it is paused: `eventsync subscriptions resume {sub_id}`)"
+        if not done:
+            raise UsageError(f"no subscription with id {sub_id}")
+        print(message)
+        return EXIT_OK
+
+
+def _add_subscriptions_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "subscriptions", help="outbound webhooks: add, list, remove, pause, resume, replay"
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    seq = _whole_number(0, MAX_INTEGER)
+    a = actions.add_parser("add", help="deliver the change feed to URL (signed, retried)")
+    a.add_argument("url", metavar="URL", help="http(s) URL of the receiver")
+    a.add_argument(
+        "--kinds", help="only these feed entities, comma-separated (page,book,…); default all"
+    )
+    a.add_argument(
+        "--secret",
+        help="signing secret, whsec_ and base64 (Standard Webhooks); default: a new one, "
+        "printed once",
+    )
+    a.add_argument(
+        "--from",
+        dest="from_seq",
+        type=seq,
+        default=None,
+        metavar="SEQ",
+        help="first change to deliver (default: the first one after now)",
+    )
+    a = actions.add_parser("list", help="every subscription with its cursor and state")
+    a.add_argument("--json", action="store_true")
+    for name, what in (
+        ("remove", "delete a subscription"),
+        ("pause", "stop delivering (the cursor stays)"),
+        ("resume", "deliver again from where it stopped, at once"),
+    ):
+        a = actions.add_parser(name, help=what)
+        a.add_argument("id", metavar="ID", type=_whole_number(1, MAX_INTEGER))
+    a = actions.add_parser("replay", help="deliver again from a seq, with new webhook-ids")
+    a.add_argument("id", metavar="ID", type=_whole_number(1, MAX_INTEGER))
+    a.add_argument("--from", dest="from_seq", type=seq, required=True, metavar="SEQ")
+    p.set_defaults(func=cmd_subscriptions)
+
+
 async def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     from eventsync.store.queue import JobQueue
 
@@ -531,6 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true", help="keep printing new changes")
     p.add_argument("--interval", type=_seconds, default=1.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_changes)
+
+    _add_subscriptions_parser(sub)
 
     p = sub.add_parser("dead-letters", help="list or retry jobs that kept failing")
     p.add_argument("action", nargs="?", choices=["list", "retry"], default="list")

@@ -59,6 +59,23 @@ class Settings(BaseSettings):
     # Parallel detail fetches: the rate limiter sets the pace, this only hides latency.
     fetch_concurrency: int = Field(8, ge=1, le=64)
     http_timeout: float = Field(30.0, gt=0)
+    # ---- outbound delivery (subscriptions, delivery.py) and the live stream ----
+    # Loopback, private and link-local receivers are refused (server-side request forgery:
+    # whoever may add a subscription could otherwise reach what only this host can).
+    subscriptions_allow_private: bool = False
+    # A subscription that has failed without a single 2xx for this long is paused.
+    subscription_pause_after: float = Field(86400.0, gt=0)
+    # One delivery attempt, connect to answer (the answer's body is read with a cap too).
+    subscription_timeout: float = Field(10.0, gt=0, le=300)
+    # The back-off between attempts doubles (with jitter) up to this. A minute: a receiver
+    # that is back gets its backlog within a minute, and one attempt a minute costs a dead
+    # one nothing.
+    subscription_retry_max: float = Field(60.0, gt=0)
+    # Changes in one delivery at most (fewer when they add up to more than 1 MiB).
+    subscription_batch_size: int = Field(50, ge=1, le=1000)
+    # /changes/stream sends a comment this often when there is nothing else to send, so that
+    # proxies and load balancers keep the connection open.
+    stream_heartbeat: float = Field(15.0, gt=0, le=3600)
 
     @field_validator("listen")
     @classmethod

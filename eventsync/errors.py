@@ -83,3 +83,26 @@ class Unavailable(BookStackError, RetryLater):
 
 class IncompleteListing(BookStackError):
     """A listing came back shorter than its `total` said: nothing may be removed from it."""
+
+
+class UsageError(ConfigError):
+    """An argument is invalid (a command stops with one line and exit code 2, as for a bad
+    setting)."""
+
+
+class AddressRefused(EventsyncError):
+    """A subscription URL's host is, or resolves to, an address eventsync will not send to
+    (loopback, private, link-local and the like, unless EVENTSYNC_SUBSCRIPTIONS_ALLOW_PRIVATE
+    is true)."""
+
+
+class SignatureError(EventsyncError):
+    """The webhook's Standard Webhooks signature does not verify."""
+
+
+class FeedError(EventsyncError):
+    """The change feed refused the request (a 4xx: a bad parameter, a missing token)."""
+
+    def __init__(self, message: str | None = None, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status

@@ -30,6 +30,8 @@ JOB_OUTCOMES = ("done", "retried", "dead_lettered", "skipped", "paused")
 # Webhook received → mirror written. Steady state is well under a second; the long tail
 # covers early-webhook re-checks, rate-limit waits and queue backlogs after an outage.
 FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+# One delivery attempt: a local receiver answers in milliseconds; the top is the timeout.
+DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class Metrics:
@@ -175,6 +177,65 @@ class Metrics:
             "freshness_seconds",
             "Delay from first hearing of a change (usually a webhook) to writing it to the mirror.",
             buckets=FRESHNESS_BUCKETS,
+            namespace=ns,
+            registry=reg,
+        )
+
+        # ---- outbound delivery and the stream (subscriptions are few and made by the
+        # operator: their ids are a small, fixed set of label values) ---------------------
+        self.deliveries_total = Counter(
+            "deliveries",
+            "Delivery attempts to subscriptions, by subscription id and outcome (delivered: "
+            "a 2xx; failed: anything else, retried).",
+            ["subscription", "outcome"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.delivered_changes_total = Counter(
+            "delivered_changes",
+            "Change-feed rows acknowledged by a subscription.",
+            ["subscription"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.delivery_seconds = Histogram(
+            "delivery_seconds",
+            "Duration of one delivery attempt, sending to the receiver's answer.",
+            buckets=DELIVERY_BUCKETS,
+            namespace=ns,
+            registry=reg,
+        )
+        self.subscription_lag_changes = Gauge(
+            "subscription_lag_changes",
+            "Change-feed rows after a subscription's cursor (of every kind).",
+            ["subscription"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.subscription_paused = Gauge(
+            "subscription_paused",
+            "1 while a subscription is paused (by the operator, or after failing for "
+            "EVENTSYNC_SUBSCRIPTION_PAUSE_AFTER), else 0.",
+            ["subscription"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.subscription_failing_seconds = Gauge(
+            "subscription_failing_seconds",
+            "Seconds since a subscription's last 2xx, while its deliveries fail; 0 otherwise.",
+            ["subscription"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.subscription_pauses_total = Counter(
+            "subscription_pauses",
+            "Subscriptions paused because they kept failing.",
+            namespace=ns,
+            registry=reg,
+        )
+        self.stream_clients = Gauge(
+            "stream_clients",
+            "Open GET /changes/stream connections.",
             namespace=ns,
             registry=reg,
         )

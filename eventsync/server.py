@@ -12,6 +12,7 @@ from aiohttp import web
 from eventsync.errors import ConfigError
 from eventsync.ingest.webhook import json_error
 from eventsync.logging import debug_enabled, get_logger
+from eventsync.stream import stream_handler
 
 if TYPE_CHECKING:
     from eventsync.service import Service
@@ -128,6 +129,16 @@ def build_app(service: Service) -> web.Application:
 
     app.router.add_post(WEBHOOK_ROUTE, service.receiver.handle)
     app.router.add_get("/changes", changes)
+    app.router.add_get(
+        "/changes/stream",
+        stream_handler(
+            service.store,
+            service.feed,
+            service.stop_event,
+            service.metrics,
+            lambda: service.settings.stream_heartbeat,
+        ),
+    )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)

@@ -16,9 +16,11 @@ from aiohttp import web
 from eventsync.aio import wait_any
 from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
+from eventsync.delivery import Delivery, subscription_status
 from eventsync.dispatch import Dispatcher, backoff
 from eventsync.errors import AuthError, ConfigError
 from eventsync.events import DIFF_KEY, FETCH, IGNORED, PERMISSIONS, ROUTES, THOROUGH, Event
+from eventsync.feed import FeedWatch
 from eventsync.handlers import Handlers
 from eventsync.ingest.auditlog import LAST_POLL, AuditPoller
 from eventsync.ingest.inbox import Inbox
@@ -62,7 +64,15 @@ def _sweep_key(item: tuple[str, list[str]]) -> str:
 
 EVENT_RETENTION = 86400.0  # events are kept a day, for pairing and inspection
 LONG_LIVED = frozenset(
-    {"audit poller", "dispatcher", "periodic reconcile", "housekeeping", "token watch"}
+    {
+        "audit poller",
+        "dispatcher",
+        "periodic reconcile",
+        "housekeeping",
+        "token watch",
+        "feed watch",
+        "delivery",
+    }
 )
 READY_API_AGE = 300.0  # /readyz: BookStack answered within this many seconds
 # "<since, ISO> <BookStack's refusal>" while BookStack rejects the API token, for `status`
@@ -105,6 +115,7 @@ async def status_data(store: Store, queue: JobQueue) -> dict[str, Any]:
             "last_cycle_seconds": num(SWEEP_CYCLE, float),
             "cycle_started_at": num(SWEEP_STARTED, float),
         },
+        "subscriptions": await subscription_status(store),
     }
 
 
@@ -148,6 +159,18 @@ class Service:
         )
         self.stop_event = asyncio.Event()
         self.synced = asyncio.Event()
+        # Outbound: the live stream and the subscriptions, woken as the change feed grows.
+        self.feed = FeedWatch(store)
+        self.delivery = Delivery(
+            store,
+            self.feed,
+            self.metrics,
+            allow_private=settings.subscriptions_allow_private,
+            timeout=settings.subscription_timeout,
+            retry_max=settings.subscription_retry_max,
+            pause_after=settings.subscription_pause_after,
+            batch_size=settings.subscription_batch_size,
+        )
         self.port: int | None = None
         # Client counters already reported to Prometheus (its counters only go up by deltas).
         self._reported: Counter[Any] = Counter()
@@ -204,6 +227,8 @@ class Service:
         self._spawn(self._housekeeping(), "housekeeping")
         self._spawn(self._resilient(self._sweep), "sweep")
         self._spawn(self._resilient(self._watch_token), "token watch")
+        self._spawn(self._resilient(lambda: self.feed.run(self.stop_event)), "feed watch")
+        self._spawn(self._resilient(lambda: self.delivery.run(self.stop_event)), "delivery")
         interval = self.notifier.watchdog_timeout
         if interval:
             self._spawn(watchdog_loop(self.notifier, self.healthy, interval / 2), "watchdog")
@@ -644,3 +669,4 @@ class Service:
         for kind in KINDS:
             self.metrics.mirror_entities.labels(kind=kind).set(counts[kind])
         self.metrics.changes_seq.set(await self.store.last_seq())
+        await self.delivery.refresh_metrics()

@@ -36,6 +36,14 @@ FAMILIES = {
     "eventsync_mirror_entities": "gauge",
     "eventsync_changes_seq": "gauge",
     "eventsync_freshness_seconds": "histogram",
+    "eventsync_deliveries": "counter",
+    "eventsync_delivered_changes": "counter",
+    "eventsync_delivery_seconds": "histogram",
+    "eventsync_subscription_lag_changes": "gauge",
+    "eventsync_subscription_paused": "gauge",
+    "eventsync_subscription_failing_seconds": "gauge",
+    "eventsync_subscription_pauses": "counter",
+    "eventsync_stream_clients": "gauge",
 }
 
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from eventsync.errors import EventsyncError
+from eventsync.store.states import change_state
 
 T = TypeVar("T")
 
@@ -292,6 +293,9 @@ class Store:
         self.path = path
         self._closed = False
         self._lock = asyncio.Lock()
+        # Called after each commit that wrote to the change feed: feed.FeedWatch wakes the
+        # stream and the deliveries with it, instead of their polling the table.
+        self.on_feed_commit: list[Callable[[], None]] = []
 
     @classmethod
     async def open(cls, path: Path | str) -> Store:
@@ -352,6 +356,9 @@ class Store:
             raise
         else:
             await self._db.execute("COMMIT")
+            if tx.changed:
+                for listener in self.on_feed_commit:
+                    listener()
 
     async def run_tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` in one write transaction on the database thread: a single hop between
@@ -711,18 +718,20 @@ class Tx:
         data: Any = None,
     ) -> None:
         self.changed += 1
-        await self._db.execute(
-            "INSERT INTO changes (changed_at, op, entity, entity_id, content_type, data) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                self._now,
-                op,
-                entity,
-                entity_id,
-                content_type,
-                None if data is None else json.dumps(data, sort_keys=True),
-            ),
-        )
+        payload = None if data is None else json.dumps(data, sort_keys=True)
+
+        def record(conn: sqlite3.Connection) -> None:
+            # The row as this change left it, read in its transaction: a delivery made later
+            # says what this change did, not what a later one did (store/states.py). One hop
+            # to the database thread, as the INSERT alone took.
+            state = change_state(conn, op, entity, entity_id, content_type, data)
+            conn.execute(
+                "INSERT INTO changes (changed_at, op, entity, entity_id, content_type, data, "
+                "state) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (self._now, op, entity, entity_id, content_type, payload, state),
+            )
+
+        await self.run(record)
 
     async def set_state(self, key: str, value: str | int | float) -> None:
         await self._db.execute(
