@@ -458,5 +458,9 @@ async def test_default_permissions_in_bulk_follow_the_rules_of_one(
     assert [r[0] for r in roles] == [2]
     feed = [(c["entity"], c["entity_id"]) for c in await store.changes(after=seq)]
     assert sorted(feed) == [("permissions", 1), ("permissions", 3)]
+    # Each carries the permission row as it left it, as every change row does.
+    rows = await store.fetchall("SELECT entity_id, state FROM changes WHERE seq > ?", (seq,))
+    states = {r[0]: json.loads(r[1]) if r[1] else None for r in rows}
+    assert states[1] is not None and states[1]["inheriting"] is True, states
     async with store.transaction() as tx:
         assert await tx.set_default_permissions("page", [(1, 7), (3, 9)], T0 + 20) == 0

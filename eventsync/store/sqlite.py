@@ -1280,9 +1280,14 @@ class Tx:
                     (content_type, content_id, new_owner, read_at),
                 )
                 conn.execute(
-                    "INSERT INTO changes (changed_at, op, entity, entity_id, content_type, data) "
-                    "VALUES (?, 'upsert', 'permissions', ?, ?, NULL)",
-                    (now, content_id, content_type),
+                    "INSERT INTO changes (changed_at, op, entity, entity_id, content_type, data, "
+                    "state) VALUES (?, 'upsert', 'permissions', ?, ?, NULL, ?)",
+                    (
+                        now,
+                        content_id,
+                        content_type,
+                        change_state(conn, "upsert", "permissions", content_id, content_type, None),
+                    ),
                 )
                 changed += 1
             return changed
