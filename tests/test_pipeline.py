@@ -14,6 +14,7 @@ import asyncio
 import io
 import json
 import random
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -31,10 +32,10 @@ from eventsync.dispatch import Dispatcher
 from eventsync.events import from_webhook
 from eventsync.handlers import Handlers
 from eventsync.ingest.auditlog import AuditPoller
-from eventsync.reconcile import Reconciler
+from eventsync.reconcile import AUDIT_CURSOR, Reconciler
 from eventsync.service import Service
 from eventsync.store.queue import JobQueue
-from eventsync.store.sqlite import Store
+from eventsync.store.sqlite import Store, Tx
 from eventsync.testing import FakeBookStack
 
 SECRET = "pipeline-test-secret-0123456789"
@@ -419,6 +420,61 @@ async def test_an_event_older_than_the_last_fetch_costs_none(
     )
     assert [r[1] for r in rows] == ["covered", "covered"]  # older than the read; paired
     await converge(svc, fake)
+
+
+# ---- 3b. the audit cursor moves with the events it covers ------------------------------------
+
+
+async def test_the_audit_cursor_moves_only_in_the_transaction_storing_its_events(
+    make_fake: FakeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DESIGN 1: the cursor advances in the same transaction that stores the events it
+    covers. A poll whose events cannot be stored (the database failing) leaves the cursor
+    where it was, and one whose cursor cannot be stored keeps none of its events: either
+    way the next poll reads the same rows again and nothing is lost."""
+    fake = await make_fake()
+    async with client_for(fake) as client, await Store.open(tmp_path / "cursor.db") as store:
+        assert (await Reconciler(client, store).full_sync(set_cursor=True)).complete
+        queue = JobQueue(store)
+        poller = AuditPoller(client, queue)
+        before = await poller.cursor()
+        await fake.update_page(3, html="<p>polled 3</p>")
+        await fake.update_page(4, html="<p>polled 4</p>")
+        head = fake.state.activities[-1].id
+        assert before is not None and head > before
+
+        async def audit_events() -> int:
+            row = await store.fetchone("SELECT count(*) FROM events WHERE source = 'audit'")
+            assert row is not None
+            return int(row[0])
+
+        async def events_fail(*args: Any, **kwargs: Any) -> list[str]:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(queue, "record_many", events_fail)
+            with pytest.raises(sqlite3.OperationalError):
+                await poller.poll_once()
+        assert await poller.cursor() == before
+        assert await audit_events() == 0 and await queue.depth() == 0
+
+        set_state = Tx.set_state
+
+        async def cursor_fails(self: Tx, key: str, value: Any) -> None:
+            if key == AUDIT_CURSOR:
+                raise sqlite3.OperationalError("disk I/O error")
+            await set_state(self, key, value)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Tx, "set_state", cursor_fails)
+            with pytest.raises(sqlite3.OperationalError):
+                await poller.poll_once()
+        assert await poller.cursor() == before
+        assert await audit_events() == 0 and await queue.depth() == 0
+
+        assert await poller.poll_once() == 2
+        assert await poller.cursor() == head
+        assert {r[0] for r in await store.fetchall("SELECT key FROM jobs")} == {"page:3", "page:4"}
 
 
 # ---- 4. a poison event does not block the queue ---------------------------------------------
