@@ -728,6 +728,56 @@ async def test_rapid_updates_to_one_page_coalesce_into_one_job(
         assert (await store.export())["pages"] == fake.truth()["pages"]
 
 
+async def test_events_for_a_running_job_wait_for_it_and_run_it_once_more(
+    make_fake: FakeFactory, tmp_path: Path
+) -> None:
+    """DESIGN 3: while page:9's job runs, no second job for page 9 can start; the events that
+    arrive meanwhile (an edit and a permission change) merge into it, with their hints, and
+    it runs exactly once more after it finished."""
+    fake = await make_fake()
+    async with client_for(fake) as client, await Store.open(tmp_path / "inflight.db") as store:
+        reconciler = Reconciler(client, store)
+        assert (await reconciler.full_sync(set_cursor=True)).complete
+        queue = JobQueue(store)
+        poller = AuditPoller(client, queue)
+        dispatcher = Dispatcher(queue, Handlers(client, store, queue, reconciler), concurrency=4)
+        entered, release = asyncio.Event(), asyncio.Event()
+        read = client.read
+
+        async def held_read(path: str, params: Any = None) -> Any:
+            if path == "/api/pages/9" and not entered.is_set():
+                entered.set()
+                await release.wait()
+            return await read(path, params)
+
+        client.read = held_read  # type: ignore[method-assign]
+        await fake.update_page(9, html="<p>first</p>")
+        assert await poller.poll_once() == 1
+        fake.reset_requests()
+        drained = asyncio.create_task(dispatcher.drain(10))
+        await asyncio.wait_for(entered.wait(), 5)
+
+        await fake.update_page(9, name="Renamed while its job ran")
+        await fake.set_permissions("page", 9, fallback=NO_VIEW)
+        assert await poller.poll_once() == 2
+        jobs = await store.fetchall("SELECT key, hints, events, leased_by FROM jobs")
+        assert [(r[0], json.loads(r[1]), r[2]) for r in jobs] == [
+            ("page:9", ["fetch", "permissions"], 3)
+        ]
+        assert jobs[0][3] is not None  # still leased by the running job
+        assert await queue.lease(10) == []  # nothing for another worker to start
+        assert dispatcher.in_flight == 1
+
+        release.set()
+        assert await drained
+        assert reads_of(fake, "/api/pages/9") == 2  # the held run, then one more
+        assert reads_of(fake, "/api/content-permissions/page/9") == 1
+        assert await queue.depth() == 0
+        mirror, truth = await store.export(), fake.truth()
+        assert mirror["pages"] == truth["pages"]
+        assert mirror["permissions"] == truth["permissions"]
+
+
 # ---- 7. the change feed -----------------------------------------------------------------------
 
 
