@@ -16,6 +16,7 @@ import json
 import random
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -370,6 +371,7 @@ async def test_a_webhook_and_its_audit_row_cost_one_fetch(
     ]
     svc = await make_service(fake)
     fake.reset_requests()
+    polls = svc.poller.polls
     for page in pages:
         await fake.update_page(page, html=f"<p>changed {page}</p>")
     last_activity = fake.state.activities[-1].id
@@ -381,6 +383,12 @@ async def test_a_webhook_and_its_audit_row_cost_one_fetch(
     await eventually(settled, 10, "audit rows polled and jobs done")
     await converge(svc, fake)
     assert [reads_of(fake, f"/api/pages/{p}") for p in pages] == [1] * len(pages)
+    # And nothing else but one audit-log request per poll (give or take the poll under way
+    # at either end): one request per changed entity.
+    routes = Counter(r.route for r in fake.requests)
+    done = svc.poller.polls - polls
+    assert done - 1 <= routes.pop("/api/audit-log", 0) <= done + 1, (done, routes)
+    assert routes == {"/api/pages/{id}": len(pages)}, routes
     rows = await svc.store.fetchall(
         "SELECT source, outcome, paired FROM events WHERE type = 'page_update'"
     )
