@@ -28,9 +28,11 @@ from aiohttp import web
 from helpers import client_for, eventually, first_difference
 
 import eventsync.dispatch
+from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
 from eventsync.dispatch import Dispatcher
-from eventsync.events import from_webhook
+from eventsync.errors import EventsyncError
+from eventsync.events import FETCH, from_webhook
 from eventsync.handlers import Handlers
 from eventsync.ingest.auditlog import AuditPoller
 from eventsync.reconcile import AUDIT_CURSOR, Reconciler
@@ -533,6 +535,49 @@ async def test_poison_job_is_dead_lettered_and_retried_once_fixed(
         assert await queue.dead_letters() == []
         assert await dispatcher.drain(5.0)
         assert await store.export() == fake.truth()
+
+
+@pytest.mark.parametrize("draw", ["low", "high"])
+async def test_a_failed_job_backs_off_exponentially_with_full_jitter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, draw: str
+) -> None:
+    """DESIGN 5: a job that failed is due again after a random time between 0 and a bound
+    that doubles with each attempt. With the random draw pinned to one end of its range the
+    delays are exactly 0 or exactly the bounds: a retry without back-off, or one without
+    jitter, cannot give both."""
+    draws: list[tuple[float, float]] = []
+
+    def uniform(low: float, high: float) -> float:
+        draws.append((low, high))
+        return low if draw == "low" else high
+
+    monkeypatch.setattr(random, "uniform", uniform)
+    async with (
+        BookStackClient("http://127.0.0.1:9", "id", "secret") as client,
+        await Store.open(tmp_path / "backoff.db") as store,
+    ):
+        queue = JobQueue(store, max_attempts=10)
+        handlers = Handlers(client, store, queue, Reconciler(client, store))
+
+        async def flaky(job: Any) -> str:
+            raise EventsyncError("a failure that may pass")
+
+        monkeypatch.setattr(handlers, "run", flaky)
+        dispatcher = Dispatcher(queue, handlers, last_answer=time.time)
+        await queue.enqueue("page:3", [FETCH])
+        bounds = [eventsync.dispatch.BACKOFF_BASE * 2**n for n in range(4)]
+        delays = []
+        for attempt, _ in enumerate(bounds):
+            (job,) = await queue.lease(1, now=time.time() + 3600)
+            assert job.attempts == attempt
+            failed_at = time.time()
+            await dispatcher._process(job)
+            row = await store.fetchone("SELECT not_before, attempts FROM jobs")
+            assert row is not None and row[1] == attempt + 1
+            delays.append(row[0] - failed_at)
+        assert draws == [(0, b) for b in bounds]
+        expected = [0.0] * len(bounds) if draw == "low" else bounds
+        assert delays == [pytest.approx(d, abs=0.2) for d in expected]
 
 
 @pytest.mark.parametrize(
