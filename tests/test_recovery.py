@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -19,11 +20,15 @@ from structlog.testing import capture_logs
 from eventsync import cli
 from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
+from eventsync.events import DIFF_KEY, THOROUGH
+from eventsync.ingest.auditlog import AuditPoller
 from eventsync.reconcile import Reconciler
 from eventsync.service import Service
+from eventsync.store.queue import JobQueue
 from eventsync.store.sqlite import Store
 from eventsync.testing import FakeBookStack
 from eventsync.testing.models import ALL_PERMISSIONS
+from eventsync.testing.state import ADMIN_ROLE_ID, ADMIN_USER_ID, GUEST_USER_ID
 
 SECRET = "recovery-test-secret-0123456789"
 RPM = 100_000
@@ -85,34 +90,76 @@ async def converged(svc: Service, fake: FakeBookStack) -> bool:
     return await svc.store.export() == fake.truth()
 
 
+def an_hour_behind() -> datetime:
+    """BookStack's clock an hour behind ours: no row is "changed within the second of its
+    read" (reconcile.RACE_WINDOW), so a plain listing diff re-reads only what its listings
+    show changed, and what only a gap's thorough diff can find stays unfound without it."""
+    return datetime.now(UTC) - timedelta(hours=1)
+
+
+async def swap_roles_keeping_counts(fake: FakeBookStack, *, silently: bool = False) -> None:
+    """Two users trade roles: every role keeps its users_count and no user's updated_at moves
+    (a pivot sync), so no listing shows it; only reading the roles does. `silently`: as SSO
+    group sync does it, with no event at all."""
+    single = {
+        u: next(iter(rec.roles))
+        for u, rec in sorted(fake.state.users.items())
+        if u not in (ADMIN_USER_ID, GUEST_USER_ID)
+        and len(rec.roles) == 1
+        and ADMIN_ROLE_ID not in rec.roles
+    }
+    one = next(iter(single))
+    other = next(u for u, role in single.items() if role != single[one])
+    role_of_one, role_of_other = single[one], single[other]
+    if silently:
+        await fake.sso_group_sync(one, [role_of_other])
+        await fake.sso_group_sync(other, [role_of_one])
+    else:
+        await fake.update_user(one, roles=[role_of_other])
+        await fake.update_user(other, roles=[role_of_one])
+
+
+def gap_lines(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The log's warnings that a gap was found (DESIGN 7: each gap says so in the log)."""
+    return [e for e in entries if e["log_level"] == "warning" and "gap" in e["event"]]
+
+
 async def test_audit_log_cleared_while_down_is_a_gap_and_converges(tmp_path: Path) -> None:
-    async with FakeBookStack(requests_per_minute=RPM) as fake:
+    no_view = {"view": False, "create": False, "update": False, "delete": False}
+    async with FakeBookStack(requests_per_minute=RPM, clock=an_hour_behind) as fake:
         fake.seed(pages=60, books=4, seed=3)
         for i in range(5):
             await fake.update_page(1 + i, html=f"<p>before {i}</p>")
+        await fake.set_permissions("page", 5, fallback=no_view)
         settings = settings_for(fake, tmp_path / "m.db")
         async with running(settings) as svc:
             await svc.poller.poll_once()
+            await svc.dispatcher.drain(10)
             cursor_before = await svc.poller.cursor()
+            assert await converged(svc, fake)
         assert cursor_before is not None and cursor_before >= 5
         # While eventsync is down: changes, then the log is cleared (ids restart at 1). The
-        # permission change and the role swap move no listing field: only a diff that
-        # re-reads permissions and roles (as a gap's does) can find them.
+        # new rows of a page already restricted and the role swap move no listing field and
+        # keep the {is_restricted} search as it was: only a diff that re-reads permissions
+        # and roles (as a gap's does; the start-up diff does not) can find them.
         await fake.update_book(2, name="Renamed while down")
         await fake.delete_page(3)
-        no_view = {"view": False, "create": False, "update": False, "delete": False}
-        await fake.set_permissions("page", 5, fallback=no_view)
-        await fake.update_user(5, roles=[4])
-        await fake.update_user(6, roles=[3])
+        viewers = [{"role_id": 3, "view": True, "create": False, "update": False, "delete": False}]
+        await fake.set_permissions("page", 5, fallback=no_view, role_permissions=viewers)
+        await swap_roles_keeping_counts(fake)
         fake.clear_activity()
         await fake.update_page(4, html="<p>after clear</p>")
-        async with running(settings) as svc:
-            await eventually(lambda: _has_gap(svc))
-            # The gap queues a diff sync; it finds the rename and the delete.
-            await svc.dispatcher.drain(20)
-            mirror = await svc.store.export()
-            assert mirror == fake.truth(), first_difference(mirror, fake.truth())
-            assert int(await svc.store.get_state("audit_cursor") or -1) < cursor_before
+        with capture_logs() as entries:
+            async with running(settings) as svc:
+                await eventually(lambda: _has_gap(svc))
+                assert await svc.store.get_state("audit_gap") is not None
+                # The gap queues a thorough diff sync; it finds all of it, and closes the gap.
+                await svc.dispatcher.drain(20)
+                mirror = await svc.store.export()
+                assert mirror == fake.truth(), first_difference(mirror, fake.truth())
+                assert await svc.store.get_state("audit_gap") is None
+                assert int(await svc.store.get_state("audit_cursor") or -1) < cursor_before
+        assert any("below our cursor" in str(e.get("reason")) for e in gap_lines(entries))
 
 
 async def _has_gap(svc: Service) -> bool:
@@ -121,13 +168,16 @@ async def _has_gap(svc: Service) -> bool:
 
 
 async def test_webhook_never_in_audit_log_is_a_gap(tmp_path: Path) -> None:
-    async with FakeBookStack(requests_per_minute=RPM) as fake:
+    async with FakeBookStack(requests_per_minute=RPM, clock=an_hour_behind) as fake:
         fake.seed(pages=30, books=3, seed=4)
         settings = settings_for(fake, tmp_path / "m.db", webhook_confirm_grace=0.5)
         async with running(settings) as svc:
             page = fake.truth()["pages"][1]
-            # A webhook for an activity the audit log never shows (as when the log is being
-            # cleared, or the token's audit view is not what we think).
+            # What the audit log does not show (as when it is being cleared, or the token's
+            # audit view is not what we think) may include changes no listing shows either:
+            # only the gap's thorough diff can find these.
+            await swap_roles_keeping_counts(fake, silently=True)
+            # A webhook for an activity the audit log never shows.
             body = {
                 "event": "page_update",
                 "text": "Admin updated page",
@@ -144,15 +194,120 @@ async def test_webhook_never_in_audit_log_is_a_gap(tmp_path: Path) -> None:
                 },
             }
             url = f"http://127.0.0.1:{svc.port}/webhooks/bookstack/{SECRET}"
-            async with aiohttp.ClientSession() as http, http.post(url, json=body) as resp:
-                assert resp.status == 202
-            assert await svc.store.get_state("last_gap") is None
-            await eventually(lambda: _state_is_set(svc, "last_gap"), timeout=10)
+            with capture_logs() as entries:
+                async with aiohttp.ClientSession() as http, http.post(url, json=body) as resp:
+                    assert resp.status == 202
+                assert await svc.store.get_state("last_gap") is None
+                await eventually(lambda: _state_is_set(svc, "last_gap"), timeout=10)
             gap = await svc.store.get_state("last_gap")
             assert gap is not None and "never appeared in the audit log" in gap
-            # The gap queued a diff sync.
+            assert any("never appeared" in str(e.get("reason")) for e in gap_lines(entries))
+            # The gap queued a thorough diff sync, which closes it.
             await svc.dispatcher.drain(20)
+            mirror = await svc.store.export()
+            assert mirror == fake.truth(), first_difference(mirror, fake.truth())
+            assert await svc.store.get_state("audit_gap") is None
+
+
+async def test_downtime_longer_than_the_audit_log_covers_is_a_gap(tmp_path: Path) -> None:
+    """DESIGN 7: down for longer than EVENTSYNC_MAX_DOWNTIME (what the audit log is trusted
+    to cover) is a gap: said in the log, and a thorough diff finds what the log lost."""
+    async with FakeBookStack(requests_per_minute=RPM, clock=an_hour_behind) as fake:
+        fake.seed(pages=30, books=3, seed=4)
+        settings = settings_for(fake, tmp_path / "m.db", max_downtime=600)
+        async with running(settings) as svc:
+            await svc.poller.poll_once()
             assert await converged(svc, fake)
+        # The last successful poll was an hour ago; meanwhile, changes no listing shows.
+        async with await Store.open(settings.database) as store, store.transaction() as tx:
+            await tx.set_state("audit_last_poll_at", time.time() - 3600)
+        await swap_roles_keeping_counts(fake, silently=True)
+        with capture_logs() as entries:
+            async with running(settings) as svc:
+                await eventually(lambda: _state_is_set(svc, "last_gap"), timeout=10)
+                await svc.dispatcher.drain(20)
+                mirror = await svc.store.export()
+                assert mirror == fake.truth(), first_difference(mirror, fake.truth())
+                assert await svc.store.get_state("audit_gap") is None
+                gap = await svc.store.get_state("last_gap")
+        assert gap is not None and "longer than EVENTSYNC_MAX_DOWNTIME" in gap
+        assert any("MAX_DOWNTIME" in str(e.get("reason")) for e in gap_lines(entries))
+
+
+GAP_REASONS = {
+    "cleared": "is below our cursor",
+    "cleared and refilled": "is no longer the activity we read",
+    "pruned": "we had read is gone",
+}
+
+
+@pytest.mark.parametrize("how", list(GAP_REASONS))
+async def test_an_audit_log_cleared_or_pruned_past_the_cursor_is_a_gap(
+    tmp_path: Path, how: str
+) -> None:
+    """DESIGN 7, each way the rows behind our cursor can go: a cleared log whose ids restart
+    below it, one refilled past it (another activity now has our cursor's id), and one
+    pruned up to it. Each is a gap, said in the log, that queues a thorough diff; the new
+    log is read from its start."""
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=20, books=2, seed=5)
+        async with client_for(fake) as client, await Store.open(tmp_path / "m.db") as store:
+            assert (await Reconciler(client, store).full_sync(set_cursor=True)).complete
+            queue = JobQueue(store)
+            poller = AuditPoller(client, queue)
+            for page in (1, 2, 3):
+                await fake.update_page(page, html=f"<p>read {page}</p>")
+            await poller.poll_once()
+            cursor = await poller.cursor()
+            assert cursor is not None and cursor >= 3
+            if how == "cleared":
+                fake.clear_activity()
+                await fake.update_page(4, html="<p>after the clear</p>")
+            elif how == "cleared and refilled":
+                fake.clear_activity()
+                for _ in range(cursor + 2):
+                    await fake.log_ignored_activity("auth_login", "standard; (1) Admin")
+            else:
+                await fake.update_page(4, html="<p>after the cursor</p>")
+                await fake.update_page(5, html="<p>after the cursor</p>")
+                fake.state.activities[:] = [a for a in fake.state.activities if a.id > cursor]
+            with capture_logs() as entries:
+                await poller.poll_once()
+            gap = await store.get_state("last_gap")
+            assert gap is not None and GAP_REASONS[how] in gap, gap
+            assert any(GAP_REASONS[how] in str(e.get("reason")) for e in gap_lines(entries))
+            row = await store.fetchone("SELECT payload FROM jobs WHERE key = ?", (DIFF_KEY,))
+            assert row is not None and json.loads(row[0]) == THOROUGH
+            assert await poller.cursor() == fake.state.activities[-1].id
+
+
+async def test_an_activity_committed_after_a_later_one_is_read_by_the_overlap(
+    tmp_path: Path,
+) -> None:
+    """DESIGN 7: ids are assigned before commit, so a lower id can become visible after a
+    higher one; each poll re-reads a small overlap behind its cursor and dedupes it by
+    activity id."""
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=20, books=2, seed=5)
+        async with client_for(fake) as client, await Store.open(tmp_path / "m.db") as store:
+            assert (await Reconciler(client, store).full_sync(set_cursor=True)).complete
+            queue = JobQueue(store)
+            poller = AuditPoller(client, queue)
+            await fake.update_page(3, html="<p>its transaction commits late</p>")
+            late = fake.state.activities[-1]
+            late.committed = False
+            await fake.update_page(4, html="<p>committed at once</p>")
+            assert await poller.poll_once() == 1
+            assert (await poller.cursor() or 0) > late.id
+            late.committed = True
+            assert await poller.poll_once() == 1  # page 3's row; page 4's is not new again
+            jobs = await store.fetchall("SELECT key, events FROM jobs ORDER BY key")
+            assert [tuple(r) for r in jobs] == [("page:3", 1), ("page:4", 1)]
+            rows = await store.fetchall(
+                "SELECT activity_id FROM events WHERE source = 'audit' AND type = 'page_update'"
+            )
+            assert sorted(r[0] for r in rows) == [late.id, late.id + 1]
+            assert await store.get_state("last_gap") is None
 
 
 async def test_duplicated_webhooks_are_not_a_gap(tmp_path: Path) -> None:
