@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -462,6 +463,61 @@ async def test_outage_of_eventsync_during_200_changes_then_reconcile(
         # The 10 permission changes; the 30 new pages' default permissions cost no read.
         assert counts["/api/content-permissions/{type}/{id}"] == 10
         assert "consistent" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how", ["cleared", "down too long"])
+async def test_reconcile_after_a_gap_diffs_everything_thoroughly(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    how: str,
+) -> None:
+    """DESIGN 7 for `eventsync reconcile`: a cleared audit log, or a downtime longer than
+    EVENTSYNC_MAX_DOWNTIME, makes it a diff of everything that re-reads every item's
+    permissions, and it says why; its plain listing diff could not find what changed here."""
+    no_view = {"view": False, "create": False, "update": False, "delete": False}
+    viewers = [{"role_id": 3, "view": True, "create": False, "update": False, "delete": False}]
+    async with FakeBookStack(requests_per_minute=RPM, clock=an_hour_behind) as fake:
+        fake.seed(pages=30, books=3, shelves=1, seed=4)
+        shelf = fake.truth()["shelves"][0]
+        book = shelf["books"][0]
+        await fake.set_permissions("book", book, fallback=no_view)
+        await fake.set_permissions("bookshelf", shelf["id"], role_permissions=viewers)
+        for page in (1, 2, 3):
+            await fake.update_page(page, html=f"<p>read {page}</p>")
+        settings = settings_for(fake, tmp_path / "m.db")
+        async with running(settings) as svc:
+            await svc.poller.poll_once()
+            await svc.dispatcher.drain(10)
+            assert (await svc.poller.cursor() or 0) >= 3
+        # The book, restricted already, takes the shelf's rows: no event, no timestamp moves,
+        # and the {is_restricted} search shows it as before.
+        assert book in await fake.copy_shelf_permissions_to_books(shelf["id"])
+        if how == "cleared":
+            fake.clear_activity()
+            await fake.update_page(4, html="<p>after the clear</p>")
+            said = "diff sync of everything (gap: audit log highest id"
+        else:
+            async with await Store.open(settings.database) as store, store.transaction() as tx:
+                await tx.set_state("audit_last_poll_at", time.time() - 3600)
+            said = "longer than EVENTSYNC_MAX_DOWNTIME"
+        for name in list(os.environ):
+            if name.startswith("EVENTSYNC_"):
+                monkeypatch.delenv(name)
+        monkeypatch.setenv("EVENTSYNC_BOOKSTACK_URL", fake.url)
+        monkeypatch.setenv("EVENTSYNC_BOOKSTACK_TOKEN_ID", fake.token_id)
+        monkeypatch.setenv("EVENTSYNC_BOOKSTACK_TOKEN_SECRET", fake.token_secret)
+        monkeypatch.setenv("EVENTSYNC_DATABASE", str(tmp_path / "m.db"))
+        monkeypatch.setenv("EVENTSYNC_REQUESTS_PER_MINUTE", str(RPM))
+        monkeypatch.setenv("EVENTSYNC_MAX_DOWNTIME", "600")
+        monkeypatch.chdir(tmp_path)
+        capsys.readouterr()
+        args = cli.build_parser().parse_args(["reconcile"])
+        assert await cli.cmd_reconcile(cli.load_settings(), args) == cli.EXIT_OK
+        assert said in capsys.readouterr().err
+        async with await Store.open(tmp_path / "m.db") as store:
+            mirror = await store.export()
+        assert mirror == fake.truth(), first_difference(mirror, fake.truth())
 
 
 async def test_diff_sync_refreshes_pages_that_include_a_changed_page(tmp_path: Path) -> None:
