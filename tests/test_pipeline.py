@@ -28,11 +28,12 @@ from aiohttp import web
 from helpers import client_for, eventually, first_difference
 
 import eventsync.dispatch
+import eventsync.handlers
 from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
 from eventsync.dispatch import Dispatcher
 from eventsync.errors import EventsyncError
-from eventsync.events import FETCH, from_webhook
+from eventsync.events import EXPECT_GONE, EXPECT_PRESENT, FETCH, from_webhook
 from eventsync.handlers import Handlers
 from eventsync.ingest.auditlog import AuditPoller
 from eventsync.reconcile import AUDIT_CURSOR, Reconciler
@@ -746,6 +747,39 @@ async def test_early_webhooks_settle_without_the_audit_log(
     assert mirror["users"] == truth["users"]
     assert mirror["roles"] == truth["roles"]
     assert members and all(4 in u["roles"] for u in mirror["users"] if u["id"] in members)
+
+
+@pytest.mark.parametrize(
+    ("key", "hint", "route"),
+    [
+        ("user:999", EXPECT_PRESENT, "/api/users/999"),  # a created user that never shows
+        ("role:3", EXPECT_GONE, "/api/roles/3"),  # a deleted role that stays
+    ],
+)
+async def test_an_early_webhook_that_never_settles_is_rechecked_a_bounded_number_of_times(
+    make_fake: FakeFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    key: str,
+    hint: str,
+    route: str,
+) -> None:
+    """DESIGN 8: the re-checks are bounded; after the last one what BookStack shows is the
+    truth (written, not failed: no dead letter)."""
+    monkeypatch.setattr(eventsync.handlers, "SETTLE_DELAYS", (0.01, 0.01, 0.01))
+    fake = await make_fake()
+    async with client_for(fake) as client, await Store.open(tmp_path / "settle.db") as store:
+        reconciler = Reconciler(client, store)
+        assert (await reconciler.full_sync(set_cursor=True)).complete
+        queue = JobQueue(store)
+        dispatcher = Dispatcher(queue, Handlers(client, store, queue, reconciler))
+        fake.reset_requests()
+        await queue.enqueue(key, [FETCH, hint])
+        assert await dispatcher.drain(5)
+        assert reads_of(fake, route) == 3 + 1
+        assert dispatcher.settling == 3
+        assert await queue.dead_letters() == []
+        assert await store.export() == fake.truth()
 
 
 async def _has(svc: Service, kind: str, entity_id: int) -> bool:
