@@ -386,18 +386,49 @@ async def test_sweep_catches_changes_that_move_no_timestamp(tmp_path: Path) -> N
             await fake.copy_shelf_permissions_to_books(shelf)  # silent
             user = fake.truth()["users"][-1]["id"]
             await fake.sso_group_sync(user, [2, 3])  # silent
+            # A copied book goes on the shelf with no shelf event and no timestamp moving:
+            # Cloner::cloneBook's Bookshelf::appendBook (FACTS 2.5).
+            copy = await fake.create_book("A copied book")
+            fake.state.shelves[shelf].books.append(copy)
 
             async def swept() -> bool:
                 await svc.dispatcher.drain(5)
                 mirror = await svc.store.export()
                 truth = fake.truth()
-                return mirror["permissions"] == truth["permissions"] and (
-                    mirror["users"] == truth["users"]
+                return all(
+                    mirror[section] == truth[section]
+                    for section in ("permissions", "users", "shelves")
                 )
 
             await eventually(swept, timeout=40)
             status = await svc.status()
             assert status["sweep"]["progress"] is not None
+
+
+async def test_the_sweep_stays_within_its_share_of_the_request_budget(tmp_path: Path) -> None:
+    """DESIGN 9: the sweep verifies every item within one cycle, and spends no more than
+    EVENTSYNC_SWEEP_SHARE of EVENTSYNC_REQUESTS_PER_MINUTE doing it."""
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=10, books=2, shelves=2, roles=3, permission_share=0.3, seed=6)
+        share, budget = 0.05, 6000  # 5 requests a second for the sweep
+        settings = settings_for(
+            fake,
+            tmp_path / "m.db",
+            sweep_share=share,
+            sweep_interval=0,
+            requests_per_minute=budget,
+            probe=False,
+        )
+        async with running(settings) as svc:
+            cost = sum(len(hints) for _, hints in await svc._sweep_items())
+            assert cost >= 10, "too small a cycle to say anything"
+
+            async def cycled() -> bool:
+                return await svc.store.get_state("sweep_last_cycle_seconds") is not None
+
+            await eventually(cycled, timeout=30, what="one sweep cycle")
+            seconds = float(await svc.store.get_state("sweep_last_cycle_seconds") or 0)
+            assert seconds >= 0.9 * cost / (share * budget / 60), (seconds, cost)
 
 
 async def test_outage_of_eventsync_during_200_changes_then_reconcile(
