@@ -346,19 +346,23 @@ async def _state_is_set(svc: Service, key: str) -> bool:
 
 
 async def test_periodic_diff_catches_silent_changes(tmp_path: Path) -> None:
-    async with FakeBookStack(requests_per_minute=RPM) as fake:
+    # BookStack's clock an hour behind: no row is re-read for having changed within the
+    # second of its read, so only the diff's comparison of placement finds the re-sort.
+    async with FakeBookStack(requests_per_minute=RPM, clock=an_hour_behind) as fake:
         fake.seed(pages=80, books=5, seed=5)
         # The probe off: what it finds within a poll, the periodic diff must find alone.
         settings = settings_for(fake, tmp_path / "m.db", reconcile_interval=0.5, probe=False)
         async with running(settings, webhooks_from=fake) as svc:
             # Silent in BookStack (FACTS 2.5 and first section): an attachment, and a
-            # re-sort under a sort rule, which moves priorities but no updated_at. No
-            # handler can derive either; only the diff's listings show them.
+            # re-sort under a sort rule, which moves a chapter's and a page's priority but
+            # no updated_at. No handler can derive either; only the diff's listings show
+            # them, when it compares placement as well as updated_at.
             truth = fake.truth()
             page = truth["pages"][0]["id"]
             await fake.create_attachment(page, "spec.pdf", content=b"%PDF", extension="pdf")
             chapter = fake.state.chapters[truth["chapters"][0]["id"]]
             chapter.priority += 7
+            fake.state.pages[truth["pages"][1]["id"]].priority += 7
 
             async def done() -> bool:
                 await svc.dispatcher.drain(5)
