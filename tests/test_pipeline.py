@@ -29,6 +29,7 @@ from helpers import client_for, eventually, first_difference
 
 import eventsync.dispatch
 import eventsync.handlers
+from eventsync import cli
 from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
 from eventsync.dispatch import Dispatcher
@@ -492,7 +493,10 @@ async def test_the_audit_cursor_moves_only_in_the_transaction_storing_its_events
 
 
 async def test_poison_job_is_dead_lettered_and_retried_once_fixed(
-    make_fake: FakeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_fake: FakeFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setattr(eventsync.dispatch, "BACKOFF_BASE", 0.01)
     fake = await make_fake()
@@ -530,10 +534,27 @@ async def test_poison_job_is_dead_lettered_and_retried_once_fixed(
         assert await queue.depth() == 0
         assert (await store.export())["roles"] != fake.truth()["roles"]
 
-        # Fixed on BookStack's side: the dead letter goes back into the queue and succeeds.
+        # The CLI lists it, with its error.
+        settings = Settings(database=tmp_path / "poison.db")
+
+        async def dead_letters(*args: str) -> str:
+            capsys.readouterr()
+            parsed = cli.build_parser().parse_args(["dead-letters", *args])
+            assert await cli.cmd_dead_letters(settings, parsed) == cli.EXIT_OK
+            return capsys.readouterr().out
+
+        listed = json.loads(await dead_letters("list", "--json"))
+        assert [(d["key"], d["attempts"]) for d in listed] == [("role:4", 2)]
+        assert "500" in listed[0]["error"]
+        text = await dead_letters("list")
+        assert "role:4" in text and "attempts=2" in text and listed[0]["error"] in text
+
+        # Fixed on BookStack's side: the CLI puts the dead letter back and it succeeds.
         fake.faults.fail_listings = set()
-        assert await queue.retry_dead() == 1
+        retried = await dead_letters("retry", str(listed[0]["id"]))
+        assert retried.startswith("1 dead letter(s) queued again"), retried
         assert await queue.dead_letters() == []
+        assert await queue.depth() == 1
         assert await dispatcher.drain(5.0)
         assert await store.export() == fake.truth()
 
