@@ -239,12 +239,27 @@ async def test_user_and_role_events_reach_the_mirror(
     await fake.delete_user(4)
     await converge(svc, fake)
 
-    # Deleting a role moves its members to migrate_to, silently (FACTS 2.5).
+    # A page with a permission row for the role (and one for another role).
+    rows = [
+        {"role_id": role, "view": True, "create": False, "update": False, "delete": False},
+        {"role_id": 3, "view": False, "create": False, "update": False, "delete": False},
+    ]
+    await fake.set_permissions("page", 2, role_permissions=rows)
+    await converge(svc, fake)
+
+    # Deleting a role moves its members to migrate_to, silently (FACTS 2.5), and takes its
+    # permission rows with it, with no event for the items (DESIGN 13: permission rows name
+    # only mirrored roles).
     await fake.delete_role(role, migrate_to=2)
     await converge(svc, fake)
     mirror = await svc.store.export()
     assert role not in {r["id"] for r in mirror["roles"]}
     assert 2 in next(u["roles"] for u in mirror["users"] if u["id"] == other)
+    page_rows = next(
+        p for p in mirror["permissions"] if (p["content_type"], p["content_id"]) == ("page", 2)
+    )
+    assert [r["role_id"] for r in page_rows["role_permissions"]] == [3]
+    assert await svc.store.dangling() == {}
 
 
 @BOTH_VERSIONS
