@@ -1014,9 +1014,14 @@ async def test_without_an_audit_log_api_webhooks_and_diffs_carry_the_mirror(tmp_
         assert not [e for e in entries if "gap" in e["event"]]
 
 
-async def test_losing_audit_access_is_said_once_and_the_polls_stop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lost", ["no access", "no audit-log API"])
+async def test_losing_audit_access_is_said_once_and_the_polls_stop(
+    tmp_path: Path, lost: str
+) -> None:
     """A 403 on the audit log (the token's role lost 'Manage app settings'): no audit access,
-    said once; the poller stops asking (no error per poll), webhooks carry on."""
+    said once; the poller stops asking (no error per poll), webhooks carry on. The same for
+    an HTML 404 (a BookStack from before v23.08, restored in place of a newer one): the
+    poller, not a diff sync, is the first to see it."""
     async with FakeBookStack(requests_per_minute=RPM) as fake:
         # No entity restrictions: the sync user sees what the admin sees.
         fake.seed(pages=20, books=2, permission_share=0.0, seed=2)
@@ -1033,13 +1038,16 @@ async def test_losing_audit_access_is_said_once_and_the_polls_stop(tmp_path: Pat
             async with running(settings, webhooks_from=fake) as svc:
                 await svc.poller.poll_once()
                 assert await svc.poller.cursor() is not None
-                without = [p for p in ALL_PERMISSIONS if p != "settings-manage"]
-                await fake.update_role(role, permissions=without)
+                if lost == "no access":
+                    without = [p for p in ALL_PERMISSIONS if p != "settings-manage"]
+                    await fake.update_role(role, permissions=without)
+                else:
+                    fake.audit_log = False
 
                 async def forbidden() -> bool:
-                    return (await svc.status())["audit_log"] == "no access"
+                    return (await svc.status())["audit_log"] == lost
 
-                await eventually(forbidden, 10, "the poller notices the 403")
+                await eventually(forbidden, 10, "the poller notices the refusal")
                 fake.reset_requests()
                 await asyncio.sleep(1.5)  # five poll intervals
                 assert "/api/audit-log" not in fake.request_counts()
@@ -1050,6 +1058,7 @@ async def test_losing_audit_access_is_said_once_and_the_polls_stop(tmp_path: Pat
 
                 await eventually(synced, 10, "webhooks still reach the mirror")
                 assert (await readyz(svc))[0] == 200
-        said = [e for e in entries if "cannot read the audit log" in e["event"]]
+        words = "cannot read the audit log" if lost == "no access" else "no audit-log API"
+        said = [e for e in entries if words in e["event"]]
         assert len(said) == 1, said
         assert not [e for e in entries if e["log_level"] in ("error", "critical")]
