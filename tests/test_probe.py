@@ -112,7 +112,7 @@ async def test_a_delete_no_event_reports_is_found_by_a_listing_total(tmp_path: P
                 async def gone() -> bool:
                     return await svc.store.get("page", page) is None
 
-                await _within_bound(svc, gone, POLL * TOTAL_PATIENCE + 2.0)
+                await _within_bound(svc, gone, POLL * TOTAL_PATIENCE + BOUND)
             found = [e for e in entries if e["event"] == "silent changes found"]
             assert any("page" in e["diffs"] for e in found), found
 
