@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -196,6 +197,37 @@ async def test_5xx_is_retried_then_succeeds(
     assert client.stats.retries == 2
     assert client.stats.by_route[("/api/pages/{id}", 503)] == 2
     assert client.stats.by_route[("/api/pages/{id}", 200)] == 1
+
+
+@pytest.mark.parametrize("draw", ["low", "high"])
+async def test_5xx_retries_back_off_exponentially_with_full_jitter(
+    serve: ServeFactory, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch, draw: str
+) -> None:
+    """DESIGN 5: each retry waits a random time between 0 and a bound that doubles from
+    backoff_base up to backoff_cap. With the random draw pinned to one end of its range the
+    waits are exactly 0 or exactly the bounds: a retry without back-off, or one without
+    jitter, cannot give both."""
+    draws: list[tuple[float, float]] = []
+
+    def uniform(low: float, high: float) -> float:
+        draws.append((low, high))
+        return low if draw == "low" else high
+
+    monkeypatch.setattr(random, "uniform", uniform)
+    handler, seen = scripted(*[status(503)] * 5, ok({"id": 7}))
+    client = make_client(
+        await serve({"/api/pages/{id}": handler}),
+        max_attempts=6,
+        backoff_base=0.01,
+        backoff_cap=0.05,
+    )
+    with capture_logs() as logs:
+        assert await client.get("/api/pages/7") == {"id": 7}
+    assert len(seen) == 6
+    bounds = [0.01, 0.02, 0.04, 0.05, 0.05]
+    assert draws == [(0, pytest.approx(b)) for b in bounds]
+    waits = [e["wait"] for e in logs if e["event"] == "bookstack.retry"]
+    assert waits == ([0.0] * len(bounds) if draw == "low" else bounds)
 
 
 async def test_2xx_that_is_not_json_is_retried(

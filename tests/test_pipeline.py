@@ -2,8 +2,10 @@
 dispatcher → handlers → SQLite mirror (DESIGN guarantees 2, 3, 4, 8, 10, 11 and the change feed).
 
 Real parts only: the fake BookStack over HTTP on 127.0.0.1 and a real SQLite file in tmp_path.
-The background sweep is off (sweep_share=0) and the periodic diff sync is an hour away, so what
-reaches the mirror here was carried by events and their handlers, not by anti-entropy.
+The background sweep is off (sweep_share=0), the silent-change probe is off (its listing diff
+on a changed `total` would remove what a delete's handler left behind) and the periodic diff
+sync is an hour away, so what reaches the mirror here was carried by events and their
+handlers, not by anti-entropy.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import asyncio
 import io
 import json
 import random
+import sqlite3
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -24,15 +28,19 @@ from aiohttp import web
 from helpers import client_for, eventually, first_difference
 
 import eventsync.dispatch
+import eventsync.handlers
+from eventsync import cli
+from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
 from eventsync.dispatch import Dispatcher
-from eventsync.events import from_webhook
+from eventsync.errors import EventsyncError
+from eventsync.events import EXPECT_GONE, EXPECT_PRESENT, FETCH, from_webhook
 from eventsync.handlers import Handlers
 from eventsync.ingest.auditlog import AuditPoller
-from eventsync.reconcile import Reconciler
+from eventsync.reconcile import AUDIT_CURSOR, Reconciler
 from eventsync.service import Service
 from eventsync.store.queue import JobQueue
-from eventsync.store.sqlite import Store
+from eventsync.store.sqlite import Store, Tx
 from eventsync.testing import FakeBookStack
 
 SECRET = "pipeline-test-secret-0123456789"
@@ -83,6 +91,7 @@ async def make_service(make_fake: FakeFactory, tmp_path: Path) -> AsyncIterator[
                 "requests_per_minute": RPM,
                 "poll_interval": 0.3,
                 "sweep_share": 0.0,
+                "probe": False,
                 **extra,
             }
             settings = Settings(**values)
@@ -230,12 +239,27 @@ async def test_user_and_role_events_reach_the_mirror(
     await fake.delete_user(4)
     await converge(svc, fake)
 
-    # Deleting a role moves its members to migrate_to, silently (FACTS 2.5).
+    # A page with a permission row for the role (and one for another role).
+    rows = [
+        {"role_id": role, "view": True, "create": False, "update": False, "delete": False},
+        {"role_id": 3, "view": False, "create": False, "update": False, "delete": False},
+    ]
+    await fake.set_permissions("page", 2, role_permissions=rows)
+    await converge(svc, fake)
+
+    # Deleting a role moves its members to migrate_to, silently (FACTS 2.5), and takes its
+    # permission rows with it, with no event for the items (DESIGN 13: permission rows name
+    # only mirrored roles).
     await fake.delete_role(role, migrate_to=2)
     await converge(svc, fake)
     mirror = await svc.store.export()
     assert role not in {r["id"] for r in mirror["roles"]}
     assert 2 in next(u["roles"] for u in mirror["users"] if u["id"] == other)
+    page_rows = next(
+        p for p in mirror["permissions"] if (p["content_type"], p["content_id"]) == ("page", 2)
+    )
+    assert [r["role_id"] for r in page_rows["role_permissions"]] == [3]
+    assert await svc.store.dangling() == {}
 
 
 @BOTH_VERSIONS
@@ -289,10 +313,9 @@ async def test_ignored_activity_costs_no_api_request(
         [("webhook", "ignored")] * 3 + [("audit", "ignored")] * 3
     )
     assert await svc.queue.depth() == 0
-    # Nothing but audit polls and the silent-change probe's listings (sort=-updated_at)
-    # and restricted search.
-    others = [r for r in fake.requests if r.route not in ("/api/audit-log", "/api/search")]
-    assert all(r.query.get("sort") == "-updated_at" for r in others), others
+    # Nothing but audit polls (the silent-change probe is off here).
+    others = [r for r in fake.requests if r.route != "/api/audit-log"]
+    assert others == [], others
 
 
 # ---- 2. duplicates, reordering and dropped webhooks still converge --------------------------
@@ -367,6 +390,7 @@ async def test_a_webhook_and_its_audit_row_cost_one_fetch(
     ]
     svc = await make_service(fake)
     fake.reset_requests()
+    polls = svc.poller.polls
     for page in pages:
         await fake.update_page(page, html=f"<p>changed {page}</p>")
     last_activity = fake.state.activities[-1].id
@@ -378,6 +402,12 @@ async def test_a_webhook_and_its_audit_row_cost_one_fetch(
     await eventually(settled, 10, "audit rows polled and jobs done")
     await converge(svc, fake)
     assert [reads_of(fake, f"/api/pages/{p}") for p in pages] == [1] * len(pages)
+    # And nothing else but one audit-log request per poll (give or take the poll under way
+    # at either end): one request per changed entity.
+    routes = Counter(r.route for r in fake.requests)
+    done = svc.poller.polls - polls
+    assert done - 1 <= routes.pop("/api/audit-log", 0) <= done + 1, (done, routes)
+    assert routes == {"/api/pages/{id}": len(pages)}, routes
     rows = await svc.store.fetchall(
         "SELECT source, outcome, paired FROM events WHERE type = 'page_update'"
     )
@@ -419,11 +449,69 @@ async def test_an_event_older_than_the_last_fetch_costs_none(
     await converge(svc, fake)
 
 
+# ---- 3b. the audit cursor moves with the events it covers ------------------------------------
+
+
+async def test_the_audit_cursor_moves_only_in_the_transaction_storing_its_events(
+    make_fake: FakeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DESIGN 1: the cursor advances in the same transaction that stores the events it
+    covers. A poll whose events cannot be stored (the database failing) leaves the cursor
+    where it was, and one whose cursor cannot be stored keeps none of its events: either
+    way the next poll reads the same rows again and nothing is lost."""
+    fake = await make_fake()
+    async with client_for(fake) as client, await Store.open(tmp_path / "cursor.db") as store:
+        assert (await Reconciler(client, store).full_sync(set_cursor=True)).complete
+        queue = JobQueue(store)
+        poller = AuditPoller(client, queue)
+        before = await poller.cursor()
+        await fake.update_page(3, html="<p>polled 3</p>")
+        await fake.update_page(4, html="<p>polled 4</p>")
+        head = fake.state.activities[-1].id
+        assert before is not None and head > before
+
+        async def audit_events() -> int:
+            row = await store.fetchone("SELECT count(*) FROM events WHERE source = 'audit'")
+            assert row is not None
+            return int(row[0])
+
+        async def events_fail(*args: Any, **kwargs: Any) -> list[str]:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(queue, "record_many", events_fail)
+            with pytest.raises(sqlite3.OperationalError):
+                await poller.poll_once()
+        assert await poller.cursor() == before
+        assert await audit_events() == 0 and await queue.depth() == 0
+
+        set_state = Tx.set_state
+
+        async def cursor_fails(self: Tx, key: str, value: Any) -> None:
+            if key == AUDIT_CURSOR:
+                raise sqlite3.OperationalError("disk I/O error")
+            await set_state(self, key, value)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Tx, "set_state", cursor_fails)
+            with pytest.raises(sqlite3.OperationalError):
+                await poller.poll_once()
+        assert await poller.cursor() == before
+        assert await audit_events() == 0 and await queue.depth() == 0
+
+        assert await poller.poll_once() == 2
+        assert await poller.cursor() == head
+        assert {r[0] for r in await store.fetchall("SELECT key FROM jobs")} == {"page:3", "page:4"}
+
+
 # ---- 4. a poison event does not block the queue ---------------------------------------------
 
 
 async def test_poison_job_is_dead_lettered_and_retried_once_fixed(
-    make_fake: FakeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_fake: FakeFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setattr(eventsync.dispatch, "BACKOFF_BASE", 0.01)
     fake = await make_fake()
@@ -461,12 +549,72 @@ async def test_poison_job_is_dead_lettered_and_retried_once_fixed(
         assert await queue.depth() == 0
         assert (await store.export())["roles"] != fake.truth()["roles"]
 
-        # Fixed on BookStack's side: the dead letter goes back into the queue and succeeds.
+        # The CLI lists it, with its error.
+        settings = Settings(database=tmp_path / "poison.db")
+
+        async def dead_letters(*args: str) -> str:
+            capsys.readouterr()
+            parsed = cli.build_parser().parse_args(["dead-letters", *args])
+            assert await cli.cmd_dead_letters(settings, parsed) == cli.EXIT_OK
+            return capsys.readouterr().out
+
+        listed = json.loads(await dead_letters("list", "--json"))
+        assert [(d["key"], d["attempts"]) for d in listed] == [("role:4", 2)]
+        assert "500" in listed[0]["error"]
+        text = await dead_letters("list")
+        assert "role:4" in text and "attempts=2" in text and listed[0]["error"] in text
+
+        # Fixed on BookStack's side: the CLI puts the dead letter back and it succeeds.
         fake.faults.fail_listings = set()
-        assert await queue.retry_dead() == 1
+        retried = await dead_letters("retry", str(listed[0]["id"]))
+        assert retried.startswith("1 dead letter(s) queued again"), retried
         assert await queue.dead_letters() == []
+        assert await queue.depth() == 1
         assert await dispatcher.drain(5.0)
         assert await store.export() == fake.truth()
+
+
+@pytest.mark.parametrize("draw", ["low", "high"])
+async def test_a_failed_job_backs_off_exponentially_with_full_jitter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, draw: str
+) -> None:
+    """DESIGN 5: a job that failed is due again after a random time between 0 and a bound
+    that doubles with each attempt. With the random draw pinned to one end of its range the
+    delays are exactly 0 or exactly the bounds: a retry without back-off, or one without
+    jitter, cannot give both."""
+    draws: list[tuple[float, float]] = []
+
+    def uniform(low: float, high: float) -> float:
+        draws.append((low, high))
+        return low if draw == "low" else high
+
+    monkeypatch.setattr(random, "uniform", uniform)
+    async with (
+        BookStackClient("http://127.0.0.1:9", "id", "secret") as client,
+        await Store.open(tmp_path / "backoff.db") as store,
+    ):
+        queue = JobQueue(store, max_attempts=10)
+        handlers = Handlers(client, store, queue, Reconciler(client, store))
+
+        async def flaky(job: Any) -> str:
+            raise EventsyncError("a failure that may pass")
+
+        monkeypatch.setattr(handlers, "run", flaky)
+        dispatcher = Dispatcher(queue, handlers, last_answer=time.time)
+        await queue.enqueue("page:3", [FETCH])
+        bounds = [eventsync.dispatch.BACKOFF_BASE * 2**n for n in range(4)]
+        for attempt, bound in enumerate(bounds):
+            (job,) = await queue.lease(1, now=time.time() + 3600)
+            assert job.attempts == attempt
+            before = time.time()
+            await dispatcher._process(job)
+            after = time.time()
+            row = await store.fetchone("SELECT not_before, attempts FROM jobs")
+            assert row is not None and row[1] == attempt + 1
+            # Due `delay` after the moment the failure was recorded, between before and after.
+            delay = 0.0 if draw == "low" else bound
+            assert row[0] - after - 1e-3 <= delay <= row[0] - before + 1e-3, (attempt, row[0])
+        assert draws == [(0, b) for b in bounds]
 
 
 @pytest.mark.parametrize(
@@ -637,6 +785,39 @@ async def test_early_webhooks_settle_without_the_audit_log(
     assert members and all(4 in u["roles"] for u in mirror["users"] if u["id"] in members)
 
 
+@pytest.mark.parametrize(
+    ("key", "hint", "route"),
+    [
+        ("user:999", EXPECT_PRESENT, "/api/users/999"),  # a created user that never shows
+        ("role:3", EXPECT_GONE, "/api/roles/3"),  # a deleted role that stays
+    ],
+)
+async def test_an_early_webhook_that_never_settles_is_rechecked_a_bounded_number_of_times(
+    make_fake: FakeFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    key: str,
+    hint: str,
+    route: str,
+) -> None:
+    """DESIGN 8: the re-checks are bounded; after the last one what BookStack shows is the
+    truth (written, not failed: no dead letter)."""
+    monkeypatch.setattr(eventsync.handlers, "SETTLE_DELAYS", (0.01, 0.01, 0.01))
+    fake = await make_fake()
+    async with client_for(fake) as client, await Store.open(tmp_path / "settle.db") as store:
+        reconciler = Reconciler(client, store)
+        assert (await reconciler.full_sync(set_cursor=True)).complete
+        queue = JobQueue(store)
+        dispatcher = Dispatcher(queue, Handlers(client, store, queue, reconciler))
+        fake.reset_requests()
+        await queue.enqueue(key, [FETCH, hint])
+        assert await dispatcher.drain(5)
+        assert reads_of(fake, route) == 3 + 1
+        assert dispatcher.settling == 3
+        assert await queue.dead_letters() == []
+        assert await store.export() == fake.truth()
+
+
 async def _has(svc: Service, kind: str, entity_id: int) -> bool:
     return await svc.store.get(kind, entity_id) is not None
 
@@ -658,6 +839,7 @@ async def test_rapid_updates_to_one_page_coalesce_into_one_job(
         await fake.drain_webhooks()
         # The dispatcher is not running: everything waits in the queue, one event at a time
         # as the webhook receiver would hand them in.
+        assert len(fake.webhook_deliveries) == 20
         for delivery in fake.webhook_deliveries:
             assert await queue.submit([from_webhook(delivery.body)]) in (["queued"], ["merged"])
         await AuditPoller(client, queue).poll_once()
@@ -668,6 +850,56 @@ async def test_rapid_updates_to_one_page_coalesce_into_one_job(
         assert await Dispatcher(queue, Handlers(client, store, queue, reconciler)).drain(10)
         assert reads_of(fake, "/api/pages/9") == 1
         assert (await store.export())["pages"] == fake.truth()["pages"]
+
+
+async def test_events_for_a_running_job_wait_for_it_and_run_it_once_more(
+    make_fake: FakeFactory, tmp_path: Path
+) -> None:
+    """DESIGN 3: while page:9's job runs, no second job for page 9 can start; the events that
+    arrive meanwhile (an edit and a permission change) merge into it, with their hints, and
+    it runs exactly once more after it finished."""
+    fake = await make_fake()
+    async with client_for(fake) as client, await Store.open(tmp_path / "inflight.db") as store:
+        reconciler = Reconciler(client, store)
+        assert (await reconciler.full_sync(set_cursor=True)).complete
+        queue = JobQueue(store)
+        poller = AuditPoller(client, queue)
+        dispatcher = Dispatcher(queue, Handlers(client, store, queue, reconciler), concurrency=4)
+        entered, release = asyncio.Event(), asyncio.Event()
+        read = client.read
+
+        async def held_read(path: str, params: Any = None) -> Any:
+            if path == "/api/pages/9" and not entered.is_set():
+                entered.set()
+                await release.wait()
+            return await read(path, params)
+
+        client.read = held_read  # type: ignore[method-assign]
+        await fake.update_page(9, html="<p>first</p>")
+        assert await poller.poll_once() == 1
+        fake.reset_requests()
+        drained = asyncio.create_task(dispatcher.drain(10))
+        await asyncio.wait_for(entered.wait(), 5)
+
+        await fake.update_page(9, name="Renamed while its job ran")
+        await fake.set_permissions("page", 9, fallback=NO_VIEW)
+        assert await poller.poll_once() == 2
+        jobs = await store.fetchall("SELECT key, hints, events, leased_by FROM jobs")
+        assert [(r[0], json.loads(r[1]), r[2]) for r in jobs] == [
+            ("page:9", ["fetch", "permissions"], 3)
+        ]
+        assert jobs[0][3] is not None  # still leased by the running job
+        assert await queue.lease(10) == []  # nothing for another worker to start
+        assert dispatcher.in_flight == 1
+
+        release.set()
+        assert await drained
+        assert reads_of(fake, "/api/pages/9") == 2  # the held run, then one more
+        assert reads_of(fake, "/api/content-permissions/page/9") == 1
+        assert await queue.depth() == 0
+        mirror, truth = await store.export(), fake.truth()
+        assert mirror["pages"] == truth["pages"]
+        assert mirror["permissions"] == truth["permissions"]
 
 
 # ---- 7. the change feed -----------------------------------------------------------------------

@@ -8,9 +8,10 @@ from collections import Counter
 from pathlib import Path
 
 from helpers import eventually
+from structlog.testing import capture_logs
 from test_recovery import RPM, running, settings_for
 
-from eventsync.ingest.probe import PROBED
+from eventsync.ingest.probe import PROBED, TOTAL_PATIENCE
 from eventsync.service import Service
 from eventsync.testing import FakeBookStack
 
@@ -22,14 +23,14 @@ async def _attachments(svc: Service) -> dict[int, str]:
     return {a["id"]: a["name"] for a in (await svc.store.export())["attachments"]}
 
 
-async def _within_bound(svc: Service, check: object) -> float:
+async def _within_bound(svc: Service, check: object, bound: float = BOUND) -> float:
     started = time.monotonic()
 
     async def ok() -> bool:
         await svc.dispatcher.drain(2)
         return bool(await check())  # type: ignore[operator]
 
-    await eventually(ok, timeout=BOUND)
+    await eventually(ok, timeout=bound)
     return time.monotonic() - started
 
 
@@ -79,12 +80,15 @@ async def test_an_ownership_migration_is_read_within_a_poll(tmp_path: Path) -> N
         settings = settings_for(
             fake, tmp_path / "m.db", poll_interval=POLL, reconcile_interval=3600
         )
-        async with running(settings) as svc:  # no webhooks; audit log only
+        async with running(settings) as svc:  # no webhooks
             page, user = next(
                 (p.id, p.owned_by)
                 for p in fake.state.pages.values()
                 if p.owned_by != 1 and not p.trashed and not p.draft
             )
+            # Nor the audit log: its user_delete row would start the handler's own look at
+            # what the user owned. Only the probe can see the migration.
+            fake.faults.fail_listings = {"/api/audit-log"}
             await fake.delete_user(user, migrate_ownership_to=1)
 
             async def owned() -> bool:
@@ -92,6 +96,28 @@ async def test_an_ownership_migration_is_read_within_a_poll(tmp_path: Path) -> N
                 return row is not None and row["owned_by"] == 1
 
             await _within_bound(svc, owned)
+
+
+async def test_a_delete_no_event_reports_is_found_by_a_listing_total(tmp_path: Path) -> None:
+    """Deletes that no event reports show only in a listing's `total`: the probe starts the
+    listing diff of that kind, which removes them."""
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=20, books=2, seed=9)
+        settings = settings_for(
+            fake, tmp_path / "m.db", poll_interval=POLL, reconcile_interval=3600
+        )
+        async with running(settings) as svc:  # no webhooks
+            fake.faults.fail_listings = {"/api/audit-log"}  # and no audit log
+            page = fake.truth()["pages"][2]["id"]
+            with capture_logs() as entries:
+                await fake.delete_page(page)
+
+                async def gone() -> bool:
+                    return await svc.store.get("page", page) is None
+
+                await _within_bound(svc, gone, POLL * TOTAL_PATIENCE + BOUND)
+            found = [e for e in entries if e["event"] == "silent changes found"]
+            assert any("page" in e["diffs"] for e in found), found
 
 
 async def _has(svc: Service, attachment_id: int, name: str) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -19,11 +21,15 @@ from structlog.testing import capture_logs
 from eventsync import cli
 from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
+from eventsync.events import DIFF_KEY, THOROUGH
+from eventsync.ingest.auditlog import AuditPoller
 from eventsync.reconcile import Reconciler
 from eventsync.service import Service
+from eventsync.store.queue import JobQueue
 from eventsync.store.sqlite import Store
 from eventsync.testing import FakeBookStack
 from eventsync.testing.models import ALL_PERMISSIONS
+from eventsync.testing.state import ADMIN_ROLE_ID, ADMIN_USER_ID, GUEST_USER_ID
 
 SECRET = "recovery-test-secret-0123456789"
 RPM = 100_000
@@ -85,34 +91,76 @@ async def converged(svc: Service, fake: FakeBookStack) -> bool:
     return await svc.store.export() == fake.truth()
 
 
+def an_hour_behind() -> datetime:
+    """BookStack's clock an hour behind ours: no row is "changed within the second of its
+    read" (reconcile.RACE_WINDOW), so a plain listing diff re-reads only what its listings
+    show changed, and what only a gap's thorough diff can find stays unfound without it."""
+    return datetime.now(UTC) - timedelta(hours=1)
+
+
+async def swap_roles_keeping_counts(fake: FakeBookStack, *, silently: bool = False) -> None:
+    """Two users trade roles: every role keeps its users_count and no user's updated_at moves
+    (a pivot sync), so no listing shows it; only reading the roles does. `silently`: as SSO
+    group sync does it, with no event at all."""
+    single = {
+        u: next(iter(rec.roles))
+        for u, rec in sorted(fake.state.users.items())
+        if u not in (ADMIN_USER_ID, GUEST_USER_ID)
+        and len(rec.roles) == 1
+        and ADMIN_ROLE_ID not in rec.roles
+    }
+    one = next(iter(single))
+    other = next(u for u, role in single.items() if role != single[one])
+    role_of_one, role_of_other = single[one], single[other]
+    if silently:
+        await fake.sso_group_sync(one, [role_of_other])
+        await fake.sso_group_sync(other, [role_of_one])
+    else:
+        await fake.update_user(one, roles=[role_of_other])
+        await fake.update_user(other, roles=[role_of_one])
+
+
+def gap_lines(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The log's warnings that a gap was found (DESIGN 7: each gap says so in the log)."""
+    return [e for e in entries if e["log_level"] == "warning" and "gap" in e["event"]]
+
+
 async def test_audit_log_cleared_while_down_is_a_gap_and_converges(tmp_path: Path) -> None:
-    async with FakeBookStack(requests_per_minute=RPM) as fake:
+    no_view = {"view": False, "create": False, "update": False, "delete": False}
+    async with FakeBookStack(requests_per_minute=RPM, clock=an_hour_behind) as fake:
         fake.seed(pages=60, books=4, seed=3)
         for i in range(5):
             await fake.update_page(1 + i, html=f"<p>before {i}</p>")
+        await fake.set_permissions("page", 5, fallback=no_view)
         settings = settings_for(fake, tmp_path / "m.db")
         async with running(settings) as svc:
             await svc.poller.poll_once()
+            await svc.dispatcher.drain(10)
             cursor_before = await svc.poller.cursor()
+            assert await converged(svc, fake)
         assert cursor_before is not None and cursor_before >= 5
         # While eventsync is down: changes, then the log is cleared (ids restart at 1). The
-        # permission change and the role swap move no listing field: only a diff that
-        # re-reads permissions and roles (as a gap's does) can find them.
+        # new rows of a page already restricted and the role swap move no listing field and
+        # keep the {is_restricted} search as it was: only a diff that re-reads permissions
+        # and roles (as a gap's does; the start-up diff does not) can find them.
         await fake.update_book(2, name="Renamed while down")
         await fake.delete_page(3)
-        no_view = {"view": False, "create": False, "update": False, "delete": False}
-        await fake.set_permissions("page", 5, fallback=no_view)
-        await fake.update_user(5, roles=[4])
-        await fake.update_user(6, roles=[3])
+        viewers = [{"role_id": 3, "view": True, "create": False, "update": False, "delete": False}]
+        await fake.set_permissions("page", 5, fallback=no_view, role_permissions=viewers)
+        await swap_roles_keeping_counts(fake)
         fake.clear_activity()
         await fake.update_page(4, html="<p>after clear</p>")
-        async with running(settings) as svc:
-            await eventually(lambda: _has_gap(svc))
-            # The gap queues a diff sync; it finds the rename and the delete.
-            await svc.dispatcher.drain(20)
-            mirror = await svc.store.export()
-            assert mirror == fake.truth(), first_difference(mirror, fake.truth())
-            assert int(await svc.store.get_state("audit_cursor") or -1) < cursor_before
+        with capture_logs() as entries:
+            async with running(settings) as svc:
+                await eventually(lambda: _has_gap(svc))
+                assert await svc.store.get_state("audit_gap") is not None
+                # The gap queues a thorough diff sync; it finds all of it, and closes the gap.
+                await svc.dispatcher.drain(20)
+                mirror = await svc.store.export()
+                assert mirror == fake.truth(), first_difference(mirror, fake.truth())
+                assert await svc.store.get_state("audit_gap") is None
+                assert int(await svc.store.get_state("audit_cursor") or -1) < cursor_before
+        assert any("below our cursor" in str(e.get("reason")) for e in gap_lines(entries))
 
 
 async def _has_gap(svc: Service) -> bool:
@@ -121,13 +169,16 @@ async def _has_gap(svc: Service) -> bool:
 
 
 async def test_webhook_never_in_audit_log_is_a_gap(tmp_path: Path) -> None:
-    async with FakeBookStack(requests_per_minute=RPM) as fake:
+    async with FakeBookStack(requests_per_minute=RPM, clock=an_hour_behind) as fake:
         fake.seed(pages=30, books=3, seed=4)
         settings = settings_for(fake, tmp_path / "m.db", webhook_confirm_grace=0.5)
         async with running(settings) as svc:
             page = fake.truth()["pages"][1]
-            # A webhook for an activity the audit log never shows (as when the log is being
-            # cleared, or the token's audit view is not what we think).
+            # What the audit log does not show (as when it is being cleared, or the token's
+            # audit view is not what we think) may include changes no listing shows either:
+            # only the gap's thorough diff can find these.
+            await swap_roles_keeping_counts(fake, silently=True)
+            # A webhook for an activity the audit log never shows.
             body = {
                 "event": "page_update",
                 "text": "Admin updated page",
@@ -144,15 +195,120 @@ async def test_webhook_never_in_audit_log_is_a_gap(tmp_path: Path) -> None:
                 },
             }
             url = f"http://127.0.0.1:{svc.port}/webhooks/bookstack/{SECRET}"
-            async with aiohttp.ClientSession() as http, http.post(url, json=body) as resp:
-                assert resp.status == 202
-            assert await svc.store.get_state("last_gap") is None
-            await eventually(lambda: _state_is_set(svc, "last_gap"), timeout=10)
+            with capture_logs() as entries:
+                async with aiohttp.ClientSession() as http, http.post(url, json=body) as resp:
+                    assert resp.status == 202
+                assert await svc.store.get_state("last_gap") is None
+                await eventually(lambda: _state_is_set(svc, "last_gap"), timeout=10)
             gap = await svc.store.get_state("last_gap")
             assert gap is not None and "never appeared in the audit log" in gap
-            # The gap queued a diff sync.
+            assert any("never appeared" in str(e.get("reason")) for e in gap_lines(entries))
+            # The gap queued a thorough diff sync, which closes it.
             await svc.dispatcher.drain(20)
+            mirror = await svc.store.export()
+            assert mirror == fake.truth(), first_difference(mirror, fake.truth())
+            assert await svc.store.get_state("audit_gap") is None
+
+
+async def test_downtime_longer_than_the_audit_log_covers_is_a_gap(tmp_path: Path) -> None:
+    """DESIGN 7: down for longer than EVENTSYNC_MAX_DOWNTIME (what the audit log is trusted
+    to cover) is a gap: said in the log, and a thorough diff finds what the log lost."""
+    async with FakeBookStack(requests_per_minute=RPM, clock=an_hour_behind) as fake:
+        fake.seed(pages=30, books=3, seed=4)
+        settings = settings_for(fake, tmp_path / "m.db", max_downtime=600)
+        async with running(settings) as svc:
+            await svc.poller.poll_once()
             assert await converged(svc, fake)
+        # The last successful poll was an hour ago; meanwhile, changes no listing shows.
+        async with await Store.open(settings.database) as store, store.transaction() as tx:
+            await tx.set_state("audit_last_poll_at", time.time() - 3600)
+        await swap_roles_keeping_counts(fake, silently=True)
+        with capture_logs() as entries:
+            async with running(settings) as svc:
+                await eventually(lambda: _state_is_set(svc, "last_gap"), timeout=10)
+                await svc.dispatcher.drain(20)
+                mirror = await svc.store.export()
+                assert mirror == fake.truth(), first_difference(mirror, fake.truth())
+                assert await svc.store.get_state("audit_gap") is None
+                gap = await svc.store.get_state("last_gap")
+        assert gap is not None and "longer than EVENTSYNC_MAX_DOWNTIME" in gap
+        assert any("MAX_DOWNTIME" in str(e.get("reason")) for e in gap_lines(entries))
+
+
+GAP_REASONS = {
+    "cleared": "is below our cursor",
+    "cleared and refilled": "is no longer the activity we read",
+    "pruned": "we had read is gone",
+}
+
+
+@pytest.mark.parametrize("how", list(GAP_REASONS))
+async def test_an_audit_log_cleared_or_pruned_past_the_cursor_is_a_gap(
+    tmp_path: Path, how: str
+) -> None:
+    """DESIGN 7, each way the rows behind our cursor can go: a cleared log whose ids restart
+    below it, one refilled past it (another activity now has our cursor's id), and one
+    pruned up to it. Each is a gap, said in the log, that queues a thorough diff; the new
+    log is read from its start."""
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=20, books=2, seed=5)
+        async with client_for(fake) as client, await Store.open(tmp_path / "m.db") as store:
+            assert (await Reconciler(client, store).full_sync(set_cursor=True)).complete
+            queue = JobQueue(store)
+            poller = AuditPoller(client, queue)
+            for page in (1, 2, 3):
+                await fake.update_page(page, html=f"<p>read {page}</p>")
+            await poller.poll_once()
+            cursor = await poller.cursor()
+            assert cursor is not None and cursor >= 3
+            if how == "cleared":
+                fake.clear_activity()
+                await fake.update_page(4, html="<p>after the clear</p>")
+            elif how == "cleared and refilled":
+                fake.clear_activity()
+                for _ in range(cursor + 2):
+                    await fake.log_ignored_activity("auth_login", "standard; (1) Admin")
+            else:
+                await fake.update_page(4, html="<p>after the cursor</p>")
+                await fake.update_page(5, html="<p>after the cursor</p>")
+                fake.state.activities[:] = [a for a in fake.state.activities if a.id > cursor]
+            with capture_logs() as entries:
+                await poller.poll_once()
+            gap = await store.get_state("last_gap")
+            assert gap is not None and GAP_REASONS[how] in gap, gap
+            assert any(GAP_REASONS[how] in str(e.get("reason")) for e in gap_lines(entries))
+            row = await store.fetchone("SELECT payload FROM jobs WHERE key = ?", (DIFF_KEY,))
+            assert row is not None and json.loads(row[0]) == THOROUGH
+            assert await poller.cursor() == fake.state.activities[-1].id
+
+
+async def test_an_activity_committed_after_a_later_one_is_read_by_the_overlap(
+    tmp_path: Path,
+) -> None:
+    """DESIGN 7: ids are assigned before commit, so a lower id can become visible after a
+    higher one; each poll re-reads a small overlap behind its cursor and dedupes it by
+    activity id."""
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=20, books=2, seed=5)
+        async with client_for(fake) as client, await Store.open(tmp_path / "m.db") as store:
+            assert (await Reconciler(client, store).full_sync(set_cursor=True)).complete
+            queue = JobQueue(store)
+            poller = AuditPoller(client, queue)
+            await fake.update_page(3, html="<p>its transaction commits late</p>")
+            late = fake.state.activities[-1]
+            late.committed = False
+            await fake.update_page(4, html="<p>committed at once</p>")
+            assert await poller.poll_once() == 1
+            assert (await poller.cursor() or 0) > late.id
+            late.committed = True
+            assert await poller.poll_once() == 1  # page 3's row; page 4's is not new again
+            jobs = await store.fetchall("SELECT key, events FROM jobs ORDER BY key")
+            assert [tuple(r) for r in jobs] == [("page:3", 1), ("page:4", 1)]
+            rows = await store.fetchall(
+                "SELECT activity_id FROM events WHERE source = 'audit' AND type = 'page_update'"
+            )
+            assert sorted(r[0] for r in rows) == [late.id, late.id + 1]
+            assert await store.get_state("last_gap") is None
 
 
 async def test_duplicated_webhooks_are_not_a_gap(tmp_path: Path) -> None:
@@ -190,19 +346,23 @@ async def _state_is_set(svc: Service, key: str) -> bool:
 
 
 async def test_periodic_diff_catches_silent_changes(tmp_path: Path) -> None:
-    async with FakeBookStack(requests_per_minute=RPM) as fake:
+    # BookStack's clock an hour behind: no row is re-read for having changed within the
+    # second of its read, so only the diff's comparison of placement finds the re-sort.
+    async with FakeBookStack(requests_per_minute=RPM, clock=an_hour_behind) as fake:
         fake.seed(pages=80, books=5, seed=5)
         # The probe off: what it finds within a poll, the periodic diff must find alone.
         settings = settings_for(fake, tmp_path / "m.db", reconcile_interval=0.5, probe=False)
         async with running(settings, webhooks_from=fake) as svc:
             # Silent in BookStack (FACTS 2.5 and first section): an attachment, and a
-            # re-sort under a sort rule, which moves priorities but no updated_at. No
-            # handler can derive either; only the diff's listings show them.
+            # re-sort under a sort rule, which moves a chapter's and a page's priority but
+            # no updated_at. No handler can derive either; only the diff's listings show
+            # them, when it compares placement as well as updated_at.
             truth = fake.truth()
             page = truth["pages"][0]["id"]
             await fake.create_attachment(page, "spec.pdf", content=b"%PDF", extension="pdf")
             chapter = fake.state.chapters[truth["chapters"][0]["id"]]
             chapter.priority += 7
+            fake.state.pages[truth["pages"][1]["id"]].priority += 7
 
             async def done() -> bool:
                 await svc.dispatcher.drain(5)
@@ -230,18 +390,49 @@ async def test_sweep_catches_changes_that_move_no_timestamp(tmp_path: Path) -> N
             await fake.copy_shelf_permissions_to_books(shelf)  # silent
             user = fake.truth()["users"][-1]["id"]
             await fake.sso_group_sync(user, [2, 3])  # silent
+            # A copied book goes on the shelf with no shelf event and no timestamp moving:
+            # Cloner::cloneBook's Bookshelf::appendBook (FACTS 2.5).
+            copy = await fake.create_book("A copied book")
+            fake.state.shelves[shelf].books.append(copy)
 
             async def swept() -> bool:
                 await svc.dispatcher.drain(5)
                 mirror = await svc.store.export()
                 truth = fake.truth()
-                return mirror["permissions"] == truth["permissions"] and (
-                    mirror["users"] == truth["users"]
+                return all(
+                    mirror[section] == truth[section]
+                    for section in ("permissions", "users", "shelves")
                 )
 
             await eventually(swept, timeout=40)
             status = await svc.status()
             assert status["sweep"]["progress"] is not None
+
+
+async def test_the_sweep_stays_within_its_share_of_the_request_budget(tmp_path: Path) -> None:
+    """DESIGN 9: the sweep verifies every item within one cycle, and spends no more than
+    EVENTSYNC_SWEEP_SHARE of EVENTSYNC_REQUESTS_PER_MINUTE doing it."""
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=10, books=2, shelves=2, roles=3, permission_share=0.3, seed=6)
+        share, budget = 0.05, 6000  # 5 requests a second for the sweep
+        settings = settings_for(
+            fake,
+            tmp_path / "m.db",
+            sweep_share=share,
+            sweep_interval=0,
+            requests_per_minute=budget,
+            probe=False,
+        )
+        async with running(settings) as svc:
+            cost = sum(len(hints) for _, hints in await svc._sweep_items())
+            assert cost >= 10, "too small a cycle to say anything"
+
+            async def cycled() -> bool:
+                return await svc.store.get_state("sweep_last_cycle_seconds") is not None
+
+            await eventually(cycled, timeout=30, what="one sweep cycle")
+            seconds = float(await svc.store.get_state("sweep_last_cycle_seconds") or 0)
+            assert seconds >= 0.9 * cost / (share * budget / 60), (seconds, cost)
 
 
 async def test_outage_of_eventsync_during_200_changes_then_reconcile(
@@ -307,6 +498,61 @@ async def test_outage_of_eventsync_during_200_changes_then_reconcile(
         # The 10 permission changes; the 30 new pages' default permissions cost no read.
         assert counts["/api/content-permissions/{type}/{id}"] == 10
         assert "consistent" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how", ["cleared", "down too long"])
+async def test_reconcile_after_a_gap_diffs_everything_thoroughly(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    how: str,
+) -> None:
+    """DESIGN 7 for `eventsync reconcile`: a cleared audit log, or a downtime longer than
+    EVENTSYNC_MAX_DOWNTIME, makes it a diff of everything that re-reads every item's
+    permissions, and it says why; its plain listing diff could not find what changed here."""
+    no_view = {"view": False, "create": False, "update": False, "delete": False}
+    viewers = [{"role_id": 3, "view": True, "create": False, "update": False, "delete": False}]
+    async with FakeBookStack(requests_per_minute=RPM, clock=an_hour_behind) as fake:
+        fake.seed(pages=30, books=3, shelves=1, seed=4)
+        shelf = fake.truth()["shelves"][0]
+        book = shelf["books"][0]
+        await fake.set_permissions("book", book, fallback=no_view)
+        await fake.set_permissions("bookshelf", shelf["id"], role_permissions=viewers)
+        for page in (1, 2, 3):
+            await fake.update_page(page, html=f"<p>read {page}</p>")
+        settings = settings_for(fake, tmp_path / "m.db")
+        async with running(settings) as svc:
+            await svc.poller.poll_once()
+            await svc.dispatcher.drain(10)
+            assert (await svc.poller.cursor() or 0) >= 3
+        # The book, restricted already, takes the shelf's rows: no event, no timestamp moves,
+        # and the {is_restricted} search shows it as before.
+        assert book in await fake.copy_shelf_permissions_to_books(shelf["id"])
+        if how == "cleared":
+            fake.clear_activity()
+            await fake.update_page(4, html="<p>after the clear</p>")
+            said = "diff sync of everything (gap: audit log highest id"
+        else:
+            async with await Store.open(settings.database) as store, store.transaction() as tx:
+                await tx.set_state("audit_last_poll_at", time.time() - 3600)
+            said = "longer than EVENTSYNC_MAX_DOWNTIME"
+        for name in list(os.environ):
+            if name.startswith("EVENTSYNC_"):
+                monkeypatch.delenv(name)
+        monkeypatch.setenv("EVENTSYNC_BOOKSTACK_URL", fake.url)
+        monkeypatch.setenv("EVENTSYNC_BOOKSTACK_TOKEN_ID", fake.token_id)
+        monkeypatch.setenv("EVENTSYNC_BOOKSTACK_TOKEN_SECRET", fake.token_secret)
+        monkeypatch.setenv("EVENTSYNC_DATABASE", str(tmp_path / "m.db"))
+        monkeypatch.setenv("EVENTSYNC_REQUESTS_PER_MINUTE", str(RPM))
+        monkeypatch.setenv("EVENTSYNC_MAX_DOWNTIME", "600")
+        monkeypatch.chdir(tmp_path)
+        capsys.readouterr()
+        args = cli.build_parser().parse_args(["reconcile"])
+        assert await cli.cmd_reconcile(cli.load_settings(), args) == cli.EXIT_OK
+        assert said in capsys.readouterr().err
+        async with await Store.open(tmp_path / "m.db") as store:
+            mirror = await store.export()
+        assert mirror == fake.truth(), first_difference(mirror, fake.truth())
 
 
 async def test_diff_sync_refreshes_pages_that_include_a_changed_page(tmp_path: Path) -> None:
@@ -438,8 +684,9 @@ async def test_links_rewritten_by_a_rename_or_move_are_refreshed_without_a_diff(
 ) -> None:
     async with FakeBookStack(requests_per_minute=RPM) as fake:
         fake.seed(pages=80, books=5, seed=5)
-        # No periodic diff, no sweep: only the events and what the handlers derive.
-        settings = settings_for(fake, tmp_path / "m.db", reconcile_interval=3600)
+        # No periodic diff, no sweep, no probe (link rewrites move the pages' updated_at,
+        # which it would find): only the events and what the handlers derive.
+        settings = settings_for(fake, tmp_path / "m.db", reconcile_interval=3600, probe=False)
         async with running(settings, webhooks_from=fake) as svc:
             import re
 
@@ -711,8 +958,14 @@ async def test_without_an_audit_log_api_webhooks_and_diffs_carry_the_mirror(tmp_
     When an upgrade brings the audit log, eventsync starts reading it."""
     async with FakeBookStack(requests_per_minute=RPM, audit_log=False) as fake:
         fake.seed(pages=30, books=3, seed=9)
+        # The probe off: it would find the lost webhooks' changes before the diff does, and
+        # its listing requests would blur the count of diff syncs below.
         settings = settings_for(
-            fake, tmp_path / "m.db", reconcile_interval=1.0, webhook_confirm_grace=0.3
+            fake,
+            tmp_path / "m.db",
+            reconcile_interval=1.0,
+            webhook_confirm_grace=0.3,
+            probe=False,
         )
         with capture_logs() as entries:
             async with running(settings, webhooks_from=fake) as svc:
@@ -767,9 +1020,14 @@ async def test_without_an_audit_log_api_webhooks_and_diffs_carry_the_mirror(tmp_
         assert not [e for e in entries if "gap" in e["event"]]
 
 
-async def test_losing_audit_access_is_said_once_and_the_polls_stop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lost", ["no access", "no audit-log API"])
+async def test_losing_audit_access_is_said_once_and_the_polls_stop(
+    tmp_path: Path, lost: str
+) -> None:
     """A 403 on the audit log (the token's role lost 'Manage app settings'): no audit access,
-    said once; the poller stops asking (no error per poll), webhooks carry on."""
+    said once; the poller stops asking (no error per poll), webhooks carry on. The same for
+    an HTML 404 (a BookStack from before v23.08, restored in place of a newer one): the
+    poller, not a diff sync, is the first to see it."""
     async with FakeBookStack(requests_per_minute=RPM) as fake:
         # No entity restrictions: the sync user sees what the admin sees.
         fake.seed(pages=20, books=2, permission_share=0.0, seed=2)
@@ -781,18 +1039,22 @@ async def test_losing_audit_access_is_said_once_and_the_polls_stop(tmp_path: Pat
             tmp_path / "m.db",
             bookstack_token_id="sync-id",
             bookstack_token_secret="sync-secret-0123456789abcdef",
+            probe=False,  # it would find the page edited below without its webhook
         )
         with capture_logs() as entries:
             async with running(settings, webhooks_from=fake) as svc:
                 await svc.poller.poll_once()
                 assert await svc.poller.cursor() is not None
-                without = [p for p in ALL_PERMISSIONS if p != "settings-manage"]
-                await fake.update_role(role, permissions=without)
+                if lost == "no access":
+                    without = [p for p in ALL_PERMISSIONS if p != "settings-manage"]
+                    await fake.update_role(role, permissions=without)
+                else:
+                    fake.audit_log = False
 
                 async def forbidden() -> bool:
-                    return (await svc.status())["audit_log"] == "no access"
+                    return (await svc.status())["audit_log"] == lost
 
-                await eventually(forbidden, 10, "the poller notices the 403")
+                await eventually(forbidden, 10, "the poller notices the refusal")
                 fake.reset_requests()
                 await asyncio.sleep(1.5)  # five poll intervals
                 assert "/api/audit-log" not in fake.request_counts()
@@ -803,6 +1065,7 @@ async def test_losing_audit_access_is_said_once_and_the_polls_stop(tmp_path: Pat
 
                 await eventually(synced, 10, "webhooks still reach the mirror")
                 assert (await readyz(svc))[0] == 200
-        said = [e for e in entries if "cannot read the audit log" in e["event"]]
+        words = "cannot read the audit log" if lost == "no access" else "no audit-log API"
+        said = [e for e in entries if words in e["event"]]
         assert len(said) == 1, said
         assert not [e for e in entries if e["log_level"] in ("error", "critical")]
