@@ -41,7 +41,7 @@ from eventsync.reconcile import (
     Reconciler,
     record_gap,
 )
-from eventsync.server import RUNNER_OPTIONS, build_app
+from eventsync.server import RUNNER_OPTIONS, build_app, check_exposure
 from eventsync.store.queue import Job, JobQueue
 from eventsync.store.sqlite import CONTENT_TYPES, KINDS, Store
 
@@ -159,6 +159,7 @@ class Service:
     # ---- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        check_exposure(self.settings.listen_host, self.settings.read_token)
         recovered = await self.queue.recover()
         if recovered:
             log.info("jobs of a stopped worker put back", jobs=recovered)
