@@ -305,6 +305,10 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         print(f"gap detected:    {data['audit_gap']} (run `eventsync reconcile`)")
     elif data.get("last_gap"):
         print(f"last gap:        {data['last_gap']} (closed by a thorough diff sync)")
+    if data["access_unavailable"]:
+        print(f"effective access: unavailable: {data['access_unavailable']}")
+    else:
+        print("effective access: answered (who-can-see, can-see, export --as-user, /access)")
     counts = data["counts"]
     plural = {"shelf": "shelves", "permissions": "content permissions"}
     print(

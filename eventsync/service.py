@@ -100,6 +100,8 @@ async def status_data(store: Store, queue: JobQueue) -> dict[str, Any]:
         "dead_letters": len(await queue.dead_letters()),
         "events": await queue.event_counts(),
         "counts": await store.counts(),
+        # Why /access and the access commands cannot answer, or None when they can.
+        "access_unavailable": await store.access_problem(),
         "sweep": {
             "progress": num(SWEEP_PROGRESS, float),
             "last_cycle_seconds": num(SWEEP_CYCLE, float),

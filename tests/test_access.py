@@ -329,7 +329,7 @@ async def converge_access(svc: Service, fake: FakeBookStack, api: Api, what: lis
         if not problems:
             return
         waited = time.monotonic() - started
-        if waited > 6 and not diffed:
+        if waited > 4 and not diffed:
             diffed = True
             summary = await svc.reconciler.full_sync(set_cursor=False, all_permissions=False)
             assert summary.complete, summary.problems

@@ -426,7 +426,7 @@ def _refresh_items(
         for content_type, content_id in keys:
             by_type[content_type].append(content_id)
     sigs = _signatures(conn, items, changes.everything)
-    class_of: dict[str, int] = {}
+    class_of: dict[Signature, int] = {}
     now: dict[Key, Placement | None] = {}
     for key in keys:
         item = items.get(key[0], {}).get(key[1])
@@ -434,11 +434,10 @@ def _refresh_items(
             now[key] = None
             continue
         sig = sigs[key]
-        text = rules.signature_text(sig)
-        if text not in class_of:
-            class_of[text], written = _class_for(conn, cache, sig)
+        if sig not in class_of:
+            class_of[sig], written = _class_for(conn, cache, sig)
             stats.class_rows += written
-        now[key] = (class_of[text], item.owner_id)
+        now[key] = (class_of[sig], item.owner_id)
     was: dict[Key, Placement | None] = dict.fromkeys(keys)
     for content_type, ids in by_type.items():
         for chunk in _chunks(sorted(ids)):
@@ -542,19 +541,28 @@ def _viewer_changes(
         candidates |= _membership_candidates(
             conn, changes, position, members_now, members_was, old_overrides
         )
-    candidates = {c for c in candidates if was_masks(c) != now_masks(c)}
-    for chunk in _chunks(sorted(candidates)):
-        for content_type, content_id, class_id, owner_id in conn.execute(
-            "SELECT content_type, content_id, class_id, owner_id FROM access_items "
-            f"WHERE class_id IN ({_marks(len(chunk))})",
-            chunk,
-        ):
+    for class_id in sorted(candidates):
+        (was_viewers, was_own), (now_viewers, now_own) = was_masks(class_id), now_masks(class_id)
+        if (was_viewers, was_own) == (now_viewers, now_own):
+            continue
+        query = "SELECT content_type, content_id, owner_id FROM access_items WHERE class_id = ?"
+        params: list[Any] = [class_id]
+        if was_viewers == now_viewers:
+            # Only an owner whose view-own answer changed sees something new: their items.
+            owners = [users[i] for i in rules.bits((was_own ^ now_own) & ~now_viewers)]
+            if not owners:
+                continue
+            query += " AND owner_id IN (SELECT value FROM json_each(?))"
+            params.append(json.dumps(owners))
+        # An owner's bit matters only to the items of owners either mask names.
+        either_own = was_own | now_own
+        for content_type, content_id, owner_id in conn.execute(query, params):
             key = (content_type, content_id)
             if key in before:
                 continue
-            bit = owner_bit(owner_id)
-            old = rules.item_viewers(was_masks(class_id), bit)
-            new = rules.item_viewers(now_masks(class_id), bit)
+            bit = owner_bit(owner_id) & either_own
+            old = was_viewers | (bit & was_own)
+            new = now_viewers | (bit & now_own)
             if old != new:
                 found[key] = (old, new, False)
 
@@ -565,12 +573,14 @@ def _viewer_changes(
         added, removed = new & ~old, old & ~new
         text = texts.get((added, removed))
         if text is None:
+            # Compact: a book's rows can change hundreds of users' view of a thousand pages.
             text = json.dumps(
                 {
                     "added": [users[i] for i in rules.bits(added)],
                     "removed": [users[i] for i in rules.bits(removed)],
                 },
                 sort_keys=True,
+                separators=(",", ":"),
             )
             texts[(added, removed)] = text
         out.append((now_iso, "delete" if gone else "upsert", content_id, content_type, text))

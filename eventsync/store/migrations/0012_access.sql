@@ -34,6 +34,11 @@ CREATE TABLE access_items (
 CREATE INDEX access_items_class ON access_items (class_id, content_type, content_id);
 CREATE INDEX access_items_owner ON access_items (owner_id) WHERE owner_id IS NOT NULL;
 
+-- What access reads of each item, without the row: a page's html comes before owned_by in
+-- its record, so a large page would be read (overflow pages and all) for its owner.
+CREATE INDEX pages_access ON pages (id, book_id, chapter_id, owned_by);
+CREATE INDEX chapters_access ON chapters (id, book_id, owned_by);
+
 -- BookStack's joint_permissions, row for row: (item, role) → status, owner_id.
 CREATE VIEW access AS
 SELECT i.content_type AS content_type,
