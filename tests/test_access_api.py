@@ -427,8 +427,11 @@ async def test_a_limited_sync_token_is_said_in_one_line_instead_of_wrong_answers
         result = await cli(*args, env=env)
         assert_one_line_error(result, "effective access unavailable", f"user {manager}", "admin")
         assert result.stdout == ""
-    # The mirror itself is as the token sees it, and exported as ever.
+    # The mirror itself is as the token sees it, and exported as ever; status says why.
     assert (await cli("export", env=env)).code == 0
+    status = await cli("status", "--json", env=env)
+    assert f"user {manager}" in json.loads(status.stdout)["access_unavailable"]
+    assert "effective access: unavailable" in (await cli("status", env=env)).stdout
 
     svc = await make_service(fake, ("manager-token", "manager-secret"))
     for path in (f"/access/page/{wiki.open_page}", f"/access/users/{wiki.reader}"):
@@ -453,6 +456,8 @@ async def test_the_admins_token_is_trusted_and_a_mirror_not_synced_yet_is_not(
     await sync(wiki.fake, database)
     async with await Store.open(database) as store:
         assert await store.access_problem() is None
+    status = await cli("status", "--json", env=env)
+    assert json.loads(status.stdout)["access_unavailable"] is None
     # Once the manager can see everything the mirror holds, the token might be theirs:
     # BookStack does not say whose a token is, so eventsync does not guess.
     await wiki.fake.update_user(manager, roles=[role, 2])
