@@ -109,6 +109,10 @@ async def build_wiki(fake: FakeBookStack, rng: random.Random) -> None:
         fake.add_token(user_id, f"user-{user_id}", TOKEN_SECRET)
     fake.add_token(ADMIN_USER_ID, f"user-{ADMIN_USER_ID}", TOKEN_SECRET)
     fake.add_token(2, "user-2", TOKEN_SECRET)  # the guest, who has the Public role
+    # Includes render blank for a viewer who cannot see the included page.
+    pages = _live(fake, "page")
+    for page in rng.sample(pages, k=min(len(pages), 6)):
+        page.html += f"<p>{{{{@{rng.choice(pages).id}}}}}</p>"
     owners = [*state.users, 999]  # 999: a user deleted without handing on their content
     # Rows on containers matter most: they decide what is below them.
     share = {"bookshelf": 0.4, "book": 0.5, "chapter": 0.5, "page": 0.25}
