@@ -15,6 +15,15 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from eventsync import __version__
+from eventsync.answers import (
+    AccessUnavailable,
+    BadRequest,
+    UnknownItem,
+    can_see,
+    content_type_of,
+    ensure_answerable,
+    who_can_see,
+)
 from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings, load_settings
 from eventsync.errors import (
@@ -70,7 +79,7 @@ def make_client(settings: Settings, **overrides: Any) -> BookStackClient:
 
 def _secrets(settings: Settings) -> list[str]:
     out = []
-    for value in (settings.bookstack_token_secret, settings.webhook_secret):
+    for value in (settings.bookstack_token_secret, settings.webhook_secret, settings.read_token):
         if value is not None:
             out.append(value.get_secret_value())
     return out
@@ -229,10 +238,31 @@ async def _open_existing(settings: Settings) -> Store:
 
 async def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     async with await _open_existing(settings) as store:
-        doc = await store.export()
+        if args.as_user is None:
+            doc = await store.export()
+        else:
+            await ensure_answerable(store)
+            if await store.get("user", args.as_user) is None:
+                raise UnknownItem(f"no user {args.as_user} in the mirror")
+            doc = await store.export_as_user(args.as_user)
     json.dump(doc, sys.stdout, ensure_ascii=False, indent=args.indent)
     sys.stdout.write("\n")
     return EXIT_OK
+
+
+async def cmd_who_can_see(settings: Settings, args: argparse.Namespace) -> int:
+    async with await _open_existing(settings) as store:
+        lines = await who_can_see(store, args.kind, args.id)
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+async def cmd_can_see(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 0 when the user can see the item, 1 when not (as grep does), 2 on an error."""
+    async with await _open_existing(settings) as store:
+        visible, line = await can_see(store, args.user, args.kind, args.id)
+    print(line)
+    return EXIT_OK if visible else EXIT_INCONSISTENT
 
 
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
@@ -282,6 +312,10 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         print(f"gap detected:    {data['audit_gap']} (run `eventsync reconcile`)")
     elif data.get("last_gap"):
         print(f"last gap:        {data['last_gap']} (closed by a thorough diff sync)")
+    if data["access_unavailable"]:
+        print(f"effective access: unavailable: {data['access_unavailable']}")
+    else:
+        print("effective access: answered (who-can-see, can-see, export --as-user, /access)")
     counts = data["counts"]
     plural = {"shelf": "shelves", "permissions": "content permissions"}
     print(
@@ -390,7 +424,7 @@ async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from eventsync.server import check_listen
+    from eventsync.server import check_exposure, check_listen
     from eventsync.service import Service
 
     if args.demo_if_unconfigured and settings.bookstack_url is None:
@@ -403,6 +437,7 @@ async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     settings.require("webhook_secret")
     # Before any start-up work: a port in use or a host that does not resolve is a setting
     # to fix, not something to find after the database is open and the sync has begun.
+    check_exposure(settings.listen_host, settings.read_token)
     check_listen(settings.listen_host, settings.listen_port)
     async with make_client(settings) as client, await open_store(settings.database) as store:
         service = Service(settings, client, store)
@@ -630,6 +665,13 @@ def _whole_number(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _kind(text: str) -> str:
+    try:
+        return content_type_of(text)
+    except BadRequest as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -702,7 +744,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--indent", type=_whole_number(0, 16), default=None, help="pretty-print with this indent"
     )
+    p.add_argument(
+        "--as-user",
+        type=_whole_number(1, MAX_INTEGER),
+        default=None,
+        metavar="ID",
+        help="only the content sections, as this BookStack user sees them",
+    )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("who-can-see", help="the users who can view an item, and why")
+    p.add_argument("kind", type=_kind, metavar="KIND", help="shelf, book, chapter or page")
+    p.add_argument("id", type=_whole_number(1, MAX_INTEGER), metavar="ID")
+    p.set_defaults(func=cmd_who_can_see)
+
+    p = sub.add_parser("can-see", help="can this user view the item? one line with the reason")
+    p.add_argument("user", type=_whole_number(1, MAX_INTEGER), metavar="USER")
+    p.add_argument("kind", type=_kind, metavar="KIND", help="shelf, book, chapter or page")
+    p.add_argument("id", type=_whole_number(1, MAX_INTEGER), metavar="ID")
+    p.set_defaults(func=cmd_can_see)
 
     p = sub.add_parser("status", help="cursor, last sync, counts")
     p.add_argument("--json", action="store_true")
@@ -731,6 +791,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(func(settings, args))
     except (ConfigError, StoreError) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except (AccessUnavailable, BadRequest) as exc:
+        # The mirror cannot answer that (a sync token that does not see everything), or the
+        # question is malformed: both to fix before asking again.
         return _fail(str(exc), EXIT_USAGE)
     except AuthError as exc:
         return _fail(

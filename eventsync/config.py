@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     bookstack_token_id: str | None = None
     bookstack_token_secret: SecretStr | None = None
     webhook_secret: SecretStr | None = None
+    # Bearer token of the read endpoints (/changes, /access, /status): they carry content
+    # and who may see it, so they need a key once they are reachable from other hosts.
+    read_token: SecretStr | None = None
     database: Path = Path("./eventsync.db")
     listen: str = "127.0.0.1:8780"
     requests_per_minute: float = Field(150.0, gt=0, le=100_000)
@@ -130,6 +133,19 @@ class Settings(BaseSettings):
         # The secret is the only thing protecting the endpoint (BookStack cannot sign).
         if value is not None and len(value.get_secret_value()) < 16:
             raise ValueError("must be at least 16 characters (it is the endpoint's only guard)")
+        return value
+
+    @field_validator("read_token")
+    @classmethod
+    def _check_read_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        token = value.get_secret_value()
+        if len(token) < 16:
+            raise ValueError("must be at least 16 characters")
+        if not token.isascii() or not token.isprintable() or " " in token:
+            # It travels in an Authorization header: printable ASCII without spaces.
+            raise ValueError("must be printable ASCII without spaces")
         return value
 
     @property

@@ -42,7 +42,14 @@ from eventsync.store.queue import (
     NO_AUDIT_LOG,
     record_covered_sync,
 )
-from eventsync.store.sqlite import CONTENT_TYPES, KIND_OF_CONTENT_TYPE, KINDS, Store, Tx
+from eventsync.store.sqlite import (
+    CONTENT_TYPES,
+    KIND_OF_CONTENT_TYPE,
+    KINDS,
+    LAST_FULL_SYNC,
+    Store,
+    Tx,
+)
 
 log = get_logger("eventsync.reconcile")
 
@@ -61,7 +68,6 @@ AUDIT_LAST_ROW = "audit_last_row"  # "id|type|time" of the row at the cursor: a 
 AUDIT_GAP = "audit_gap"  # why events may have been lost, until a thorough diff sync ran
 LAST_GAP = "last_gap"  # the latest gap ever found, with its time (kept for `status`)
 AUDIT_ACCESS = "audit_access"  # its values: AUDIT_READABLE, _FORBIDDEN, _ABSENT (store.queue)
-LAST_FULL_SYNC = "last_full_sync_at"
 LAST_FULL_SYNC_STARTED = "last_full_sync_started_at"
 LAST_FULL_SYNC_AUDIT_ID = "last_full_sync_audit_id"
 LAST_FULL_SYNC_REQUESTS = "last_full_sync_requests"
@@ -499,7 +505,12 @@ class Reconciler:
         async with self.store.transaction() as tx:
             for raw in rows:
                 current = mirror.get(raw["id"])
-                if current is None or differs(current, listed(kind, raw)):
+                owner = as_id(raw.get("owned_by"))
+                # An owner the listing names differently is a change even when the listed
+                # fields match: a move's patch copies updated_at from the parent's read,
+                # which may carry a migration's change of owner (FACTS 2.5).
+                other_owner = current is not None and owner not in (None, current["owned_by"])
+                if current is None or differs(current, listed(kind, raw)) or other_owner:
                     if current is not None and owner_only(kind, current, raw):
                         await tx.set_owner(
                             kind, raw["id"], raw["owned_by"], raw.get("updated_at"), read_at

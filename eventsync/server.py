@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -9,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from eventsync import answers
 from eventsync.errors import ConfigError
 from eventsync.ingest.webhook import json_error
 from eventsync.logging import debug_enabled, get_logger
@@ -56,6 +59,59 @@ def check_listen(host: str, port: int) -> None:
             ) from None
 
 
+# Paths that need the read token when one is set: the change feed (and its stream), effective
+# access and status carry content and who may see it. Health, readiness, metrics and the
+# webhook route stay open (BookStack and probes call them without a key).
+PROTECTED_PREFIXES = ("/changes", "/access/", "/status")
+
+
+def is_loopback(host: str) -> bool | None:
+    """Does `host` (an address or a name) only ever mean this machine? None when the name
+    does not resolve (check_listen says so)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError, ValueError):
+        return None
+    return all(ipaddress.ip_address(i[4][0].split("%", 1)[0]).is_loopback for i in infos)
+
+
+def check_exposure(host: str, read_token: object | None) -> None:
+    """`serve` on an address other hosts can reach needs EVENTSYNC_READ_TOKEN: the change feed
+    and the access answers are for those hosts now, and carry content. Checked before
+    anything is bound there."""
+    if read_token is None and is_loopback(host) is False:
+        raise ConfigError(
+            f"setting EVENTSYNC_READ_TOKEN is required to listen on {host} "
+            "(EVENTSYNC_LISTEN), which other hosts can reach: /changes, /access and /status "
+            "carry content"
+        )
+
+
+def _protected(path: str) -> bool:
+    return any(path == p.rstrip("/") or path.startswith(p) for p in PROTECTED_PREFIXES)
+
+
+def read_token_middleware(token: str | None) -> Any:
+    expected = f"Bearer {token}".encode() if token is not None else None
+
+    @web.middleware
+    async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if expected is not None and _protected(request.path):
+            given = request.headers.get("Authorization", "").strip().encode(errors="replace")
+            # Constant time: how much of a guess matched must not show in the answer's time.
+            if not hmac.compare_digest(given, expected):
+                response = json_error(401, "a valid Authorization: Bearer <read token> is needed")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="eventsync"'
+                return response
+        return await handler(request)
+
+    return require_token
+
+
 @web.middleware
 async def _errors_and_access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     """JSON errors for every path, and an access log that names the route, never the URL
@@ -100,7 +156,13 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
 
 
 def build_app(service: Service) -> web.Application:
-    app = web.Application(middlewares=[_errors_and_access_log])
+    token = service.settings.read_token
+    app = web.Application(
+        middlewares=[
+            _errors_and_access_log,
+            read_token_middleware(token.get_secret_value() if token is not None else None),
+        ]
+    )
 
     async def changes(request: web.Request) -> web.Response:
         after = _int_param(request, "after", 0, 0, 2**62)
@@ -143,4 +205,6 @@ def build_app(service: Service) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
+    for path, handler in answers.routes(service.store):
+        app.router.add_get(path, handler)
     return app

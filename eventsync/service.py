@@ -43,7 +43,7 @@ from eventsync.reconcile import (
     Reconciler,
     record_gap,
 )
-from eventsync.server import RUNNER_OPTIONS, build_app
+from eventsync.server import RUNNER_OPTIONS, build_app, check_exposure
 from eventsync.store.queue import Job, JobQueue
 from eventsync.store.sqlite import CONTENT_TYPES, KINDS, Store
 
@@ -110,6 +110,8 @@ async def status_data(store: Store, queue: JobQueue) -> dict[str, Any]:
         "dead_letters": len(await queue.dead_letters()),
         "events": await queue.event_counts(),
         "counts": await store.counts(),
+        # Why /access and the access commands cannot answer, or None when they can.
+        "access_unavailable": await store.access_problem(),
         "sweep": {
             "progress": num(SWEEP_PROGRESS, float),
             "last_cycle_seconds": num(SWEEP_CYCLE, float),
@@ -182,6 +184,7 @@ class Service:
     # ---- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        check_exposure(self.settings.listen_host, self.settings.read_token)
         recovered = await self.queue.recover()
         if recovered:
             log.info("jobs of a stopped worker put back", jobs=recovered)

@@ -350,8 +350,9 @@ async def test_slow_and_dead_subscribers_slow_neither_the_mirror_nor_each_other(
                 await caught_up(svc, good.id)
                 delivered = time.monotonic() - changed
                 # The hanging receiver holds its request for 5 s, the dead one is refused
-                # and backing off: neither delays the mirror or the healthy subscriber.
-                assert mirrored < 1.5 and delivered < 1.5, (page_id, mirrored, delivered)
+                # and backing off: neither delays the mirror or the healthy subscriber. The
+                # bound stays below that 5 s with room for a loaded machine.
+                assert mirrored < 3.5 and delivered < 3.5, (page_id, mirrored, delivered)
             assert len(slow.received) <= 2  # one request in flight at a time
             assert (await subscription(svc, dead.id)).last_error.startswith("cannot connect")
 

@@ -21,6 +21,8 @@ from eventsync.testing.sorting import SortRuleInUseError
 
 pytestmark = pytest.mark.timeout(30)
 
+VIEW_ALL = {"bookshelf-view-all", "book-view-all", "chapter-view-all", "page-view-all"}
+
 Json = dict[str, Any]
 FakeFactory = Callable[..., Awaitable[FakeBookStack]]
 
@@ -428,6 +430,106 @@ async def test_visibility_for_non_admin(fake: FakeBookStack, http: aiohttp.Clien
     assert draft not in [p["id"] for p in body["data"]]
     assert hidden in [p["id"] for p in body["data"]]
     assert [p["id"] for p in fake.truth()["pages"]] == [hidden, shown]
+
+
+async def test_view_own_counts_only_where_no_permission_row_applies(
+    fake: FakeBookStack, http: aiohttp.ClientSession
+) -> None:
+    """FACTS §6 step 6 as corrected on a real v25.02.4: `page-view-own` lets the owner see
+    a page only while no entity row applies anywhere in its chain; an "everyone else: no
+    view" row on the page, its chapter or its book hides it even from its owner."""
+    user = await api_user(fake, {"access-api", "page-view-own"}, "owner")
+    book = await fake.create_book("B")
+    chapter = await fake.create_chapter(book, "C")
+    plain = await fake.create_page(book_id=book, name="Plain", html="", acting_user_id=user)
+    denied = await fake.create_page(book_id=book, name="Denied", html="", acting_user_id=user)
+    under = await fake.create_page(chapter_id=chapter, name="Under", html="", acting_user_id=user)
+    other = await fake.create_page(book_id=book, name="Other's", html="")
+    await fake.set_permissions("page", denied, fallback={"view": False})
+    await fake.set_permissions("chapter", chapter, fallback={"view": False})
+    headers = auth(fake, "owner", "secret")
+    _, body, _ = await get(http, fake, "/api/pages?filter[draft]=0", headers)
+    assert [p["id"] for p in body["data"]] == [plain]
+    for page in (denied, under, other):
+        status, _, _ = await get(http, fake, f"/api/pages/{page}", headers)
+        assert status == 404, page
+    # The joint_permissions row carries the owner only on the role-permission path.
+    role = fake.state.user_roles(user)[0]
+    assert fake.state.view_status(role, fake.state.pages[plain]) == (0, user)
+    assert fake.state.view_status(role, fake.state.pages[denied]) == (0, None)
+    # An explicit allow for the role shows it, owner or not.
+    await fake.set_permissions("page", other, role_permissions=[{"role_id": role.id, "view": True}])
+    status, _, _ = await get(http, fake, f"/api/pages/{other}", headers)
+    assert status == 200
+
+
+async def test_explicit_deny_beats_an_implicit_allow_of_another_role(
+    fake: FakeBookStack, http: aiohttp.ClientSession
+) -> None:
+    viewer = await fake.create_role("All", {"access-api", "page-view-all"})
+    denied = await fake.create_role("Denied", {"access-api"})
+    allowed = await fake.create_role("Allowed", {"access-api"})
+    user = await fake.create_user("Two", "two@example.com", [viewer, denied])
+    fake.add_token(user, "two", "secret")
+    book = await fake.create_book("B")
+    page = await fake.create_page(book_id=book, name="P", html="")
+    await fake.set_permissions("book", book, role_permissions=[{"role_id": denied, "view": False}])
+    headers = auth(fake, "two", "secret")
+    status, _, _ = await get(http, fake, f"/api/pages/{page}", headers)
+    assert status == 404
+    # An explicit allow on another of the user's roles beats the deny.
+    await fake.update_user(user, roles=[viewer, denied, allowed])
+    await fake.set_permissions("page", page, role_permissions=[{"role_id": allowed, "view": True}])
+    status, _, _ = await get(http, fake, f"/api/pages/{page}", headers)
+    assert status == 200
+
+
+async def test_book_contents_and_shelves_are_filtered_for_the_token_user(
+    fake: FakeBookStack, http: aiohttp.ClientSession
+) -> None:
+    """A visible page of a hidden chapter is one of the book's top-level items (BookContents
+    ::getTree's lone pages); a shelf lists only the books the user may see."""
+    user = await api_user(fake, {"access-api", *VIEW_ALL}, "reader")
+    role = fake.state.user_roles(user)[0].id
+    book = await fake.create_book("B")
+    hidden_book = await fake.create_book("Hidden")
+    shelf = await fake.create_shelf("S", [hidden_book, book])
+    chapter = await fake.create_chapter(book, "Hidden chapter")
+    inside = await fake.create_page(chapter_id=chapter, name="Inside", html="")
+    shown = await fake.create_page(chapter_id=chapter, name="Shown", html="")
+    await fake.set_permissions("chapter", chapter, fallback={"view": False})
+    await fake.set_permissions("page", shown, role_permissions=[{"role_id": role, "view": True}])
+    await fake.set_permissions("book", hidden_book, fallback={"view": False})
+    headers = auth(fake, "reader", "secret")
+    _, body, _ = await get(http, fake, f"/api/books/{book}", headers)
+    assert [(i["type"], i["id"]) for i in body["contents"]] == [("page", shown)]
+    _, body, _ = await get(http, fake, f"/api/shelves/{shelf}", headers)
+    assert [b["id"] for b in body["books"]] == [book]
+    # The admin's token sees the chapter with both pages inside it.
+    _, body, _ = await get(http, fake, f"/api/books/{book}")
+    assert [(i["type"], i["id"]) for i in body["contents"]] == [("chapter", chapter)]
+    assert [p["id"] for p in body["contents"][0]["pages"]] == [inside, shown]
+    status, _, _ = await get(http, fake, f"/api/pages/{inside}", headers)
+    assert status == 404
+
+
+async def test_creating_a_page_checks_page_create_on_the_book(
+    fake: FakeBookStack, http: aiohttp.ClientSession
+) -> None:
+    """checkOwnableUserAccess($book, 'page-create'): the role permission is page-create-all,
+    unless the book's own create rows apply."""
+    writer = await api_user(fake, {"access-api", *VIEW_ALL, "page-create-all"}, "writer")
+    book = await fake.create_book("B")
+    headers = auth(fake, "writer", "secret")
+    body = {"book_id": book, "name": "New", "html": "<p>x</p>"}
+    async with http.post(fake.url + "/api/pages", json=body, headers=headers) as response:
+        assert response.status == 200
+    role = fake.state.user_roles(writer)[0].id
+    await fake.set_permissions(
+        "book", book, role_permissions=[{"role_id": role, "view": True, "create": False}]
+    )
+    async with http.post(fake.url + "/api/pages", json=body, headers=headers) as response:
+        assert response.status == 403
 
 
 # ------------------------------------------------------------------- cascades

@@ -979,3 +979,27 @@ async def _raw_get(fake: FakeBookStack, path: str) -> tuple[int, Any]:
     headers = {"Authorization": f"Token {fake.token_id}:{fake.token_secret}"}
     async with aiohttp.ClientSession() as http, http.get(fake.url + path, headers=headers) as resp:
         return resp.status, await resp.json(content_type=None)
+
+
+async def test_permissions_that_became_the_default_reach_effective_access(
+    make_fake: FakeFactory, make_rig: RigFactory
+) -> None:
+    """Items the search no longer finds restricted get the default without a read (in bulk):
+    that write, too, must update who can see them and everything below them."""
+    fake = await make_fake(**{**SMALL, "permission_share": 0.0})
+    user = await fake.create_user("Viewer", "viewer@example.com", roles=[3])
+    rig = await make_rig(fake)
+    book = fake.truth()["books"][0]["id"]
+    pages = sorted(p.id for p in fake.state.pages.values() if p.book_id == book and not p.draft)
+    await fake.set_permissions("book", book, fallback=NO_ACCESS)
+    assert (await rig.sync()).complete
+    visible = set(await rig.store.visible_ids(user, "page"))
+    assert not visible & set(pages)
+    # The book's rows go away; the diff learns it from the search alone, and reads nothing.
+    fake.state.entity_permissions.pop(("book", book))
+
+    summary = await rig.sync(all_permissions=False, set_cursor=False, verify_memberships=False)
+
+    assert summary.complete, summary.problems
+    assert permission_reads(fake) == []
+    assert set(pages) <= set(await rig.store.visible_ids(user, "page"))

@@ -189,7 +189,7 @@ async def test_commits_wake_the_stream_at_once_and_other_writers_within_the_poll
             woke = time.monotonic() - changed
             row = json.loads(block["data"])
             assert (row["entity"], row["entity_id"]) == ("page", 2)
-            assert woke < 1.0, woke  # webhook, job, commit, event: no 60 s poll
+            assert woke < 5.0, woke  # webhook, job, commit, event: not the 60 s poll
 
         async with (
             running(settings_for(fake, tmp_path / "m.db"), fake) as svc,

@@ -18,7 +18,10 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from eventsync.access import token_problem
 from eventsync.errors import EventsyncError
+from eventsync.store import access as access_sql
+from eventsync.store.access import AccessCache, AccessChanges
 from eventsync.store.states import change_state
 
 T = TypeVar("T")
@@ -174,6 +177,8 @@ def newer(stored: float | None, read_at: float) -> bool:
 SECTION_OF: dict[str, str] = {kind: table.name for kind, table in TABLES.items()}
 
 SCHEMA_VERSION_KEY = "user_version"
+# sync_state: when the last complete full sync finished (written by the reconciler).
+LAST_FULL_SYNC = "last_full_sync_at"
 
 # The export document (DESIGN.md): section → (table, fields in order). Fields that are not
 # columns are relations filled in by Store.export; BOOL_FIELDS are stored as 0/1.
@@ -296,6 +301,8 @@ class Store:
         # Called after each commit that wrote to the change feed: feed.FeedWatch wakes the
         # stream and the deliveries with it, instead of their polling the table.
         self.on_feed_commit: list[Callable[[], None]] = []
+        # Roles, classes and memberships for the access tables, on the database thread.
+        self._access_cache = AccessCache()
 
     @classmethod
     async def open(cls, path: Path | str) -> Store:
@@ -331,6 +338,11 @@ class Store:
                 if version > current:
                     await tx.executescript_in_tx(sql)
                     await tx.execute(f"PRAGMA user_version = {int(version)}")
+            if await tx.get_state(access_sql.BUILT) is None:
+                # The first computation of access for a mirror that predates it (or a new
+                # one): its change feed has no rows for it, readers start from the tables.
+                tx.access.everything = True
+                tx.access.emit = False
 
     async def close(self) -> None:
         if not self._closed:
@@ -348,9 +360,11 @@ class Store:
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[Tx]:
         await self._db.execute("BEGIN IMMEDIATE")
-        tx = Tx(self._db)
+        tx = Tx(self._db, self._access_cache)
         try:
             yield tx
+            # Access follows its inputs in the same transaction (DESIGN: Effective access).
+            await tx.flush_access()
         except BaseException:
             await self._db.execute("ROLLBACK")
             raise
@@ -657,6 +671,82 @@ class Store:
         doc["permissions"] = perms
         return doc
 
+    # ---- effective access ---------------------------------------------------------------------
+
+    async def _on_access(self, fn: Callable[[sqlite3.Connection, AccessCache], T]) -> T:
+        cache = self._access_cache
+        return await _on_db_thread(self._db, lambda conn: fn(conn, cache))
+
+    async def access_of(self, content_type: str, content_id: int) -> dict[str, Any] | None:
+        """The item's joint_permissions rows per role and the users who can view it (None:
+        the mirror does not hold it)."""
+        return await self._on_access(
+            lambda conn, cache: access_sql.item_access(conn, cache, content_type, content_id)
+        )
+
+    async def visible_ids(
+        self, user_id: int, content_type: str, after: int = 0, limit: int | None = None
+    ) -> list[int]:
+        """Ids of the items of one type the user can view, ascending, after `after`."""
+        return await self._on_access(
+            lambda conn, _cache: access_sql.visible_ids(conn, user_id, content_type, after, limit)
+        )
+
+    async def access_chain(self, content_type: str, content_id: int) -> Any:
+        """(chain of levels with their rows, owner id) of one item, or None: what decides its
+        access, for saying why."""
+        return await self._on_access(
+            lambda conn, _cache: access_sql.chain_of(conn, content_type, content_id)
+        )
+
+    async def access_roles(self) -> dict[int, Any]:
+        """The roles as access sees them (eventsync.access.Role), by id."""
+
+        def read(conn: sqlite3.Connection, cache: AccessCache) -> dict[int, Any]:
+            cache.sync(conn)
+            return dict(cache.roles)
+
+        return await self._on_access(read)
+
+    async def access_problem(self) -> str | None:
+        """Why effective access cannot be answered from this mirror (None: it can): see
+        eventsync.access.token_problem."""
+        synced = await self.get_state(LAST_FULL_SYNC) is not None
+        candidates = await self._on_access(access_sql.token_candidates)
+        return token_problem(synced, candidates)
+
+    async def user_role_ids(self, user_id: int) -> list[int]:
+        rows = await self.fetchall(
+            "SELECT role_id FROM user_roles WHERE user_id = ? ORDER BY role_id", (user_id,)
+        )
+        return [r[0] for r in rows]
+
+    async def export_as_user(self, user_id: int) -> dict[str, Any]:
+        """The content sections of the export as one user sees them through BookStack's API
+        (DESIGN: Effective access): what they can view, shelves' book lists of the books
+        they can view, attachments of the pages they can view, pages rendered for them."""
+        doc = await self.export()
+        visible = {
+            section: set(await self.visible_ids(user_id, content_type))
+            for section, content_type in (
+                ("shelves", "bookshelf"),
+                ("books", "book"),
+                ("chapters", "chapter"),
+                ("pages", "page"),
+            )
+        }
+        out: dict[str, Any] = {
+            section: [row for row in doc[section] if row["id"] in ids]
+            for section, ids in visible.items()
+        }
+        for shelf in out["shelves"]:
+            shelf["books"] = [b for b in shelf["books"] if b in visible["books"]]
+        out["attachments"] = [a for a in doc["attachments"] if a["uploaded_to"] in visible["pages"]]
+        raw = {p["id"]: p["raw_html"] for p in doc["pages"]}
+        for page in out["pages"]:
+            page["html"] = _rendered_for(page, raw, visible["pages"])
+        return out
+
 
 class _Serialised:
     """Serialises writers inside one process; BEGIN IMMEDIATE serialises across processes."""
@@ -685,10 +775,26 @@ class _Serialised:
 class Tx:
     """Writes inside one transaction. Every mirror change appends to the change feed here."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, access_cache: AccessCache | None = None) -> None:
         self._db = db
         self._now = _now_iso()
         self.changed = 0
+        # What this transaction changed among the inputs of access; worked out at commit.
+        self.access = AccessChanges()
+        self._access_cache = access_cache or AccessCache()
+        self.access_stats = access_sql.FlushStats()
+
+    async def flush_access(self) -> access_sql.FlushStats:
+        """Bring the access tables (and the feed's `access` rows) up to date with this
+        transaction's changes; the store does it before every commit."""
+        changes, self.access = self.access, AccessChanges()
+        if not changes:
+            return access_sql.FlushStats()
+        cache, now = self._access_cache, self._now
+        stats = await self.run(lambda conn: access_sql.flush(conn, cache, changes, now))
+        self.changed += stats.changes
+        self.access_stats = stats
+        return stats
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Cursor:
         return await self._db.execute(sql, params)
@@ -800,6 +906,20 @@ class Tx:
             current = dict(existing[0])
             if newer(current.pop("fetched_at"), read_at):
                 return "stale"
+            if "owned_by" in values and values["owned_by"] is None:
+                # A read shows the owner as a user object, null once that user is deleted;
+                # BookStack's owned_by column keeps the id (it is never null), and its
+                # joint_permissions rows with it, as the listings show it.
+                values["owned_by"] = current["owned_by"]
+            if kind in CONTENT_TYPES:
+                # A read of its content permissions after this one named the owner later.
+                later = await self._rows(
+                    "SELECT owner_id FROM content_permissions WHERE content_type = ? AND "
+                    "content_id = ? AND owner_id IS NOT NULL AND fetched_at > ?",
+                    (CONTENT_TYPES[kind], row["id"], read_at),
+                )
+                if later:
+                    values["owned_by"] = later[0][0]
             if newer(current.pop("placed_at", None), read_at):
                 # Moved since this read was sent: the move's placement stands.
                 values.update({c: current[c] for c in placement})
@@ -822,7 +942,36 @@ class Tx:
                 f"UPDATE {table.name} SET read_updated_at = ? WHERE id = ?",
                 (row.get("updated_at"), row["id"]),
             )
+        if kind in CONTENT_TYPES and outcome != "unchanged":
+            await self._newest_owner(CONTENT_TYPES[kind], row["id"], values["owned_by"], read_at)
+            self.access.items.add((CONTENT_TYPES[kind], row["id"]))
+        elif kind == "role" and outcome != "unchanged":
+            self.access.roles.add(row["id"])
         return outcome
+
+    async def _newest_owner(
+        self, content_type: str, content_id: int, owner_id: int | None, read_at: float
+    ) -> None:
+        """The item's owner, from a read at `read_at`, wherever an older read holds another:
+        its content permissions' owner_id (an item read shows a migration first) or the
+        item's owned_by (a permissions read shows an owner changed through them first)."""
+        if owner_id is None:
+            return  # the read could not name the owner (a deleted user): nothing learnt
+        cur = await self._db.execute(
+            "UPDATE content_permissions SET owner_id = ? WHERE content_type = ? AND "
+            "content_id = ? AND owner_id IS NOT ? AND fetched_at <= ?",
+            (owner_id, content_type, content_id, owner_id, read_at),
+        )
+        if cur.rowcount:
+            await self.change("upsert", "permissions", content_id, content_type=content_type)
+        kind = KIND_OF_CONTENT_TYPE[content_type]
+        cur = await self._db.execute(
+            f"UPDATE {TABLES[kind].name} SET owned_by = ? WHERE id = ? AND owned_by IS NOT ? "
+            "AND fetched_at <= ?",
+            (owner_id, content_id, owner_id, read_at),
+        )
+        if cur.rowcount:
+            await self.change("upsert", kind, content_id)
 
     async def patch(
         self, kind: str, entity_id: int, fields: dict[str, Any], read_at: float | None = None
@@ -849,6 +998,8 @@ class Tx:
         )
         if cur.rowcount:
             await self.change("upsert", kind, entity_id)
+            if kind in CONTENT_TYPES and {"book_id", "chapter_id"} & set(fields):
+                self.access.items.add((CONTENT_TYPES[kind], entity_id))
         return bool(cur.rowcount)
 
     async def remove_dangling(self) -> dict[str, int]:
@@ -881,6 +1032,7 @@ class Tx:
                         (user_id, role_id),
                     )
                     await self.change("delete", "user_role", user_id, data={"role_id": role_id})
+                    self.access.membership(user_id, role_id, True)
             elif table == "content_permissions":
                 rows = await self._rows(
                     f"SELECT content_type, content_id FROM {table} WHERE {where}"
@@ -898,6 +1050,8 @@ class Tx:
                     await self.change(
                         "upsert", "permissions", content_id, content_type=content_type
                     )
+                    self.access.items.add((content_type, content_id))
+                    self.access.subtrees.add((content_type, content_id))
             if ids:
                 removed[what] = len(ids)
         return removed
@@ -927,6 +1081,7 @@ class Tx:
             (owner_id, updated_at, read_at, entity_id),
         )
         await self.change("upsert", kind, entity_id)
+        self.access.items.add((CONTENT_TYPES[kind], entity_id))
         cur = await self._db.execute(
             "UPDATE content_permissions SET owner_id = ? WHERE content_type = ? "
             "AND content_id = ? AND owner_id IS NOT ?",
@@ -1011,6 +1166,11 @@ class Tx:
         if cur.rowcount:
             removed += 1
             await self.change("delete", kind, entity_id)
+            if kind in CONTENT_TYPES:
+                self.access.items.add((CONTENT_TYPES[kind], entity_id))
+            elif kind == "role":
+                # Its rows go; its content rows went above and decided only its own status.
+                self.access.roles.add(entity_id)
         return removed
 
     # ---- relations --------------------------------------------------------------------------
@@ -1091,6 +1251,7 @@ class Tx:
                 "DELETE FROM user_roles WHERE user_id = ? AND role_id = ?", (user, role)
             )
             await self.change("delete", "user_role", user, data={"role_id": role})
+            self.access.membership(user, role, True)
             changed = True
         for other in sorted(wanted_set - current - newer):
             user, role = (key, other) if column == "user_id" else (other, key)
@@ -1098,6 +1259,7 @@ class Tx:
                 "INSERT INTO user_roles (user_id, role_id) VALUES (?, ?)", (user, role)
             )
             await self.change("upsert", "user_role", user, data={"role_id": role})
+            self.access.membership(user, role, False)
             changed = True
         return changed
 
@@ -1225,6 +1387,14 @@ class Tx:
             [(content_type, content_id, *r) for r in roles],
         )
         await self.change("upsert", "permissions", content_id, content_type=content_type)
+        await self._newest_owner(content_type, content_id, perms.get("owner_id"), now)
+        key = (content_type, content_id)
+        self.access.items.add(key)
+        if _view_rows(old_head[0][1:3] if old_head else (1, None), old_roles) != _view_rows(
+            head[1:3], roles
+        ):
+            # The rows of a book or chapter are part of the chain of everything below it.
+            self.access.subtrees.add(key)
         return True
 
     async def set_default_permissions(
@@ -1238,8 +1408,8 @@ class Tx:
         kind_table = TABLES[KIND_OF_CONTENT_TYPE[content_type]].name
         now = self._now
 
-        def write(conn: sqlite3.Connection) -> int:
-            changed = 0
+        def write(conn: sqlite3.Connection) -> list[tuple[int, bool]]:
+            changed: list[tuple[int, bool]] = []  # (id, whether it had rows of its own)
             for content_id, owner in items:
                 if (
                     conn.execute(
@@ -1289,12 +1459,18 @@ class Tx:
                         change_state(conn, "upsert", "permissions", content_id, content_type, None),
                     ),
                 )
-                changed += 1
+                changed.append((content_id, row is not None and (row[1] != 1 or bool(row[3]))))
             return changed
 
         changed = await self.run(write)
-        self.changed += changed
-        return changed
+        self.changed += len(changed)
+        for content_id, had_rows in changed:
+            key = (content_type, content_id)
+            self.access.items.add(key)
+            if had_rows:
+                # The rows of a book or chapter are part of the chain of everything below it.
+                self.access.subtrees.add(key)
+        return len(changed)
 
     async def delete_permissions(self, content_type: str, content_id: int) -> None:
         await self._db.execute(
@@ -1307,6 +1483,61 @@ class Tx:
         )
         if cur.rowcount:
             await self.change("delete", "permissions", content_id, content_type=content_type)
+            self.access.items.add((content_type, content_id))
+            self.access.subtrees.add((content_type, content_id))
+
+
+# PageIncludeParser's tag; what follows `#` names a section of the included page.
+_INCLUDE_TAG = re.compile(r"\{\{@\s?([0-9].*?)\}\}")
+# PageContent::render resolves includes three levels deep.
+_INCLUDE_DEPTH = 3
+
+
+def _included(html: str | None) -> set[int]:
+    out = set()
+    for ref in _INCLUDE_TAG.findall(html or ""):
+        head = ref.split("#", 1)[0].strip()
+        if head.isdigit():
+            out.add(int(head))
+    return out
+
+
+def _rendered_for(page: dict[str, Any], raw: dict[int, str | None], visible: set[int]) -> Any:
+    """A page's `html` as a user sees it. BookStack renders each include tag with the
+    included page's content only when the viewer may see that page, and blank otherwise.
+    Where every page the includes reach is visible, the sync user's rendering (the mirror's
+    `html`) is the user's too. Where one is hidden, it is rendered again from `raw_html`
+    with those includes blank; that follows BookStack's rule, not its HTML parser (a
+    section include, `{{@12#id}}`, stands for the whole page there)."""
+    reached: set[int] = set()
+    frontier = _included(page["raw_html"])
+    for _ in range(_INCLUDE_DEPTH):
+        frontier -= reached
+        if not frontier:
+            break
+        reached |= frontier
+        frontier = set().union(*(_included(raw.get(i)) for i in frontier))
+    if reached <= visible:
+        return page["html"]
+
+    def render(html: str, depth: int) -> str:
+        def include(match: re.Match[str]) -> str:
+            head = match.group(1).split("#", 1)[0].strip()
+            target = int(head) if head.isdigit() else None
+            if target is None or target not in visible or depth >= _INCLUDE_DEPTH:
+                return ""
+            return render(raw.get(target) or "", depth + 1)
+
+        return _INCLUDE_TAG.sub(include, html)
+
+    return render(page["raw_html"] or "", 0)
+
+
+def _view_rows(head: Sequence[Any], roles: Sequence[Sequence[Any]]) -> tuple[Any, ...]:
+    """What of an item's content permissions decides viewing: the "everyone else" view when
+    not inheriting, and each role row's view."""
+    inheriting, fallback_view = head[0], head[1]
+    return (None if inheriting else bool(fallback_view), tuple((r[0], r[1]) for r in roles))
 
 
 async def _on_db_thread(db: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -197,10 +197,12 @@ def _write_shape(request: web.Request, entity: Entity) -> dict[str, Any]:
     return shape
 
 
-def _check_can(request: web.Request, action: str, entity: Entity) -> None:
+def _check_can(
+    request: web.Request, action: str, entity: Entity, permission_type: str = ""
+) -> None:
     state = _fake(request).state
     user_id = _user_id(request)
-    if not (state.is_admin(user_id) or state.can(user_id, action, entity)):
+    if not (state.is_admin(user_id) or state.can(user_id, action, entity, permission_type)):
         raise ApiError(403, NO_PERMISSION)
 
 
@@ -272,7 +274,7 @@ async def create_content(request: web.Request) -> web.Response:
             parent = _visible_parent(request, "chapter", data["chapter_id"])
         else:
             parent = _visible_parent(request, "book", data["book_id"])
-        _check_can(request, "create", parent)
+        _check_can(request, "create", parent, "page")
         new_id = await fake.create_page(
             book_id=parent.id if parent.TYPE == "book" else None,
             chapter_id=parent.id if parent.TYPE == "chapter" else None,
@@ -285,7 +287,7 @@ async def create_content(request: web.Request) -> web.Response:
         )
     elif entity_type == "chapter":
         parent = _visible_parent(request, "book", data.get("book_id"))
-        _check_can(request, "create", parent)
+        _check_can(request, "create", parent, "chapter")
         new_id = await fake.create_chapter(
             parent.id,
             name,

@@ -264,10 +264,13 @@ def _tree_key(item: Page | Chapter) -> tuple[int, int, int]:
 def book_read(state: WikiState, book: Book, viewer_id: int) -> JSON:
     chapters = list(state.visible(viewer_id, state.book_chapters(book.id)))
     pages = list(state.visible(viewer_id, state.book_pages(book.id)))
+    shown = {c.id for c in chapters}
     by_chapter: dict[int, list[Page]] = {}
     top: list[Page | Chapter] = list(chapters)
     for page in pages:
-        if page.chapter_id:
+        # BookContents::getTree: a visible page whose chapter the viewer cannot see is one
+        # of the book's "lone pages", at the top level (FACTS §6).
+        if page.chapter_id in shown:
             by_chapter.setdefault(page.chapter_id, []).append(page)
         else:
             top.append(page)

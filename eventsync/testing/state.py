@@ -510,47 +510,78 @@ class WikiState:
             chain.append(self.books[entity.book_id])
         return chain
 
-    def _role_status(self, role: Role, entity: Entity, action: str) -> tuple[int, int | None]:
-        """JointPermissionBuilder for one role: (status, owner id) for `action` on `entity`."""
-        if role.system_name == "admin":
-            return EXPLICIT_ALLOW, None
-        role_value: bool | None = None
-        fallback: bool | None = None
+    def _levels(self, entity: Entity) -> Iterator[dict[int, Perm]]:
+        """The entity_permissions rows of each level of the chain that has any."""
         for level in self._chain(entity):
             rows = self.entity_permissions.get((level.TYPE, level.id))
-            if not rows:
-                continue
+            if rows:
+                yield rows
+
+    def view_status(self, role: Role, entity: Entity) -> tuple[int, int | None]:
+        """One joint_permissions row: (status, owner_id) of `role` for viewing `entity`, as
+        JointPermissionBuilder::createJointPermissionData computes it (FACTS §6 steps 1-6)."""
+        if role.system_name == "admin":
+            # createJointPermissionDataArray(..., EXPLICIT_ALLOW, hasPermissionOwn: true)
+            return EXPLICIT_ALLOW, entity.owned_by or None
+        role_value: bool | None = None
+        fallback: bool | None = None
+        for rows in self._levels(entity):
             if role_value is None and role.id in rows:
-                role_value = getattr(rows[role.id], action)
+                role_value = rows[role.id].view
+            if 0 in rows:
+                fallback = rows[0].view
+                break
+        if role_value is not None:
+            return (EXPLICIT_ALLOW if role_value else EXPLICIT_DENY), None
+        if fallback is not None:
+            return (IMPLICIT_ALLOW if fallback else IMPLICIT_DENY), None
+        # No entity row applies anywhere in the chain: the role-level permissions, and only
+        # here does `-view-own` count (hasPermissionOwn is false on the entity path).
+        status = IMPLICIT_ALLOW if f"{entity.TYPE}-view-all" in role.permissions else IMPLICIT_DENY
+        own = f"{entity.TYPE}-view-own" in role.permissions
+        return status, (entity.owned_by or None) if own else None
+
+    def _entity_permission(self, user_id: int, entity: Entity, action: str) -> bool | None:
+        """EntityPermissionEvaluator::evaluateEntityForUser: the rows of the user's roles and
+        the fallback, walked up the chain; None when no row applies."""
+        role_ids = {r.id for r in self.user_roles(user_id)}
+        found: dict[int, bool] = {}
+        fallback: bool | None = None
+        for rows in self._levels(entity):
+            for role_id, perm in rows.items():
+                if role_id != 0 and role_id in role_ids and role_id not in found:
+                    found[role_id] = getattr(perm, action)
             if 0 in rows:
                 fallback = getattr(rows[0], action)
                 break
-        if role_value is not None:
-            status = EXPLICIT_ALLOW if role_value else EXPLICIT_DENY
-        elif fallback is not None:
-            status = IMPLICIT_ALLOW if fallback else IMPLICIT_DENY
-        else:
-            allowed = f"{entity.TYPE}-{action}-all" in role.permissions
-            status = IMPLICIT_ALLOW if allowed else IMPLICIT_DENY
-        owner = None
-        if (
-            f"{entity.TYPE}-{action}-own" in role.permissions
-            and status != EXPLICIT_DENY
-            and entity.owned_by
-        ):
-            owner = entity.owned_by
-        return status, owner
+        if found:
+            return any(found.values())
+        return fallback
 
-    def can(self, user_id: int, action: str, entity: Entity) -> bool:
-        """The effective content permission (FACTS §6): max status over the user's roles."""
+    def can(self, user_id: int, action: str, entity: Entity, permission_type: str = "") -> bool:
+        """May the user take `action` on `entity` (FACTS §6)? Viewing is the joint-permission
+        rule (PermissionApplicator::restrictEntityQuery: max status over the user's roles,
+        then the owner); other actions are checkOwnableUserAccess, with the role permission
+        `{permission_type}-{action}-all/-own` (the entity's type unless given: creating a
+        page in a book checks `page-create`)."""
         roles = self.user_roles(user_id)
         if not roles:
             return False
-        statuses = [self._role_status(role, entity, action) for role in roles]
-        status = max(s for s, _ in statuses)
-        owner = max((o for _, o in statuses if o is not None), default=None)
-        return status in (IMPLICIT_ALLOW, EXPLICIT_ALLOW) or (
-            owner == user_id and status != EXPLICIT_DENY
+        if action == "view":
+            rows = [self.view_status(role, entity) for role in roles]
+            status = max(s for s, _ in rows)
+            owner = max((o for _, o in rows if o is not None), default=None)
+            return status in (IMPLICIT_ALLOW, EXPLICIT_ALLOW) or (
+                owner == user_id and status != EXPLICIT_DENY
+            )
+        if self.is_admin(user_id):
+            return True
+        applied = self._entity_permission(user_id, entity, action)
+        if applied is not None:
+            return applied
+        prefix = f"{permission_type or entity.TYPE}-{action}"
+        return self.user_can(user_id, f"{prefix}-all") or (
+            entity.owned_by == user_id and self.user_can(user_id, f"{prefix}-own")
         )
 
     def can_view(self, user_id: int, entity: Entity, *, binned: bool = False) -> bool:
