@@ -323,11 +323,15 @@ class Delivery:
                     log.exception("reading the subscriptions failed; trying again")
                 await wait_any(stop, timeout=REFRESH)
         finally:
-            tasks = list(self._tasks.values())
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self._session.close()
+            try:
+                tasks = list(self._tasks.values())
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                # Closed even when a second cancellation (the service stopping with a
+                # deadline) cuts the wait for the subscriptions short.
+                await self._session.close()
 
     def _start_tasks(self, subs: list[Subscription]) -> None:
         for sub in subs:
