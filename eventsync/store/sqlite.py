@@ -1353,7 +1353,7 @@ class Tx:
             [(content_type, content_id, *r) for r in roles],
         )
         await self.change("upsert", "permissions", content_id, content_type=content_type)
-        await self._newest_owner(content_type, content_id, perms.get("owner_id"), now)
+        await self._newest_owner(content_type, content_id, head[0], now)
         key = (content_type, content_id)
         self.access.items.add(key)
         if _view_rows(old_head[0][1:3] if old_head else (1, None), old_roles) != _view_rows(
@@ -1408,8 +1408,8 @@ def _rendered_for(page: dict[str, Any], raw: dict[int, str | None], visible: set
             break
         reached |= frontier
         frontier = set().union(*(_included(raw.get(i)) for i in frontier))
-    if reached <= visible:
-        return page["html"]
+    if not {i for i in reached if i in raw} - visible:
+        return page["html"]  # what the user cannot see is blank for the sync user too
 
     def render(html: str, depth: int) -> str:
         def include(match: re.Match[str]) -> str:
