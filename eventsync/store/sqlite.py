@@ -178,6 +178,8 @@ SECTION_OF: dict[str, str] = {kind: table.name for kind, table in TABLES.items()
 SCHEMA_VERSION_KEY = "user_version"
 # sync_state: when the last complete full sync finished (written by the reconciler).
 LAST_FULL_SYNC = "last_full_sync_at"
+# sync_state: "<time> <routes>" the token was refused in the last full sync (absent: none).
+SYNC_FORBIDDEN = "sync_forbidden"
 
 # The export document (DESIGN.md): section → (table, fields in order). Fields that are not
 # columns are relations filled in by Store.export; BOOL_FIELDS are stored as 0/1.
@@ -680,8 +682,9 @@ class Store:
         """Why effective access cannot be answered from this mirror (None: it can): see
         eventsync.access.token_problem."""
         synced = await self.get_state(LAST_FULL_SYNC) is not None
+        refused = await self.get_state(SYNC_FORBIDDEN)
         candidates = await self._on_access(access_sql.token_candidates)
-        return token_problem(synced, candidates)
+        return token_problem(synced, candidates, refused.partition(" ")[2] if refused else None)
 
     async def user_role_ids(self, user_id: int) -> list[int]:
         rows = await self.fetchall(
