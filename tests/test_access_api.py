@@ -450,9 +450,9 @@ async def test_a_token_refused_what_a_sync_needs_is_said_in_one_line(
     viewer = await fake.create_user("API viewer", "api-viewer@example.com", [role])
     fake.add_token(viewer, "viewer-token", "viewer-secret")
     database = tmp_path / "viewer.db"
-    async with await Store.open(database) as store:
-        async with client_of(fake, ("viewer-token", "viewer-secret")) as client:
-            summary = await Reconciler(client, store).full_sync()
+    token = ("viewer-token", "viewer-secret")
+    async with await Store.open(database) as store, client_of(fake, token) as client:
+        summary = await Reconciler(client, store).full_sync()
     assert not summary.complete
     env = {"EVENTSYNC_DATABASE": str(database)}
     result = await cli("who-can-see", "page", str(wiki.open_page), env=env)
