@@ -272,12 +272,20 @@ class Candidate:
     hidden: tuple[str, ...] = ()
 
 
-def token_problem(synced: bool, candidates: Sequence[Candidate]) -> str | None:
+def token_problem(
+    synced: bool, candidates: Sequence[Candidate], refused: str | None = None
+) -> str | None:
     """Why effective access cannot be answered from this mirror (None: it can). It needs a
     sync token that sees everything, an admin's: what a token cannot see is not mirrored,
     and an answer about it would be wrong. BookStack's API does not say whose a token is,
     so the mirror's users who could own it are looked at: one who cannot view something the
-    mirror holds is not the token's user; any other who is not an admin might be."""
+    mirror holds is not the token's user; any other who is not an admin might be. `refused`:
+    what BookStack refused the token in the last full sync."""
+    if refused:
+        return (
+            f"the sync token was refused {refused} in the last full sync: effective access "
+            "needs a token that sees everything (an admin's)"
+        )
     if not synced:
         return "no complete full sync yet: run `eventsync reconcile` first"
     possible = [c for c in candidates if c.admin or not c.hidden]

@@ -47,6 +47,7 @@ from eventsync.store.sqlite import (
     KIND_OF_CONTENT_TYPE,
     KINDS,
     LAST_FULL_SYNC,
+    SYNC_FORBIDDEN,
     Store,
     Tx,
 )
@@ -108,6 +109,8 @@ class SyncSummary:
     # include a changed page are read too (their rendered html embeds it).
     changed_pages: set[int] = field(default_factory=set)
     read_pages: set[int] = field(default_factory=set)
+    # What the token was refused (403): the mirror lacks what it could not read.
+    forbidden: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -236,6 +239,12 @@ class Reconciler:
         async with self.store.transaction() as tx:
             if audit_access is not None:
                 await note_audit_access(tx, audit_access)
+            if summary.forbidden:
+                # Effective access cannot be answered from a mirror the token could not fill.
+                refused = ", ".join(dict.fromkeys(summary.forbidden))
+                await tx.set_state(SYNC_FORBIDDEN, f"{_now_iso()} {refused}")
+            else:
+                await tx.delete_state(SYNC_FORBIDDEN)
             if summary.complete:
                 await tx.set_state(LAST_FULL_SYNC, _now_iso())
                 await tx.set_state(LAST_FULL_SYNC_STARTED, started_at)
@@ -345,6 +354,7 @@ class Reconciler:
                 # Any API user may list content: a 403 here means no API access at all.
                 raise
             summary.problems.append(f"{endpoint}: the token may not list it ({exc})")
+            summary.forbidden.append(endpoint)
             log.warning("listing failed: nothing of this kind is removed", kind=kind)
             return
         except BookStackError as exc:
@@ -682,6 +692,8 @@ class Reconciler:
                 raise  # no read can succeed: the sync stops, to run again later
             except BookStackError as exc:
                 summary.problems.append(f"{path}: {exc}")
+                if isinstance(exc, ForbiddenError):
+                    summary.forbidden.append(f"/api/content-permissions/{content_type}/{{id}}")
                 return
             perms = permissions_row(m.ContentPermissions.model_validate(raw))
             async with self.store.transaction() as tx:

@@ -440,6 +440,28 @@ async def test_a_limited_sync_token_is_said_in_one_line_instead_of_wrong_answers
         assert f"user {manager}" in body["error"]["message"]
 
 
+async def test_a_token_refused_what_a_sync_needs_is_said_in_one_line(
+    wiki: Wiki, cli: Cli, tmp_path: Path
+) -> None:
+    """A viewer's token may use the API but not list users or roles: its sync is incomplete,
+    and the commands say what it was refused rather than answer from what it could read."""
+    fake = wiki.fake
+    role = await fake.create_role("API viewers", ["access-api", *VIEW_ALL])
+    viewer = await fake.create_user("API viewer", "api-viewer@example.com", [role])
+    fake.add_token(viewer, "viewer-token", "viewer-secret")
+    database = tmp_path / "viewer.db"
+    token = ("viewer-token", "viewer-secret")
+    async with await Store.open(database) as store, client_of(fake, token) as client:
+        summary = await Reconciler(client, store).full_sync()
+    assert not summary.complete
+    env = {"EVENTSYNC_DATABASE": str(database)}
+    result = await cli("who-can-see", "page", str(wiki.open_page), env=env)
+    assert_one_line_error(result, "refused /api/users, /api/roles", "admin")
+    # An admin's complete sync into the same mirror lifts it.
+    await sync(fake, database)
+    assert (await cli("who-can-see", "page", str(wiki.open_page), env=env)).code == 0
+
+
 async def test_the_admins_token_is_trusted_and_a_mirror_not_synced_yet_is_not(
     wiki: Wiki, cli: Cli, tmp_path: Path
 ) -> None:

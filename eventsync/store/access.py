@@ -322,14 +322,7 @@ def flush(
     role_before = _refresh_roles(conn, cache, changes, stats)
     before, after = _refresh_items(conn, cache, changes, stats)
     if changes.emit:
-        rows = _viewer_changes(conn, cache, changes, role_before, before, after, now_iso)
-        if rows:
-            conn.executemany(
-                "INSERT INTO changes (changed_at, op, entity, entity_id, content_type, data) "
-                "VALUES (?, ?, 'access', ?, ?, ?)",
-                rows,
-            )
-        stats.changes = len(rows)
+        stats.changes = _viewer_changes(conn, cache, changes, role_before, before, after, now_iso)
     _collect_garbage(conn, cache, {v[0] for v in before.values() if v is not None}, changes)
     if changes.everything:
         conn.execute(
@@ -471,8 +464,9 @@ def _viewer_changes(
     before: dict[Key, Placement | None],
     after: dict[Key, Placement | None],
     now_iso: str,
-) -> list[tuple[str, str, int, str, str]]:
-    """The change-feed rows of the items whose set of viewers changed."""
+) -> int:
+    """Write the change-feed rows of the items whose set of viewers changed; returns how
+    many."""
     # Bit positions: the members' index, plus users who lost their last role here.
     position = dict(cache.position)
     users = list(cache.users)
@@ -526,13 +520,34 @@ def _viewer_changes(
             return 0
         return rules.item_viewers(masks(placement[0]), owner_bit(placement[1]))
 
-    found: dict[Key, tuple[int, int, bool]] = {}
+    # Most rows of one change carry the same users: their JSON is made once.
+    texts: dict[tuple[int, int], str] = {}
+
+    def text_of(old: int, new: int) -> str:
+        added, removed = new & ~old, old & ~new
+        text = texts.get((added, removed))
+        if text is None:
+            # Compact: a book's rows can change hundreds of users' view of a thousand pages.
+            text = json.dumps(
+                {
+                    "added": [users[i] for i in rules.bits(added)],
+                    "removed": [users[i] for i in rules.bits(removed)],
+                },
+                sort_keys=True,
+                separators=(",", ":"),
+            )
+            texts[(added, removed)] = text
+        return text
+
+    out: list[tuple[str, str, int, str, str]] = []
+    written = 0
     cache.rows(conn, {p[0] for p in (*before.values(), *after.values()) if p is not None})
-    for key in before:
+    for key in sorted(before):
         old = viewers(before[key], was_masks)
         new = viewers(after[key], now_masks)
         if old != new:
-            found[key] = (old, new, after[key] is None)
+            op = "delete" if after[key] is None else "upsert"
+            out.append((now_iso, op, key[1], key[0], text_of(old, new)))
 
     # Classes where someone's view may have changed without the item moving class: rows
     # of a role changed, or a user's roles did (only where that user's view flips).
@@ -554,37 +569,44 @@ def _viewer_changes(
                 continue
             query += " AND owner_id IN (SELECT value FROM json_each(?))"
             params.append(json.dumps(owners))
-        # An owner's bit matters only to the items of owners either mask names.
-        either_own = was_own | now_own
-        for content_type, content_id, owner_id in conn.execute(query, params):
-            key = (content_type, content_id)
-            if key in before:
-                continue
-            bit = owner_bit(owner_id) & either_own
-            old = was_viewers | (bit & was_own)
-            new = now_viewers | (bit & now_own)
-            if old != new:
-                found[key] = (old, new, False)
-
-    # Most rows of one change carry the same users: their JSON is made once.
-    texts: dict[tuple[int, int], str] = {}
-    out: list[tuple[str, str, int, str, str]] = []
-    for (content_type, content_id), (old, new, gone) in sorted(found.items()):
-        added, removed = new & ~old, old & ~new
-        text = texts.get((added, removed))
-        if text is None:
-            # Compact: a book's rows can change hundreds of users' view of a thousand pages.
-            text = json.dumps(
-                {
-                    "added": [users[i] for i in rules.bits(added)],
-                    "removed": [users[i] for i in rules.bits(removed)],
-                },
-                sort_keys=True,
-                separators=(",", ":"),
+        # Only an owner who sees an item through owning it, not through the class, makes its
+        # change differ from the class's; every other item changes as the class does. Those
+        # are the bulk of a role change (thousands of items, a row each): SQL writes them,
+        # and the owners' items are looked at here.
+        either_own = (was_own & ~was_viewers) | (now_own & ~now_viewers)
+        owning = json.dumps([users[i] for i in rules.bits(either_own)])
+        if was_viewers != now_viewers and not before:
+            cur = conn.execute(
+                "INSERT INTO changes (changed_at, op, entity, entity_id, content_type, data) "
+                "SELECT ?, 'upsert', 'access', content_id, content_type, ? FROM access_items "
+                "WHERE class_id = ? AND (owner_id IS NULL OR owner_id NOT IN "
+                "(SELECT value FROM json_each(?))) ORDER BY content_type, content_id",
+                (now_iso, text_of(was_viewers, now_viewers), class_id, owning),
             )
-            texts[(added, removed)] = text
-        out.append((now_iso, "delete" if gone else "upsert", content_id, content_type, text))
-    return out
+            written += cur.rowcount
+            query += " AND owner_id IN (SELECT value FROM json_each(?))"
+            params.append(owning)
+        common = text_of(was_viewers, now_viewers) if was_viewers != now_viewers else None
+        for content_type, content_id, owner_id in conn.execute(
+            query + " ORDER BY content_type, content_id", params
+        ):
+            if before and (content_type, content_id) in before:
+                continue
+            pos = position.get(owner_id) if owner_id is not None else None
+            if pos is not None and either_own >> pos & 1:
+                bit = 1 << pos
+                old = was_viewers | (bit & was_own)
+                new = now_viewers | (bit & now_own)
+                if old != new:
+                    out.append((now_iso, "upsert", content_id, content_type, text_of(old, new)))
+            elif common is not None:
+                out.append((now_iso, "upsert", content_id, content_type, common))
+    conn.executemany(
+        "INSERT INTO changes (changed_at, op, entity, entity_id, content_type, data) "
+        "VALUES (?, ?, 'access', ?, ?, ?)",
+        out,
+    )
+    return written + len(out)
 
 
 def _membership_candidates(

@@ -179,6 +179,8 @@ SECTION_OF: dict[str, str] = {kind: table.name for kind, table in TABLES.items()
 SCHEMA_VERSION_KEY = "user_version"
 # sync_state: when the last complete full sync finished (written by the reconciler).
 LAST_FULL_SYNC = "last_full_sync_at"
+# sync_state: "<time> <routes>" the token was refused in the last full sync (absent: none).
+SYNC_FORBIDDEN = "sync_forbidden"
 
 # The export document (DESIGN.md): section → (table, fields in order). Fields that are not
 # columns are relations filled in by Store.export; BOOL_FIELDS are stored as 0/1.
@@ -712,8 +714,9 @@ class Store:
         """Why effective access cannot be answered from this mirror (None: it can): see
         eventsync.access.token_problem."""
         synced = await self.get_state(LAST_FULL_SYNC) is not None
+        refused = await self.get_state(SYNC_FORBIDDEN)
         candidates = await self._on_access(access_sql.token_candidates)
-        return token_problem(synced, candidates)
+        return token_problem(synced, candidates, refused.partition(" ")[2] if refused else None)
 
     async def user_role_ids(self, user_id: int) -> list[int]:
         rows = await self.fetchall(
@@ -1387,7 +1390,7 @@ class Tx:
             [(content_type, content_id, *r) for r in roles],
         )
         await self.change("upsert", "permissions", content_id, content_type=content_type)
-        await self._newest_owner(content_type, content_id, perms.get("owner_id"), now)
+        await self._newest_owner(content_type, content_id, head[0], now)
         key = (content_type, content_id)
         self.access.items.add(key)
         if _view_rows(old_head[0][1:3] if old_head else (1, None), old_roles) != _view_rows(
@@ -1517,8 +1520,8 @@ def _rendered_for(page: dict[str, Any], raw: dict[int, str | None], visible: set
             break
         reached |= frontier
         frontier = set().union(*(_included(raw.get(i)) for i in frontier))
-    if reached <= visible:
-        return page["html"]
+    if not {i for i in reached if i in raw} - visible:
+        return page["html"]  # what the user cannot see is blank for the sync user too
 
     def render(html: str, depth: int) -> str:
         def include(match: re.Match[str]) -> str:

@@ -178,9 +178,9 @@ async def changes(store: Store, rng: random.Random, keep: int) -> list[tuple[str
     """The single changes, in one transaction each, on the synced mirror (user `keep`'s
     roles stay as they are)."""
     sizes = await store.fetchall(
-        "SELECT book_id, count(*) FROM pages GROUP BY book_id ORDER BY 2 DESC LIMIT 2"
+        "SELECT book_id, count(*) FROM pages GROUP BY book_id ORDER BY 2 DESC LIMIT 3"
     )
-    (book, pages), (other, _) = sizes[0], sizes[1]
+    (book, pages), (other, _), (third, third_pages) = sizes[0], sizes[1], sizes[2]
     roles = [r[0] for r in await store.fetchall("SELECT id FROM roles WHERE system_name = ''")]
     busiest = await store.fetchone(
         "SELECT role_id FROM user_roles GROUP BY role_id ORDER BY count(*) DESC LIMIT 1"
@@ -188,7 +188,7 @@ async def changes(store: Store, rng: random.Random, keep: int) -> list[tuple[str
     assert busiest is not None
     out = []
 
-    async def book_rows(tx: Any) -> None:
+    async def book_rows(tx: Any, book: int = book) -> None:
         await tx.set_permissions(
             "book",
             book,
@@ -209,7 +209,15 @@ async def changes(store: Store, rng: random.Random, keep: int) -> list[tuple[str
             T_LATER,
         )
 
+    # The first change of a process loads its caches (roles, members, classes): a second
+    # of the same kind shows the steady state.
     out.append(await one_change(store, f"permissions of book {book} ({pages} pages)", book_rows))
+
+    async def book_rows_again(tx: Any) -> None:
+        await book_rows(tx, third)
+
+    label = f"  again, book {third} ({third_pages} pages)"
+    out.append(await one_change(store, label, book_rows_again))
 
     role = await store.get("role", busiest[0])
     assert role is not None
@@ -219,11 +227,14 @@ async def changes(store: Store, rng: random.Random, keep: int) -> list[tuple[str
         await tx.upsert("role", {**role, "permissions": sorted(permissions)}, T_LATER + 1)
 
     members = len(await store.role_members(busiest[0]))
-    out.append(
-        await one_change(
-            store, f"role {busiest[0]} ({members} members): page-view-all", role_change
-        )
-    )
+    label = f"role {busiest[0]} ({members} members): page-view-all"
+    out.append(await one_change(store, label, role_change))
+
+    async def role_back(tx: Any) -> None:
+        back = {**role, "permissions": json.loads(role["permissions"])}
+        await tx.upsert("role", back, T_LATER + 1.5)
+
+    out.append(await one_change(store, "  again, and back", role_back))
 
     page = await store.fetchone(
         "SELECT id FROM pages WHERE book_id = ? AND chapter_id IS NULL LIMIT 1", (other,)
