@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from eventsync.bookstack.client import BookStackClient
+from eventsync.config import Settings
 from eventsync.testing import FakeBookStack
 
 
@@ -95,3 +96,21 @@ class Receiver:
 
     def events(self) -> list[str]:
         return [b["event"] for b in self.bodies]
+
+
+def service_settings(fake: FakeBookStack, db: Any, secret: str, **extra: Any) -> Settings:
+    """Settings of a `serve` against `fake`: any port on 127.0.0.1, no throttle, a fast poll,
+    the sweep off; `extra` overrides."""
+    values: dict[str, Any] = {
+        "bookstack_url": fake.url,
+        "bookstack_token_id": fake.token_id,
+        "bookstack_token_secret": fake.token_secret,
+        "webhook_secret": secret,
+        "database": db,
+        "listen": "127.0.0.1:0",
+        "requests_per_minute": 100_000,
+        "poll_interval": 0.3,
+        "sweep_share": 0.0,
+        **extra,
+    }
+    return Settings(**values)

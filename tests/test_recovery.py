@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import client_for, eventually, first_difference
+from helpers import client_for, eventually, first_difference, service_settings
 from structlog.testing import capture_logs
 
 from eventsync import cli
@@ -36,19 +36,7 @@ RPM = 100_000
 
 
 def settings_for(fake: FakeBookStack, db: Path, **extra: Any) -> Settings:
-    values: dict[str, Any] = {
-        "bookstack_url": fake.url,
-        "bookstack_token_id": fake.token_id,
-        "bookstack_token_secret": fake.token_secret,
-        "webhook_secret": SECRET,
-        "database": db,
-        "listen": "127.0.0.1:0",
-        "requests_per_minute": RPM,
-        "poll_interval": 0.3,
-        "sweep_share": 0.0,
-    }
-    values.update(extra)
-    return Settings(**values)
+    return service_settings(fake, db, SECRET, **extra)
 
 
 @asynccontextmanager

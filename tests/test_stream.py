@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import client_for, eventually
+from helpers import client_for, eventually, service_settings
 
 from eventsync.config import Settings
 from eventsync.consumer import FeedError, SignatureError, changes, verify
@@ -41,20 +41,10 @@ def free_port() -> int:
 
 
 def settings_for(fake: FakeBookStack, db: Path, **extra: Any) -> Settings:
-    values: dict[str, Any] = {
-        "bookstack_url": fake.url,
-        "bookstack_token_id": fake.token_id,
-        "bookstack_token_secret": fake.token_secret,
-        "webhook_secret": SECRET,
-        "database": db,
-        "listen": "127.0.0.1:0",
-        "requests_per_minute": RPM,
-        "poll_interval": 0.3,
-        "sweep_share": 0.0,
+    defaults: dict[str, Any] = {
         "probe": False,
     }
-    values.update(extra)
-    return Settings(**values)
+    return service_settings(fake, db, SECRET, **{**defaults, **extra})
 
 
 @asynccontextmanager
