@@ -38,7 +38,7 @@ from eventsync.errors import (
 )
 from eventsync.logging import configure_logging, get_logger, redact
 from eventsync.reconcile import Reconciler, SyncSummary
-from eventsync.store.sqlite import KINDS, Store, StoreError
+from eventsync.store.sqlite import KINDS, Store, StoreError, is_postgres_url
 
 EXIT_OK = 0
 EXIT_INCONSISTENT = 1
@@ -51,14 +51,23 @@ MAX_INTEGER = 2**63 - 1
 log = get_logger("eventsync.cli")
 
 
-async def open_store(path: Path) -> Store:
+async def open_store(path: str | Path, schema: str = "eventsync") -> Store:
     """Store.open, with a file the OS refuses us (permissions, an immutable file, a parent
     that is a file) said in one line naming it, like every other database problem."""
     try:
-        return await Store.open(path)
+        return await Store.open(path, schema=schema)
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the path (from a TOML file)
         reason = getattr(exc, "strerror", None) or str(exc)
         raise StoreError(f"cannot open database {path}: {reason} (EVENTSYNC_DATABASE)") from None
+
+
+def open_mirror(settings: Settings) -> Any:
+    return open_store(settings.database, settings.database_schema)
+
+
+def _exists(database: str) -> bool:
+    # A PostgreSQL mirror is created by whoever connects first; only a file can be missing.
+    return is_postgres_url(database) or Path(database).exists()
 
 
 def make_client(settings: Settings, **overrides: Any) -> BookStackClient:
@@ -148,7 +157,7 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     bar = _ProgressBar(sys.stderr.isatty() and not args.json)
-    async with make_client(settings) as client, await open_store(settings.database) as store:
+    async with make_client(settings) as client, await open_mirror(settings) as store:
         queue = JobQueue(store)
         await queue.recover()
         reconciler = Reconciler(
@@ -228,12 +237,12 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _open_existing(settings: Settings) -> Store:
-    if not settings.database.exists():
+    if not _exists(settings.database):
         raise ConfigError(
             f"database {settings.database} does not exist yet: run `eventsync reconcile` first "
             "(or set EVENTSYNC_DATABASE)"
         )
-    return await open_store(settings.database)
+    return await open_mirror(settings)
 
 
 async def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
@@ -439,7 +448,7 @@ async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     # to fix, not something to find after the database is open and the sync has begun.
     check_exposure(settings.listen_host, settings.read_token)
     check_listen(settings.listen_host, settings.listen_port)
-    async with make_client(settings) as client, await open_store(settings.database) as store:
+    async with make_client(settings) as client, await open_mirror(settings) as store:
         service = Service(settings, client, store)
         return await service.run_until_stopped()
 
@@ -520,7 +529,7 @@ async def cmd_subscriptions(settings: Settings, args: argparse.Namespace) -> int
             raise UsageError(str(exc)) from None
     # A subscription may come before the first sync (it then gets the whole of it): add
     # creates the database; the other actions need one.
-    opened = open_store(settings.database) if action == "add" else _open_existing(settings)
+    opened = open_mirror(settings) if action == "add" else _open_existing(settings)
     async with await opened as store:
         subs = Subscriptions(store)
         head = await store.last_seq()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -19,6 +21,22 @@ from eventsync.errors import ConfigError
 
 ENV_PREFIX = "EVENTSYNC_"
 _IPV6_FORM = "an IPv6 address goes in brackets, before the port: [::1]:8780"
+
+
+def _check_postgres_url(url: str) -> None:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("the PostgreSQL URL's port is not a number from 1 to 65535") from None
+    if port == 0:
+        raise ValueError("the PostgreSQL URL's port is not a number from 1 to 65535")
+    if not parts.path.strip("/"):
+        raise ValueError(
+            "the PostgreSQL URL names no database: postgresql://user:password@host:port/dbname"
+        )
+    if parts.fragment:
+        raise ValueError("the PostgreSQL URL has a #fragment; percent-encode a '#' in a password")
 
 
 class Settings(BaseSettings):
@@ -39,7 +57,10 @@ class Settings(BaseSettings):
     # Bearer token of the read endpoints (/changes, /access, /status): they carry content
     # and who may see it, so they need a key once they are reachable from other hosts.
     read_token: SecretStr | None = None
-    database: Path = Path("./eventsync.db")
+    # A SQLite file path, or postgresql://user:password@host:port/dbname (also postgres://).
+    database: str = "./eventsync.db"
+    # PostgreSQL only: the schema that holds every table, so the mirror can share a database.
+    database_schema: str = Field("eventsync", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     listen: str = "127.0.0.1:8780"
     requests_per_minute: float = Field(150.0, gt=0, le=100_000)
     poll_interval: float = Field(30.0, gt=0)
@@ -116,16 +137,20 @@ class Settings(BaseSettings):
     def _check_database(cls, value: Any) -> Any:
         # A URL is not a file name: a PostgreSQL URL would otherwise become a folder called
         # "postgresql:" with a SQLite file in it, and everything would seem to work.
-        text = str(value)
+        text = os.fspath(value) if isinstance(value, os.PathLike) else value
+        if not isinstance(text, str):
+            raise ValueError("must be a SQLite file path or a postgresql:// URL")
         scheme, sep, _ = text.partition("://")
         if sep and scheme and scheme.replace("+", "").replace("-", "").isalnum():
-            if scheme.lower() in ("postgresql", "postgres"):
+            if scheme.lower() not in ("postgresql", "postgres"):
                 raise ValueError(
-                    "PostgreSQL is not supported by this version of eventsync: give a SQLite "
-                    "file path"
+                    f"{scheme}:// is not a supported database: give a SQLite file path or a "
+                    "postgresql:// URL"
                 )
-            raise ValueError(f"{scheme}:// is not a supported database: give a SQLite file path")
-        return value
+            _check_postgres_url(text)
+        elif not text.strip():
+            raise ValueError("must be a SQLite file path or a postgresql:// URL, not empty")
+        return text
 
     @field_validator("webhook_secret")
     @classmethod

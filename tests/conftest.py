@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,3 +57,34 @@ def new_database(
         return cluster.new_database()
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _sqlite_paths_on_postgres(request: pytest.FixtureRequest) -> Iterator[None]:
+    """EVENTSYNC_TEST_BACKEND=postgres: every SQLite file a test opens in this process is a
+    PostgreSQL database instead (one per path), to run the whole suite on that backend."""
+    if os.environ.get("EVENTSYNC_TEST_BACKEND") != "postgres":
+        yield
+        return
+    from eventsync.store import sqlite as sqlite_store
+
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    original = sqlite_store.Store.open.__func__  # type: ignore[attr-defined]
+    urls: dict[str, str] = {}
+
+    async def open_on_postgres(cls: Any, database: Any, **kwargs: Any) -> Any:
+        text = str(database)
+        if not sqlite_store.is_postgres_url(text) and text != ":memory:":
+            key = os.path.abspath(text)  # noqa: ASYNC240 (no I/O)
+            if key not in urls:
+                urls[key] = cluster.new_database()
+                # Commands that look for the file before opening it find one.
+                open(key, "a").close()  # noqa: ASYNC230
+            database = urls[key]
+        return await original(cls, database, **kwargs)
+
+    sqlite_store.Store.open = classmethod(open_on_postgres)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        sqlite_store.Store.open = classmethod(original)  # type: ignore[method-assign]

@@ -362,10 +362,25 @@ BAD_SETTINGS = {
     "invalid value in toml": BadSetting(
         ("check",), ("EVENTSYNC_POLL_INTERVAL",), toml="poll_interval = -1\n"
     ),
-    "database a postgresql url": BadSetting(
+    "database a postgresql url naming no database": BadSetting(
         ("reconcile",),
-        ("EVENTSYNC_DATABASE", "PostgreSQL"),
-        env=(("EVENTSYNC_DATABASE", "postgresql://sync:pw@127.0.0.1:5432/wiki"),),
+        ("EVENTSYNC_DATABASE", "names no database"),
+        env=(("EVENTSYNC_DATABASE", "postgresql://sync:pw@127.0.0.1:5432"),),
+    ),
+    "database a postgresql url with a bad port": BadSetting(
+        ("status",),
+        ("EVENTSYNC_DATABASE", "port"),
+        env=(("EVENTSYNC_DATABASE", "postgres://sync:pw@127.0.0.1:99999/wiki"),),
+    ),
+    "database schema not an identifier": BadSetting(
+        ("status",),
+        ("EVENTSYNC_DATABASE_SCHEMA",),
+        env=(("EVENTSYNC_DATABASE_SCHEMA", "Mirror; DROP"),),
+    ),
+    "database postgresql that is not running": BadSetting(
+        ("status",),
+        ("PostgreSQL", "127.0.0.1:1", "***"),
+        env=(("EVENTSYNC_DATABASE", "postgresql://sync:hunter2@127.0.0.1:1/wiki"),),
     ),
     "database another url": BadSetting(
         ("status",),

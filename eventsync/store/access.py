@@ -278,9 +278,10 @@ def _class_for(conn: sqlite3.Connection, cache: AccessCache, sig: Signature) -> 
         cache.signatures.setdefault(row[0], sig)
         return int(row[0]), 0
     cur = conn.execute(
-        "INSERT INTO access_classes (content_type, signature) VALUES (?, ?)", (sig[0], text)
+        "INSERT INTO access_classes (content_type, signature) VALUES (?, ?) RETURNING id",
+        (sig[0], text),
     )
-    class_id = int(cur.lastrowid or 0)
+    class_id = int(cur.fetchone()[0])
     statuses = rules.class_statuses(sig, cache.roles.values())
     conn.executemany(
         "INSERT INTO access_class_roles (class_id, role_id, status, own) VALUES (?, ?, ?, ?)",
@@ -765,7 +766,7 @@ def visible_ids(
                 json.dumps(seen),
                 user_id,
                 json.dumps(owned),
-                -1 if limit is None else limit,
+                2**62 if limit is None else limit,  # no bound: SQLite takes -1, PostgreSQL not
             ),
         )
     ]

@@ -606,12 +606,15 @@ def merge_job_sync(
         # A new event makes a job in retry back-off due now: the state may have settled.
         conn.execute(
             "UPDATE jobs SET hints = ?, events = events + 1, version = version + 1, "
-            "newest_event = max(coalesce(newest_event, 0), coalesce(?, 0)), "
-            "not_before = min(not_before, ?), payload = ?, "
+            "newest_event = CASE WHEN coalesce(newest_event, 0) >= coalesce(?, 0) "
+            "THEN coalesce(newest_event, 0) ELSE coalesce(?, 0) END, "
+            "not_before = CASE WHEN not_before <= ? THEN not_before ELSE ? END, payload = ?, "
             "last_event = coalesce(?, last_event), sources = ? WHERE key = ?",
             (
                 json.dumps(merged),
                 event_time,
+                event_time,
+                now,
                 now,
                 json.dumps(data) if data else None,
                 event_type,

@@ -22,6 +22,7 @@ from eventsync.access import token_problem
 from eventsync.errors import EventsyncError
 from eventsync.store import access as access_sql
 from eventsync.store.access import AccessCache, AccessChanges
+from eventsync.store.postgres.driver import DEFAULT_SCHEMA
 from eventsync.store.states import change_state
 
 T = TypeVar("T")
@@ -276,8 +277,9 @@ def _now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _migrations() -> list[tuple[int, str]]:
-    folder = resources.files("eventsync.store") / "migrations"
+def _migrations(backend: str) -> list[tuple[int, str]]:
+    package = "eventsync.store" if backend == "sqlite" else f"eventsync.store.{backend}"
+    folder = resources.files(package) / "migrations"
     found = []
     for entry in folder.iterdir():
         if entry.name.endswith(".sql"):
@@ -287,6 +289,8 @@ def _migrations() -> list[tuple[int, str]]:
 
 def _create_private_file(path: Path) -> None:
     """Create the database file readable by its owner only, before SQLite opens it."""
+    if path.is_dir():
+        raise StoreError(f"database path {path} is a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     os.close(fd)
@@ -295,9 +299,19 @@ def _create_private_file(path: Path) -> None:
 class Store:
     """One SQLite database: the mirror, the sync state, the change feed (and later the queue)."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+    def __init__(
+        self,
+        db: aiosqlite.Connection,
+        path: Path,
+        *,
+        location: str | None = None,
+        dialect: str = "sqlite",
+    ) -> None:
         self._db = db
         self.path = path
+        # Where the mirror is, fit to print: the file, or the URL without its password.
+        self.location = location or str(path)
+        self.dialect = dialect
         self._closed = False
         self._lock = asyncio.Lock()
         # Called after each commit that wrote to the change feed: feed.FeedWatch wakes the
@@ -307,11 +321,12 @@ class Store:
         self._access_cache = AccessCache()
 
     @classmethod
-    async def open(cls, path: Path | str) -> Store:
-        path = Path(path)
+    async def open(cls, database: Path | str, *, schema: str | None = None) -> Store:
+        """The mirror at `database`: a SQLite file path, or a postgresql:// URL."""
+        if is_postgres_url(str(database)):
+            return await cls._open_postgres(str(database), schema or DEFAULT_SCHEMA)
+        path = Path(database)
         if str(path) != ":memory:":
-            if path.exists() and path.is_dir():
-                raise StoreError(f"database path {path} is a directory")
             _create_private_file(path)
         try:
             db = await aiosqlite.connect(str(path), isolation_level=None)
@@ -326,6 +341,27 @@ class Store:
             raise StoreError(f"cannot use database {path}: {exc}") from None
         return store
 
+    @classmethod
+    async def _open_postgres(cls, url: str, schema: str) -> Store:
+        from eventsync.store.postgres import driver
+
+        try:
+            db: Any = await driver.Connection.connect(url, schema)
+        except Exception as exc:
+            raise StoreError(
+                f"cannot connect to PostgreSQL at {driver.redacted(url)}: {_first_line(exc)}"
+            ) from None
+        store = cls(db, Path(), location=driver.redacted(url), dialect="postgresql")
+        try:
+            await driver.migrate(db, _migrations("postgres"))
+            await store._setup_access()
+        except Exception as exc:
+            await db.close()
+            raise StoreError(
+                f"cannot use PostgreSQL at {driver.redacted(url)}: {_first_line(exc)}"
+            ) from None
+        return store
+
     async def _setup(self) -> None:
         db = self._db
         await db.execute("PRAGMA busy_timeout = 30000")
@@ -336,10 +372,14 @@ class Store:
         await db.execute("PRAGMA foreign_keys = ON")
         async with self._write() as tx:
             current = (await (await tx.execute("PRAGMA user_version")).fetchone())[0]
-            for version, sql in _migrations():
+            for version, sql in _migrations("sqlite"):
                 if version > current:
                     await tx.executescript_in_tx(sql)
                     await tx.execute(f"PRAGMA user_version = {int(version)}")
+        await self._setup_access()
+
+    async def _setup_access(self) -> None:
+        async with self._write() as tx:
             if await tx.get_state(access_sql.BUILT) is None:
                 # The first computation of access for a mirror that predates it (or a new
                 # one): its change feed has no rows for it, readers start from the tables.
@@ -361,7 +401,7 @@ class Store:
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[Tx]:
-        await self._db.execute("BEGIN IMMEDIATE")
+        await _on_db_thread(self._db, _begin_write)
         tx = Tx(self._db, self._access_cache)
         try:
             yield tx
@@ -381,7 +421,7 @@ class Store:
         threads however many statements it makes (the hot path of webhook intake)."""
 
         def in_tx(conn: sqlite3.Connection) -> T:
-            conn.execute("BEGIN IMMEDIATE")
+            _begin_write(conn)
             try:
                 result = fn(conn)
             except BaseException:
@@ -503,7 +543,7 @@ class Store:
         like = f"%{path}%"
         rows = await self.fetchall(
             "SELECT id, raw_html, markdown FROM pages WHERE raw_html LIKE ? OR markdown LIKE ? "
-            "OR (? AND (raw_html LIKE '%/link/%' OR markdown LIKE '%/link/%'))",
+            "OR (? = 1 AND (raw_html LIKE '%/link/%' OR markdown LIKE '%/link/%'))",
             (like, like, bool(wanted)),
         )
         found = set()
@@ -1131,7 +1171,8 @@ class Tx:
                 books = [b for b in await self._shelf_book_ids(shelf_id) if b != entity_id]
                 await self.set_shelf_books(shelf_id, books)
                 await self._db.execute(
-                    "INSERT OR IGNORE INTO shelf_book_tombstones (book_id, shelf_id) VALUES (?, ?)",
+                    "INSERT INTO shelf_book_tombstones (book_id, shelf_id) VALUES (?, ?) "
+                    "ON CONFLICT DO NOTHING",
                     (entity_id, shelf_id),
                 )
         elif kind == "chapter":
@@ -1193,7 +1234,8 @@ class Tx:
         missing = [b for b in book_ids if b not in held]
         if missing:
             await self._db.executemany(
-                "INSERT OR IGNORE INTO shelf_book_tombstones (book_id, shelf_id) VALUES (?, ?)",
+                "INSERT INTO shelf_book_tombstones (book_id, shelf_id) VALUES (?, ?) "
+                "ON CONFLICT DO NOTHING",
                 [(b, shelf_id) for b in missing],
             )
             book_ids = [b for b in book_ids if b in held]
@@ -1544,9 +1586,29 @@ def _view_rows(head: Sequence[Any], roles: Sequence[Sequence[Any]]) -> tuple[Any
 
 
 async def _on_db_thread(db: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    if not isinstance(db, aiosqlite.Connection):
+        return await db.run(fn)  # type: ignore[no-any-return]  # PostgreSQL: driver.Connection
     # aiosqlite runs every call on its connection's own thread; _execute/_conn are how it does
     # so itself. Using them for a whole batch avoids one thread hop per statement.
     return await db._execute(fn, db._conn)  # type: ignore[no-any-return]
+
+
+def _begin_write(conn: Any) -> None:
+    if isinstance(conn, sqlite3.Connection):
+        conn.execute("BEGIN IMMEDIATE")
+    else:
+        from eventsync.store.postgres.driver import begin_write
+
+        begin_write(conn)
+
+
+def is_postgres_url(value: str) -> bool:
+    return value.split("://", 1)[0].lower() in ("postgresql", "postgres") and "://" in value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
 
 
 def _split_sql(script: str) -> list[str]:

@@ -93,10 +93,10 @@ class Subscriptions:
         async with self.store.transaction() as tx:
             cur = await tx.execute(
                 "INSERT INTO subscriptions (url, kinds, secret, cursor, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?) RETURNING id",
                 (url, json.dumps(list(kinds)) if kinds else None, secret, cursor, time.time()),
             )
-            new_id = cur.lastrowid
+            new_id = (await cur.fetchone())[0]
         found = await self.get(int(new_id or 0))
         assert found is not None
         return found

@@ -7,6 +7,7 @@ them as the `postgres` user, because initdb refuses to run as root. Set
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import secrets
@@ -153,10 +154,8 @@ class PostgresCluster:
         if self._root is None:
             return
         if self._bin is not None:
-            try:
+            with contextlib.suppress(PostgresUnavailable):
                 self._run("pg_ctl", "-D", str(self._root / "data"), "-m", "immediate", "-w", "stop")
-            except PostgresUnavailable:
-                pass
         shutil.rmtree(self._root, ignore_errors=True)
         self._root = None
 
