@@ -463,7 +463,15 @@ async def cmd_changes(settings: Settings, args: argparse.Namespace) -> int:
     """The change feed as NDJSON; --follow keeps tailing it."""
     after = args.after
     async with await _open_existing(settings) as store:
+        grown: asyncio.Event | None = None
+        if args.follow and store.announces:
+            # PostgreSQL announces every commit to the feed: wait for that, not the interval.
+            grown = asyncio.Event()
+            store.on_feed_commit.append(grown.set)
+            await store.listen()
         while True:
+            if grown is not None:
+                grown.clear()  # before the read: a commit after it sets it again
             rows = await store.changes(after, 1000)
             for row in rows:
                 sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -473,7 +481,11 @@ async def cmd_changes(settings: Settings, args: argparse.Namespace) -> int:
                 continue
             if not args.follow:
                 return EXIT_OK
-            await asyncio.sleep(args.interval)
+            if grown is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(grown.wait(), timeout=max(args.interval, 30.0))
+            else:
+                await asyncio.sleep(args.interval)
 
 
 # ---- subscriptions (outbound webhooks) ---------------------------------------------------------

@@ -42,7 +42,11 @@ class FeedWatch:
         await wait_any(mark, *others, timeout=timeout)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """The fallback for other processes' commits."""
+        """Other processes' commits: PostgreSQL announces them, SQLite's are polled for."""
+        if self.store.announces:
+            await self.store.listen()
+            await stop.wait()
+            return
         self.head = await self.store.last_seq()
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):

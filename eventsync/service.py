@@ -185,6 +185,9 @@ class Service:
 
     async def start(self) -> None:
         check_exposure(self.settings.listen_host, self.settings.read_token)
+        # Jobs other replicas commit (PostgreSQL's NOTIFY) wake this one's workers too.
+        self.store.on_jobs.append(self.dispatcher.wake)
+        await self.store.listen()
         recovered = await self.queue.recover()
         if recovered:
             log.info("jobs of a stopped worker put back", jobs=recovered)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,32 +60,67 @@ def new_database(
     return make
 
 
+class PathsOnPostgres:
+    """Every SQLite file path a test names is a PostgreSQL database instead, one per path: in
+    this process (Store.open) and for the commands it starts (`database_value`, which the
+    tests' environment builders call). The same test then runs on both backends."""
+
+    def __init__(self, cluster: PostgresCluster) -> None:
+        self.cluster = cluster
+        self.urls: dict[str, str] = {}
+
+    def url(self, database: Any) -> str:
+        from eventsync.store.sqlite import is_postgres_url
+
+        text = str(database)
+        if is_postgres_url(text) or text == ":memory:":
+            return text
+        key = os.path.abspath(text)
+        if key not in self.urls:
+            self.urls[key] = self.cluster.new_database()
+            # Commands that look for the file before opening it find one.
+            Path(key).parent.mkdir(parents=True, exist_ok=True)
+            Path(key).touch()
+        return self.urls[key]
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        import helpers
+
+        from eventsync.store import sqlite as sqlite_store
+
+        original = sqlite_store.Store.open.__func__  # type: ignore[attr-defined]
+
+        async def open_on_postgres(cls: Any, database: Any, **kwargs: Any) -> Any:
+            return await original(cls, self.url(database), **kwargs)
+
+        sqlite_store.Store.open = classmethod(open_on_postgres)  # type: ignore[method-assign]
+        helpers.DATABASES = self.url
+        try:
+            yield
+        finally:
+            sqlite_store.Store.open = classmethod(original)  # type: ignore[method-assign]
+            helpers.DATABASES = None
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def on_both_backends(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Use as `pytestmark = pytest.mark.usefixtures("on_both_backends")`: each test of the
+    module runs on a SQLite file and again on PostgreSQL."""
+    if request.param == "sqlite":
+        yield "sqlite"
+        return
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    with PathsOnPostgres(cluster).installed():
+        yield "postgres"
+
+
 @pytest.fixture(autouse=True, scope="session")
-def _sqlite_paths_on_postgres(request: pytest.FixtureRequest) -> Iterator[None]:
-    """EVENTSYNC_TEST_BACKEND=postgres: every SQLite file a test opens in this process is a
-    PostgreSQL database instead (one per path), to run the whole suite on that backend."""
+def _whole_suite_on_postgres(request: pytest.FixtureRequest) -> Iterator[None]:
+    """EVENTSYNC_TEST_BACKEND=postgres runs the whole suite with PostgreSQL for SQLite."""
     if os.environ.get("EVENTSYNC_TEST_BACKEND") != "postgres":
         yield
         return
-    from eventsync.store import sqlite as sqlite_store
-
     cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
-    original = sqlite_store.Store.open.__func__  # type: ignore[attr-defined]
-    urls: dict[str, str] = {}
-
-    async def open_on_postgres(cls: Any, database: Any, **kwargs: Any) -> Any:
-        text = str(database)
-        if not sqlite_store.is_postgres_url(text) and text != ":memory:":
-            key = os.path.abspath(text)  # noqa: ASYNC240 (no I/O)
-            if key not in urls:
-                urls[key] = cluster.new_database()
-                # Commands that look for the file before opening it find one.
-                open(key, "a").close()  # noqa: ASYNC230
-            database = urls[key]
-        return await original(cls, database, **kwargs)
-
-    sqlite_store.Store.open = classmethod(open_on_postgres)  # type: ignore[method-assign]
-    try:
+    with PathsOnPostgres(cluster).installed():
         yield
-    finally:
-        sqlite_store.Store.open = classmethod(original)  # type: ignore[method-assign]

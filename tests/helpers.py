@@ -13,6 +13,15 @@ from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
 from eventsync.testing import FakeBookStack
 
+# Set by conftest's on_both_backends while a test runs on PostgreSQL: the URL to use for a
+# SQLite path a test names (commands the test starts get the URL in their environment).
+DATABASES: Callable[[Any], str] | None = None
+
+
+def database_value(path: Any) -> str:
+    """EVENTSYNC_DATABASE for the database a test calls `path`, on the backend it runs on."""
+    return DATABASES(path) if DATABASES is not None else str(path)
+
 
 async def eventually(
     check: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "the condition"

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from helpers import database_value
 from test_cli import Cli, assert_no_traceback, assert_one_line_error, closed_port, settings_for
 
 from eventsync.bookstack.client import BookStackClient
@@ -320,7 +321,7 @@ async def test_serve_refuses_a_non_loopback_address_without_a_read_token(
 async def test_who_can_see_and_can_see_say_why(wiki: Wiki, cli: Cli, tmp_path: Path) -> None:
     database = tmp_path / "m.db"
     await sync(wiki.fake, database)
-    env = {"EVENTSYNC_DATABASE": str(database)}
+    env = {"EVENTSYNC_DATABASE": database_value(database)}
     result = await cli("who-can-see", "page", str(wiki.page), env=env)
     assert result.code == 0, str(result)
     first, *roles = result.stdout.splitlines()
@@ -351,7 +352,7 @@ async def test_who_can_see_and_can_see_say_why(wiki: Wiki, cli: Cli, tmp_path: P
 async def test_export_as_user_is_what_that_user_sees(wiki: Wiki, cli: Cli, tmp_path: Path) -> None:
     database = tmp_path / "m.db"
     await sync(wiki.fake, database)
-    env = {"EVENTSYNC_DATABASE": str(database)}
+    env = {"EVENTSYNC_DATABASE": database_value(database)}
     sections = ("shelves", "books", "chapters", "pages", "attachments")
     for user_id in (wiki.reader, wiki.editor, ADMIN_USER_ID):
         result = await cli("export", "--as-user", str(user_id), env=env)
@@ -375,7 +376,7 @@ async def test_bad_questions_are_one_line_and_no_traceback(
 ) -> None:
     database = tmp_path / "m.db"
     await sync(wiki.fake, database)
-    env = {"EVENTSYNC_DATABASE": str(database)}
+    env = {"EVENTSYNC_DATABASE": database_value(database)}
     for args in (
         ("who-can-see", "pages", "1"),
         ("who-can-see", "page", "x"),
@@ -418,7 +419,7 @@ async def test_a_limited_sync_token_is_said_in_one_line_instead_of_wrong_answers
     await sync(fake, database, ("manager-token", "manager-secret"))
     async with await Store.open(database) as store:
         assert await store.get("page", hidden) is None
-    env = {"EVENTSYNC_DATABASE": str(database)}
+    env = {"EVENTSYNC_DATABASE": database_value(database)}
     for args in (
         ("export", "--as-user", str(wiki.reader)),
         ("who-can-see", "page", str(wiki.open_page)),
@@ -454,7 +455,7 @@ async def test_a_token_refused_what_a_sync_needs_is_said_in_one_line(
     async with await Store.open(database) as store, client_of(fake, token) as client:
         summary = await Reconciler(client, store).full_sync()
     assert not summary.complete
-    env = {"EVENTSYNC_DATABASE": str(database)}
+    env = {"EVENTSYNC_DATABASE": database_value(database)}
     result = await cli("who-can-see", "page", str(wiki.open_page), env=env)
     assert_one_line_error(result, "refused /api/users, /api/roles", "admin")
     # An admin's complete sync into the same mirror lifts it.
@@ -468,7 +469,7 @@ async def test_the_admins_token_is_trusted_and_a_mirror_not_synced_yet_is_not(
     database = tmp_path / "m.db"
     async with await Store.open(database) as store:
         assert await store.access_problem() is not None
-    env = {"EVENTSYNC_DATABASE": str(database)}
+    env = {"EVENTSYNC_DATABASE": database_value(database)}
     result = await cli("who-can-see", "page", "1", env=env)
     assert_one_line_error(result, "no complete full sync yet")
     # A manager holds what a sync needs too, but cannot see the restricted book: the token

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import database_value
 
 from eventsync.store.sqlite import KINDS, SECTION_OF, Store
 from eventsync.testing import FakeBookStack
@@ -126,7 +127,7 @@ def settings_for(
         "EVENTSYNC_REQUESTS_PER_MINUTE": CLIENT_RPM,
     }
     if database is not None:
-        env["EVENTSYNC_DATABASE"] = str(database)
+        env["EVENTSYNC_DATABASE"] = database_value(database)
     env.update({f"EVENTSYNC_{k.upper()}": v for k, v in extra.items()})
     return env
 
@@ -282,8 +283,8 @@ async def test_precedence_env_over_dotenv_over_toml(cli: Cli, tmp_path: Path) ->
         async with await Store.open(path):
             pass
     toml = cli.write_toml({"database": str(databases["toml"])})
-    cli.write_env_file({"EVENTSYNC_DATABASE": str(databases["dotenv"])})
-    from_env = {"EVENTSYNC_DATABASE": str(databases["env"])}
+    cli.write_env_file({"EVENTSYNC_DATABASE": database_value(databases["dotenv"])})
+    from_env = {"EVENTSYNC_DATABASE": database_value(databases["env"])}
 
     async def chosen(env: Env) -> str:
         result = await cli("--config", str(toml), "status", "--json", env=env)
@@ -593,7 +594,7 @@ async def test_dead_letters_list_on_an_empty_database(cli: Cli, tmp_path: Path) 
     database = tmp_path / "empty.db"
     async with await Store.open(database):
         pass
-    env = {"EVENTSYNC_DATABASE": str(database)}  # no BookStack settings needed
+    env = {"EVENTSYNC_DATABASE": database_value(database)}  # no BookStack settings needed
     listed = await cli("dead-letters", "list", env=env)
     assert (listed.code, listed.stdout.strip()) == (0, "no dead letters"), str(listed)
     bare = await cli("dead-letters", env=env)
@@ -608,7 +609,7 @@ async def test_commands_on_a_missing_database_fail_clearly(
     cli: Cli, tmp_path: Path, command: tuple[str, ...]
 ) -> None:
     database = tmp_path / "nothing-here.db"
-    result = await cli(*command, env={"EVENTSYNC_DATABASE": str(database)})
+    result = await cli(*command, env={"EVENTSYNC_DATABASE": database_value(database)})
     assert_one_line_error(result, str(database), "does not exist")
     assert result.stdout == ""
     assert not database.exists(), "a read-only command created the database"

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import client_for, eventually, first_difference, service_settings
+from helpers import client_for, database_value, eventually, first_difference, service_settings
 from structlog.testing import capture_logs
 
 from eventsync import cli
@@ -465,7 +465,7 @@ async def test_outage_of_eventsync_during_200_changes_then_reconcile(
         monkeypatch.setenv("EVENTSYNC_BOOKSTACK_URL", fake.url)
         monkeypatch.setenv("EVENTSYNC_BOOKSTACK_TOKEN_ID", fake.token_id)
         monkeypatch.setenv("EVENTSYNC_BOOKSTACK_TOKEN_SECRET", fake.token_secret)
-        monkeypatch.setenv("EVENTSYNC_DATABASE", str(tmp_path / "m.db"))
+        monkeypatch.setenv("EVENTSYNC_DATABASE", database_value(tmp_path / "m.db"))
         monkeypatch.setenv("EVENTSYNC_REQUESTS_PER_MINUTE", str(RPM))
         monkeypatch.chdir(tmp_path)
         fake.reset_requests()
@@ -530,7 +530,7 @@ async def test_reconcile_after_a_gap_diffs_everything_thoroughly(
         monkeypatch.setenv("EVENTSYNC_BOOKSTACK_URL", fake.url)
         monkeypatch.setenv("EVENTSYNC_BOOKSTACK_TOKEN_ID", fake.token_id)
         monkeypatch.setenv("EVENTSYNC_BOOKSTACK_TOKEN_SECRET", fake.token_secret)
-        monkeypatch.setenv("EVENTSYNC_DATABASE", str(tmp_path / "m.db"))
+        monkeypatch.setenv("EVENTSYNC_DATABASE", database_value(tmp_path / "m.db"))
         monkeypatch.setenv("EVENTSYNC_REQUESTS_PER_MINUTE", str(RPM))
         monkeypatch.setenv("EVENTSYNC_MAX_DOWNTIME", "600")
         monkeypatch.chdir(tmp_path)
@@ -619,7 +619,7 @@ async def test_kill_9_during_a_diff_sync_then_reconcile_converges(tmp_path: Path
             "EVENTSYNC_BOOKSTACK_URL": fake.url,
             "EVENTSYNC_BOOKSTACK_TOKEN_ID": fake.token_id,
             "EVENTSYNC_BOOKSTACK_TOKEN_SECRET": fake.token_secret,
-            "EVENTSYNC_DATABASE": str(tmp_path / "m.db"),
+            "EVENTSYNC_DATABASE": database_value(tmp_path / "m.db"),
             "EVENTSYNC_REQUESTS_PER_MINUTE": str(RPM),
             "EVENTSYNC_LOG_LEVEL": "warning",
         }

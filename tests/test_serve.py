@@ -27,7 +27,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import eventually, first_difference
+from helpers import database_value, eventually, first_difference
 
 from eventsync.store.sqlite import Store
 from eventsync.testing import FakeBookStack
@@ -57,7 +57,7 @@ def base_env(database: Path) -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith("EVENTSYNC_") and k != "NOTIFY_SOCKET"
     }
-    env["EVENTSYNC_DATABASE"] = str(database)
+    env["EVENTSYNC_DATABASE"] = database_value(database)
     env["EVENTSYNC_LOG_FORMAT"] = "json"
     return env
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import eventually
+from helpers import database_value, eventually
 from receivers import SLOW, Receiver, without_state
 
 from eventsync.delivery import encode_row, new_secret
@@ -56,7 +56,9 @@ def clean_env(database: Path, **extra: str) -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith("EVENTSYNC_") and k != "NOTIFY_SOCKET"
     }
-    env.update({"EVENTSYNC_DATABASE": str(database), "EVENTSYNC_LOG_FORMAT": "json", **extra})
+    env.update(
+        {"EVENTSYNC_DATABASE": database_value(database), "EVENTSYNC_LOG_FORMAT": "json", **extra}
+    )
     return env
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from eventsync.errors import UnstorableEvent
 from eventsync.events import DEFAULT_PERMISSIONS, FETCH, Event, parse_time
-from eventsync.store.sqlite import PLACEMENT, TABLES, Store, Tx
+from eventsync.store.sqlite import PLACEMENT, TABLES, Store, Tx, announce
 
 # A webhook and the audit row of the same change carry the same type and item and times one
 # second apart at most (triggered_at is taken right after the row is saved); 2 s leaves room.
@@ -168,19 +168,28 @@ class JobQueue:
 
     async def lease(self, limit: int, now: float | None = None) -> list[Job]:
         now = time.time() if now is None else now
-        async with self.store.transaction() as tx:
-            rows = await tx.fetchall(
-                "SELECT key, hints, version, attempts, first_seen, newest_event, payload, "
-                "last_error, last_event, sources FROM jobs "
-                "WHERE leased_by IS NULL AND not_before <= ? "
-                "ORDER BY not_before LIMIT ?",
-                (now, limit),
-            )
-            for r in rows:
-                await tx.execute(
-                    "UPDATE jobs SET leased_by = ?, leased_at = ? WHERE key = ?",
-                    (self.worker_id, now, r[0]),
+        worker = self.worker_id
+        if self.store.dialect == "postgresql":
+            from eventsync.store.postgres.dialect import LEASE
+
+            def skip_locked(conn: Any) -> list[Any]:
+                return list(conn.execute(LEASE, (worker, now, now, limit)).fetchall())
+
+            rows = sorted(await self.store.run_local_tx(skip_locked), key=lambda r: r[10])
+        else:
+            async with self.store.transaction() as tx:
+                rows = await tx.fetchall(
+                    "SELECT key, hints, version, attempts, first_seen, newest_event, payload, "
+                    "last_error, last_event, sources FROM jobs "
+                    "WHERE leased_by IS NULL AND not_before <= ? "
+                    "ORDER BY not_before LIMIT ?",
+                    (now, limit),
                 )
+                for r in rows:
+                    await tx.execute(
+                        "UPDATE jobs SET leased_by = ?, leased_at = ? WHERE key = ?",
+                        (worker, now, r[0]),
+                    )
         return [
             Job(
                 r[0],
@@ -596,6 +605,7 @@ def merge_job_sync(
     """Merge into `key`'s job, or create it; True if it existed. `origin` is the (event type,
     source) behind it, kept for the job's log line."""
     event_type, source = origin or (None, None)
+    announce(conn, "jobs")
     row = conn.execute("SELECT hints, payload, sources FROM jobs WHERE key = ?", (key,)).fetchone()
     if row:
         merged = sorted(set(json.loads(row[0])) | set(hints))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -319,6 +320,11 @@ class Store:
         self.on_feed_commit: list[Callable[[], None]] = []
         # Roles, classes and memberships for the access tables, on the database thread.
         self._access_cache = AccessCache()
+        # Called when another process commits jobs (PostgreSQL's NOTIFY): the workers wake.
+        self.on_jobs: list[Callable[[], None]] = []
+        self._url: str | None = None
+        self._schema = DEFAULT_SCHEMA
+        self._listener: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, database: Path | str, *, schema: str | None = None) -> Store:
@@ -352,6 +358,7 @@ class Store:
                 f"cannot connect to PostgreSQL at {driver.redacted(url)}: {_first_line(exc)}"
             ) from None
         store = cls(db, Path(), location=driver.redacted(url), dialect="postgresql")
+        store._url, store._schema = url, schema
         try:
             await driver.migrate(db, _migrations("postgres"))
             await store._setup_access()
@@ -386,9 +393,39 @@ class Store:
                 tx.access.everything = True
                 tx.access.emit = False
 
+    @property
+    def announces(self) -> bool:
+        """Whether other processes' commits reach `on_feed_commit` and `on_jobs` (LISTEN/
+        NOTIFY) once `listen()` ran; without it readers poll for them."""
+        return self._url is not None
+
+    async def listen(self) -> None:
+        """Start receiving other processes' announcements (PostgreSQL); returns once listening.
+        Idempotent; a no-op on SQLite."""
+        if self._url is None:
+            return
+        if self._listener is None:
+            from eventsync.store.postgres.driver import Listener
+
+            listener = Listener(
+                self._url,
+                self._schema,
+                {"changes": self.on_feed_commit, "jobs": self.on_jobs},
+            )
+            self._listener = asyncio.create_task(listener.run(), name="eventsync-listen")
+            self._listening = listener.connected
+        with contextlib.suppress(asyncio.TimeoutError):
+            # A reader that starts before the connection is up re-reads once it is (the
+            # listener calls every callback on connecting), so waiting briefly is enough.
+            await asyncio.wait_for(self._listening.wait(), timeout=10)
+
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._listener is not None:
+                self._listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._listener
             await self._db.close()
 
     async def __aenter__(self) -> Store:
@@ -407,6 +444,8 @@ class Store:
             yield tx
             # Access follows its inputs in the same transaction (DESIGN: Effective access).
             await tx.flush_access()
+            if tx.changed:
+                await _on_db_thread(self._db, lambda conn: announce(conn, "changes"))
         except BaseException:
             await self._db.execute("ROLLBACK")
             raise
@@ -422,6 +461,26 @@ class Store:
 
         def in_tx(conn: sqlite3.Connection) -> T:
             _begin_write(conn)
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        async with self._lock:
+            return await _on_db_thread(self._db, in_tx)
+
+    async def run_local_tx(self, fn: Callable[[Any], T]) -> T:
+        """Run `fn` in a transaction that writes nothing the feed or the rules order (leases):
+        serialised in this process, but not with other processes' writers on PostgreSQL,
+        where row locks order it. On SQLite it is an ordinary write transaction."""
+        if self.dialect == "sqlite":
+            return await self.run_tx(fn)
+
+        def in_tx(conn: Any) -> T:
+            conn.execute("BEGIN")
             try:
                 result = fn(conn)
             except BaseException:
@@ -1600,6 +1659,15 @@ def _begin_write(conn: Any) -> None:
         from eventsync.store.postgres.driver import begin_write
 
         begin_write(conn)
+
+
+def announce(conn: Any, topic: str) -> None:
+    """Tell listeners in other processes that `topic` ("changes", "jobs") has news, at commit.
+    SQLite has no such channel: its readers in other processes poll."""
+    if not isinstance(conn, sqlite3.Connection):
+        from eventsync.store.postgres.driver import notify
+
+        notify(conn, topic)
 
 
 def is_postgres_url(value: str) -> bool:

@@ -48,3 +48,14 @@ def translate(sql: str) -> str:
         raise UntranslatedSQL(f"no PostgreSQL spelling for {found.group(0)!r} in: {sql[:200]}")
     # psycopg reads % as the start of a placeholder; our statements hold no '?' in literals.
     return sql.replace("%", "%%").replace("?", "%s")
+
+
+# The job queue's lease: due jobs no other replica holds, each row locked by the replica that
+# takes it and skipped by the others, in one statement.
+LEASE = (
+    "UPDATE jobs SET leased_by = ?, leased_at = ? WHERE key IN ("
+    "SELECT key FROM jobs WHERE leased_by IS NULL AND not_before <= ? "
+    "ORDER BY not_before LIMIT ? FOR UPDATE SKIP LOCKED) "
+    "RETURNING key, hints, version, attempts, first_seen, newest_event, payload, "
+    "last_error, last_event, sources, not_before"
+)

@@ -95,8 +95,9 @@ class SyncConnection:
 
     dialect = "postgresql"
 
-    def __init__(self, conn: psycopg.Connection[Row]) -> None:
+    def __init__(self, conn: psycopg.Connection[Row], schema: str) -> None:
         self._conn = conn
+        self.schema = schema
 
     def execute(self, sql: str, params: Sequence[Any] | None = ()) -> Cursor:
         cur = self._conn.cursor()
@@ -174,7 +175,7 @@ class Connection:
     def __init__(self, conn: psycopg.Connection[Row], schema: str) -> None:
         self._conn = conn
         self.schema = schema
-        self._sync = SyncConnection(conn)
+        self._sync = SyncConnection(conn, schema)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eventsync-pg")
         self._closed = threading.Event()
 
@@ -276,3 +277,61 @@ async def migrate(db: Connection, migrations: Sequence[tuple[int, str]]) -> None
             raw.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
 
     await db.run(work)
+
+
+def channel(schema: str, topic: str) -> str:
+    """The NOTIFY channel of one topic ("changes", "jobs") of the mirror in `schema`."""
+    return f"{schema}_{topic}"
+
+
+def notify(conn: SyncConnection, topic: str) -> None:
+    """Announce `topic` to every listener once this transaction commits (PostgreSQL delivers
+    a transaction's notifications at its commit, and folds repeats into one)."""
+    conn.execute("SELECT pg_notify(?, '')", (channel(conn.schema, topic),))
+
+
+class Listener:
+    """LISTENs on the mirror's channels on a connection of its own and calls the callbacks of
+    a topic when another transaction (in any process) announces it. After a lost connection
+    it reconnects and calls every callback once, since notifications sent meanwhile are lost."""
+
+    def __init__(self, url: str, schema: str, callbacks: dict[str, list[Callable[[], None]]]):
+        self._url = url
+        self._schema = schema
+        self._callbacks = callbacks
+        self.connected = asyncio.Event()
+
+    def _fire(self, topic: str | None = None) -> None:
+        for name, callbacks in self._callbacks.items():
+            if topic is None or name == topic:
+                for callback in list(callbacks):
+                    callback()
+
+    async def run(self) -> None:
+        from eventsync.logging import get_logger
+
+        log = get_logger("eventsync.store")
+        base, kwargs = conninfo(self._url, self._schema)
+        topics = {channel(self._schema, t): t for t in self._callbacks}
+        failures = 0
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(base, **kwargs)
+                async with conn:
+                    for name in topics:
+                        await conn.execute(f'LISTEN "{name}"')
+                    self.connected.set()
+                    if failures:
+                        log.info("listening for notifications again")
+                    self._fire()
+                    failures = 0
+                    async for note in conn.notifies():
+                        self._fire(topics.get(note.channel))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.connected.clear()
+                failures += 1
+                if failures == 1:
+                    log.warning("the notification connection failed; reconnecting", error=str(exc))
+                await asyncio.sleep(min(5.0, 0.2 * 2**failures))
