@@ -93,7 +93,7 @@ async def status_data(store: Store, queue: JobQueue) -> dict[str, Any]:
 
     access = states.get(AUDIT_ACCESS)
     return {
-        "database": str(store.path),
+        "database": store.location,
         "token_rejected": states.get(TOKEN_REJECTED),
         "audit_cursor": num(AUDIT_CURSOR),
         "audit_access": (access == AUDIT_READABLE) if access is not None else None,
