@@ -110,6 +110,9 @@ def on_both_backends(request: pytest.FixtureRequest) -> Iterator[str]:
     if request.param == "sqlite":
         yield "sqlite"
         return
+    only = request.node.get_closest_marker("sqlite_only")
+    if only is not None:
+        pytest.skip(f"SQLite only: {only.args[0] if only.args else 'reads the file'}")
     cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
     with PathsOnPostgres(cluster).installed():
         yield "postgres"

@@ -29,7 +29,8 @@ from eventsync.store.sqlite import KINDS, SECTION_OF, Store
 from eventsync.testing import FakeBookStack
 from eventsync.testing.models import ALL_PERMISSIONS
 
-pytestmark = pytest.mark.timeout(90)
+# Every test runs on a SQLite file, then on PostgreSQL.
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("on_both_backends")]
 
 FAKE_RPM = 100_000
 CLIENT_RPM = "60000"  # below the fake's limit: no throttling, no "limit lowered" warning

@@ -43,6 +43,9 @@ from eventsync.store.queue import JobQueue
 from eventsync.store.sqlite import Store, Tx
 from eventsync.testing import FakeBookStack
 
+# Every test runs on a SQLite file, then on PostgreSQL.
+pytestmark = pytest.mark.usefixtures("on_both_backends")
+
 SECRET = "pipeline-test-secret-0123456789"
 RPM = 100_000
 NO_VIEW = {"view": False, "create": False, "update": False, "delete": False}

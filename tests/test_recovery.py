@@ -31,6 +31,9 @@ from eventsync.testing import FakeBookStack
 from eventsync.testing.models import ALL_PERMISSIONS
 from eventsync.testing.state import ADMIN_ROLE_ID, ADMIN_USER_ID, GUEST_USER_ID
 
+# Every test runs on a SQLite file, then on PostgreSQL.
+pytestmark = pytest.mark.usefixtures("on_both_backends")
+
 SECRET = "recovery-test-secret-0123456789"
 RPM = 100_000
 
