@@ -24,9 +24,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from helpers import client_for, first_difference
+from helpers import client_for, first_difference, mirror_settings
 
 import eventsync.testing.server as fake_server
+from eventsync.app import open_app
 from eventsync.bookstack.client import BookStackClient
 from eventsync.bookstack.ratelimit import default_burst
 from eventsync.reconcile import AUDIT_CURSOR, LAST_FULL_SYNC, Reconciler, SyncSummary
@@ -140,18 +141,15 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[RigFactory]:
             max_attempts: int = 2,
             **client_options: Any,
         ) -> Rig:
-            client = await stack.enter_async_context(
-                client_for(
-                    fake,
-                    requests_per_minute=requests_per_minute,
-                    max_attempts=max_attempts,
-                    **client_options,
-                )
+            client = client_for(
+                fake,
+                requests_per_minute=requests_per_minute,
+                max_attempts=max_attempts,
+                **client_options,
             )
-            store = await stack.enter_async_context(
-                await Store.open(tmp_path / f"mirror-{next(count)}.db")
-            )
-            return Rig(fake, client, store, Reconciler(client, store))
+            settings = mirror_settings(fake, tmp_path / f"mirror-{next(count)}.db")
+            app = await stack.enter_async_context(open_app(settings, client=client))
+            return Rig(fake, app.client, app.store, app.reconciler)
 
         yield make
 
