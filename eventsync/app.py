@@ -1,5 +1,6 @@
-"""The one composition root: the BookStack client, the store, the job queue, the reconciler, the
-handlers and the dispatcher, built from settings here and nowhere else, and closed in order."""
+"""The one composition root: the BookStack client, the store, the job queue, the writer
+(apply), the reconciler, the handlers and the dispatcher, built from settings here and nowhere
+else, and closed in order."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from eventsync.apply import Apply
 from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
 from eventsync.dispatch import UP_WINDOW, Dispatcher
@@ -65,6 +67,7 @@ class App(Local):
     """The whole graph of one BookStack source and one mirror."""
 
     client: BookStackClient
+    apply: Apply
     reconciler: Reconciler
     handlers: Handlers
     dispatcher: Dispatcher
@@ -89,15 +92,21 @@ class App(Local):
             queue = JobQueue(store)
         else:
             queue = JobQueue(store, max_attempts=max_attempts)
-        reconciler = Reconciler(
+        apply = Apply(
             client,
             store,
             concurrency=settings.fetch_concurrency,
             attachment_content=settings.attachment_content,
+        )
+        reconciler = Reconciler(
+            apply,
+            concurrency=settings.fetch_concurrency,
             on_plan=on_plan,
             on_progress=on_progress,
         )
-        handlers = Handlers(client, store, queue, reconciler)
+        # The handlers run `diff` jobs through the reconciler without importing it: it sits
+        # upstream of them (DESIGN, suggested layout).
+        handlers = Handlers(apply, queue, diff=reconciler)
         dispatcher = Dispatcher(
             queue,
             handlers,
@@ -105,7 +114,7 @@ class App(Local):
             last_answer=last_answer,
             up_window=up_window,
         )
-        return cls(settings, store, queue, client, reconciler, handlers, dispatcher)
+        return cls(settings, store, queue, client, apply, reconciler, handlers, dispatcher)
 
 
 @asynccontextmanager

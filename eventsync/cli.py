@@ -25,6 +25,7 @@ from eventsync.answers import (
     who_can_see,
 )
 from eventsync.app import make_client, open_app, open_local, open_store
+from eventsync.apply import SyncSummary
 from eventsync.config import Settings, load_settings
 from eventsync.errors import (
     AuthError,
@@ -37,7 +38,6 @@ from eventsync.errors import (
     UnknownRoute,
 )
 from eventsync.logging import configure_logging, get_logger, redact
-from eventsync.reconcile import SyncSummary
 from eventsync.store.sqlite import KINDS, Store, StoreError
 
 EXIT_OK = 0

@@ -136,7 +136,7 @@ class Service:
         self.handlers = app.handlers
         self.dispatcher = app.dispatcher
         self.dispatcher.on_result = self._job_result
-        self.probe = Probe(client, store, self.queue, self.reconciler)
+        self.probe = Probe(client, store, self.queue, app.apply)
         self.inbox = Inbox(self.queue, on_commit=self._committed)
         self.poller = AuditPoller(
             client,

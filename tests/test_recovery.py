@@ -75,7 +75,7 @@ async def converged(svc: Service, fake: FakeBookStack) -> bool:
 
 def an_hour_behind() -> datetime:
     """BookStack's clock an hour behind ours: no row is "changed within the second of its
-    read" (reconcile.RACE_WINDOW), so a plain listing diff re-reads only what its listings
+    read" (apply.RACE_WINDOW), so a plain listing diff re-reads only what its listings
     show changed, and what only a gap's thorough diff can find stays unfound without it."""
     return datetime.now(UTC) - timedelta(hours=1)
 
@@ -710,7 +710,7 @@ async def test_attachments_are_diffed_and_their_content_kept_when_asked(tmp_path
             await fake.update_attachment(spec, content=b"%PDF-2.0")
             await fake.delete_attachment(link)
             fake.reset_requests()
-            assert (await reconciler.sync_attachments()).updated == 1
+            assert (await app.apply.sync_attachments()).updated == 1
             assert await stored(spec) == (None, b"%PDF-2.0")
             assert await store.get("attachment", link) is None
             assert fake.request_counts() == {"/api/attachments": 1, "/api/attachments/{id}": 1}

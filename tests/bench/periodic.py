@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from eventsync.app import make_client, open_app
+from eventsync.apply import RACE_WINDOW
 from eventsync.config import Settings
 from eventsync.logging import configure_logging
-from eventsync.reconcile import RACE_WINDOW
 from eventsync.service import Service
 from eventsync.testing import FakeBookStack
 
