@@ -8,7 +8,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from eventsync.apply import Apply
 from eventsync.bookstack.client import BookStackClient
@@ -52,6 +52,18 @@ def make_client(settings: Settings, **overrides: Any) -> BookStackClient:
     )
 
 
+class Options(TypedDict, total=False):
+    """What App.build takes beyond settings: `on_plan`/`on_progress` follow a diff sync (the
+    progress bar); `max_attempts`, `last_answer` and `up_window` are for tests that need a
+    job to fail sooner or BookStack to seem up."""
+
+    max_attempts: int
+    on_plan: Callable[[int], None]
+    on_progress: Progress
+    last_answer: Callable[[], float]
+    up_window: float
+
+
 @dataclass
 class Local:
     """What needs no BookStack: the mirror's store and its job queue (`status`,
@@ -85,9 +97,8 @@ class App(Local):
         last_answer: Callable[[], float] | None = None,
         up_window: float = UP_WINDOW,
     ) -> App:
-        """Wire the parts over an open client and store (no I/O). `on_plan`/`on_progress`
-        follow a diff sync (the progress bar); `max_attempts`, `last_answer` and `up_window`
-        are for tests that need a job to fail sooner or BookStack to seem up."""
+        """Wire the parts over an open client and store (no I/O); the keywords are those of
+        Options."""
         if max_attempts is None:
             queue = JobQueue(store)
         else:
@@ -119,20 +130,25 @@ class App(Local):
 
 @asynccontextmanager
 async def open_local(settings: Settings) -> AsyncIterator[Local]:
+    """The store and queue of the settings' mirror, for commands that never call BookStack
+    (and so need none of its settings)."""
     async with await open_store(settings.database) as store:
         yield Local(settings, store, JobQueue(store))
 
 
 @asynccontextmanager
 async def open_app(
-    settings: Settings, *, client: BookStackClient | None = None, **options: Any
+    settings: Settings, *, client: BookStackClient | None = None, **options: Unpack[Options]
 ) -> AsyncIterator[App]:
     """The graph from settings, open for the `async with` block; `client` replaces the one
     the settings describe (tests: a fake BookStack's, with short back-offs), and is closed
-    with the rest. `options` go to App.build."""
+    with the rest."""
     async with AsyncExitStack() as stack:
         # The client first: a missing BookStack setting fails before the database file is
-        # created. Closed in reverse: the store, then the client.
+        # created. Closed in reverse: jobs still in flight are put back while the store is
+        # open, then the store, then the client.
         client = await stack.enter_async_context(client or make_client(settings))
         store = await stack.enter_async_context(await open_store(settings.database))
-        yield App.build(settings, client, store, **options)
+        app = App.build(settings, client, store, **options)
+        stack.push_async_callback(app.dispatcher.close)
+        yield app

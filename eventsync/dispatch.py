@@ -269,6 +269,11 @@ class Dispatcher:
         if self.on_result is not None:
             self.on_result(job, outcome, time.monotonic() - started)
 
+    async def close(self, grace: float = 0.0) -> None:
+        """Put back what is still in flight (a `drain` cut short by an error), before the
+        store it would write to closes. Nothing to do after `run` or a finished `drain`."""
+        await self._shutdown(grace)
+
     async def _shutdown(self, grace: float) -> None:
         if not self._running:
             return
