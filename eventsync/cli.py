@@ -24,7 +24,8 @@ from eventsync.answers import (
     ensure_answerable,
     who_can_see,
 )
-from eventsync.bookstack.client import BookStackClient
+from eventsync.app import make_client, open_app, open_local, open_store
+from eventsync.apply import SyncSummary
 from eventsync.config import Settings, load_settings
 from eventsync.errors import (
     AuthError,
@@ -37,7 +38,6 @@ from eventsync.errors import (
     UnknownRoute,
 )
 from eventsync.logging import configure_logging, get_logger, redact
-from eventsync.reconcile import Reconciler, SyncSummary
 from eventsync.store.sqlite import KINDS, Store, StoreError, is_postgres_url
 
 EXIT_OK = 0
@@ -49,41 +49,6 @@ Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 MAX_INTEGER = 2**63 - 1
 
 log = get_logger("eventsync.cli")
-
-
-async def open_store(path: str | Path, schema: str = "eventsync") -> Store:
-    """Store.open, with a file the OS refuses us (permissions, an immutable file, a parent
-    that is a file) said in one line naming it, like every other database problem."""
-    try:
-        return await Store.open(path, schema=schema)
-    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path (from a TOML file)
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise StoreError(f"cannot open database {path}: {reason} (EVENTSYNC_DATABASE)") from None
-
-
-def open_mirror(settings: Settings) -> Any:
-    return open_store(settings.database, settings.database_schema)
-
-
-def _exists(database: str) -> bool:
-    # A PostgreSQL mirror is created by whoever connects first; only a file can be missing.
-    return is_postgres_url(database) or Path(database).exists()
-
-
-def make_client(settings: Settings, **overrides: Any) -> BookStackClient:
-    settings.require("bookstack_url", "bookstack_token_id", "bookstack_token_secret")
-    assert settings.bookstack_token_secret is not None
-    options: dict[str, Any] = {
-        "requests_per_minute": settings.requests_per_minute,
-        "timeout": settings.http_timeout,
-    }
-    options.update(overrides)
-    return BookStackClient(
-        settings.base_url,
-        settings.bookstack_token_id or "",
-        settings.bookstack_token_secret.get_secret_value(),
-        **options,
-    )
 
 
 def _secrets(settings: Settings) -> list[str]:
@@ -148,28 +113,16 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     diff the listings against the mirror (what emits no event: attachments, link rewrites,
     cascades). A gap, no sync point, a long downtime or --full make it a thorough diff that
     also re-reads every item's permissions. Exit 0 only when the mirror is consistent."""
-    from eventsync.dispatch import Dispatcher
     from eventsync.events import DIFF_KEY
-    from eventsync.handlers import Handlers
     from eventsync.ingest.auditlog import GAP, LAST_POLL, AuditPoller
     from eventsync.reconcile import AUDIT_CURSOR, LAST_FULL_SYNC
-    from eventsync.store.queue import JobQueue
 
     started = time.monotonic()
     bar = _ProgressBar(sys.stderr.isatty() and not args.json)
-    async with make_client(settings) as client, await open_mirror(settings) as store:
-        queue = JobQueue(store)
+    async with open_app(settings, on_plan=bar.plan, on_progress=bar.step) as app:
+        client, store, queue = app.client, app.store, app.queue
+        reconciler, handlers, dispatcher = app.reconciler, app.handlers, app.dispatcher
         await queue.recover()
-        reconciler = Reconciler(
-            client,
-            store,
-            concurrency=settings.fetch_concurrency,
-            attachment_content=settings.attachment_content,
-            on_plan=bar.plan,
-            on_progress=bar.step,
-        )
-        handlers = Handlers(client, store, queue, reconciler)
-        dispatcher = Dispatcher(queue, handlers, concurrency=settings.fetch_concurrency)
         requests_before = client.stats.requests
         reasons = []
         if args.full:
@@ -236,13 +189,18 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
 # ---- export / status ---------------------------------------------------------------------------
 
 
-async def _open_existing(settings: Settings) -> Store:
-    if not _exists(settings.database):
+def _must_exist(settings: Settings) -> None:
+    # A PostgreSQL mirror is created by whoever connects first; only a file can be missing.
+    if not is_postgres_url(settings.database) and not Path(settings.database).exists():
         raise ConfigError(
             f"database {settings.database} does not exist yet: run `eventsync reconcile` first "
             "(or set EVENTSYNC_DATABASE)"
         )
-    return await open_mirror(settings)
+
+
+async def _open_existing(settings: Settings) -> Store:
+    _must_exist(settings)
+    return await open_store(settings.database, settings.database_schema)
 
 
 async def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
@@ -276,10 +234,10 @@ async def cmd_can_see(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from eventsync.service import status_data
-    from eventsync.store.queue import JobQueue
 
-    async with await _open_existing(settings) as store:
-        data = await status_data(store, JobQueue(store))
+    _must_exist(settings)
+    async with open_local(settings) as local:
+        data = await status_data(local.store, local.queue)
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
@@ -448,9 +406,8 @@ async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     # to fix, not something to find after the database is open and the sync has begun.
     check_exposure(settings.listen_host, settings.read_token)
     check_listen(settings.listen_host, settings.listen_port)
-    async with make_client(settings) as client, await open_mirror(settings) as store:
-        service = Service(settings, client, store)
-        return await service.run_until_stopped()
+    async with open_app(settings) as app:
+        return await Service(app).run_until_stopped()
 
 
 async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
@@ -541,7 +498,11 @@ async def cmd_subscriptions(settings: Settings, args: argparse.Namespace) -> int
             raise UsageError(str(exc)) from None
     # A subscription may come before the first sync (it then gets the whole of it): add
     # creates the database; the other actions need one.
-    opened = open_mirror(settings) if action == "add" else _open_existing(settings)
+    opened = (
+        open_store(settings.database, settings.database_schema)
+        if action == "add"
+        else _open_existing(settings)
+    )
     async with await opened as store:
         subs = Subscriptions(store)
         head = await store.last_seq()
@@ -638,10 +599,9 @@ def _add_subscriptions_parser(sub: Any) -> None:
 
 
 async def cmd_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
-    from eventsync.store.queue import JobQueue
-
-    async with await _open_existing(settings) as store:
-        queue = JobQueue(store)
+    _must_exist(settings)
+    async with open_local(settings) as local:
+        queue = local.queue
         if args.action == "retry":
             if args.id is None and not args.all:
                 raise ConfigError("dead-letters retry needs an ID or --all")

@@ -11,11 +11,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from eventsync.bookstack.client import BookStackClient
+from eventsync.app import open_app
 from eventsync.config import Settings
 from eventsync.events import DIFF_KEY, FETCH
 from eventsync.service import Service
-from eventsync.store.sqlite import Store
 from eventsync.testing import FakeBookStack
 
 RPM = 6000
@@ -49,13 +48,9 @@ async def run_demo(
                 poll_interval=2.0,
                 sweep_share=0.0,
             )
-            async with (
-                BookStackClient(
-                    fake.url, fake.token_id, fake.token_secret, requests_per_minute=RPM
-                ) as client,
-                await Store.open(db) as store,
-            ):
-                service = Service(settings, client, store)
+            async with open_app(settings) as app:
+                store = app.store
+                service = Service(app)
                 await service.start()
                 say(f"eventsync serving on 127.0.0.1:{service.port}, mirror in {db}")
                 await asyncio.wait_for(service.synced.wait(), 60)

@@ -58,7 +58,8 @@ class Dispatcher:
         self._up_window = up_window
         self._maintained = time.monotonic()
         self.concurrency = concurrency
-        self._on_result = on_result
+        # Told of every job's outcome (serve's metrics; set by whoever counts them).
+        self.on_result = on_result
         self._wake = asyncio.Event()
         self._running: dict[asyncio.Task[None], Job] = {}
         self.done = 0
@@ -265,8 +266,13 @@ class Dispatcher:
             bound.exception("could not release the job; lease recovery will free it")
 
     def _report(self, job: Job, outcome: str, started: float) -> None:
-        if self._on_result is not None:
-            self._on_result(job, outcome, time.monotonic() - started)
+        if self.on_result is not None:
+            self.on_result(job, outcome, time.monotonic() - started)
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Put back what is still in flight (a `drain` cut short by an error), before the
+        store it would write to closes. Nothing to do after `run` or a finished `drain`."""
+        await self._shutdown(grace)
 
     async def _shutdown(self, grace: float) -> None:
         if not self._running:

@@ -4,10 +4,10 @@ applying a job twice, late or out of order leaves the same mirror)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
+from eventsync.apply import AUDIT_GAP, RACE_WINDOW, Apply, SyncSummary
 from eventsync.bookstack import models as m
-from eventsync.bookstack.client import BookStackClient
 from eventsync.errors import EventsyncError, ForbiddenError, NotFound
 from eventsync.events import (
     ALL_ATTACHMENTS_KEY,
@@ -29,10 +29,9 @@ from eventsync.events import (
     SUBTREE,
 )
 from eventsync.logging import get_logger
-from eventsync.reconcile import AUDIT_GAP, RACE_WINDOW, Reconciler, SyncSummary
-from eventsync.records import ENDPOINTS, listed, permissions_row, to_row
+from eventsync.records import ENDPOINTS, listed, to_row
 from eventsync.store.queue import Job, JobQueue
-from eventsync.store.sqlite import CONTENT_TYPES, KIND_OF_CONTENT_TYPE, PLACEMENT, Store
+from eventsync.store.sqlite import CONTENT_TYPES, KIND_OF_CONTENT_TYPE, PLACEMENT
 
 # How far before a user delete the listings of what changed are read from (see _owners).
 OWNER_WINDOW = 15 * 3600.0 + 2
@@ -56,14 +55,26 @@ class Settle(EventsyncError):
 PLACEMENT_FIELDS = PLACEMENT["page"]
 
 
+class DiffSync(Protocol):
+    """What runs a `diff` job: the reconciler's listing diff. The composition root passes it
+    in (app.py): the reconciler sits upstream of the handlers, which do not import it."""
+
+    async def full_sync(
+        self,
+        *,
+        all_permissions: bool | None = None,
+        set_cursor: bool = True,
+        verify_memberships: bool = True,
+    ) -> SyncSummary: ...
+
+
 class Handlers:
-    def __init__(
-        self, client: BookStackClient, store: Store, queue: JobQueue, reconciler: Reconciler
-    ) -> None:
-        self.client = client
-        self.store = store
+    def __init__(self, apply: Apply, queue: JobQueue, diff: DiffSync) -> None:
+        self.apply = apply
+        self.client = apply.client
+        self.store = apply.store
         self.queue = queue
-        self.reconciler = reconciler
+        self.diff = diff
         # What the jobs of this process did to the mirror (`reconcile` prints it).
         self.summary = SyncSummary()
 
@@ -83,11 +94,11 @@ class Handlers:
         if kind == SORT_RULE_KIND:
             return await self._sort_rule(job)
         if kind == ATTACHMENTS_KIND:
-            tally = await self.reconciler.sync_attachments(job.entity_id or None)
+            tally = await self.apply.sync_attachments(job.entity_id or None)
             return f"attachments {vars(tally)}"
         if kind == "diff":
             thorough = bool(job.payload.get("thorough"))
-            summary = await self.reconciler.full_sync(
+            summary = await self.diff.full_sync(
                 all_permissions=thorough, set_cursor=False, verify_memberships=thorough
             )
             if not summary.complete:
@@ -110,18 +121,15 @@ class Handlers:
                 raw, read_at = await self.client.read(f"{endpoint}/{entity_id}")
             except NotFound as exc:
                 self._settle_if(job, EXPECT_PRESENT, "not visible yet")
-                async with self.store.transaction() as tx:
-                    removed = await tx.delete(kind, entity_id, exc.sent_at)
-                if removed:
-                    self.summary.kinds[kind].add("deleted")
+                removed = await self.apply.remove(kind, [entity_id], exc.sent_at, self.summary)
                 if kind == "page" and removed:
-                    await self._refresh_includers(entity_id)
+                    await self.apply.refresh_includers([entity_id], self._enqueue_reads)
                 return f"removed {removed}"
             model: Any = read_model.model_validate(raw)
             old_path = await self.store.path_of(kind, entity_id)
-            outcome = await self.reconciler.write(kind, model, self.summary, read_at)
+            outcome = await self.apply.write(kind, model, self.summary, read_at)
             if kind == "page" and outcome not in ("unchanged", "stale"):
-                await self._refresh_includers(entity_id)
+                await self.apply.refresh_includers([entity_id], self._enqueue_reads)
             await self._refresh_linkers(kind, entity_id, old_path)
             if kind == "chapter" and MOVE in hints:
                 await self._place_pages(model.pages, f"chapter {entity_id}", read_at)
@@ -150,7 +158,8 @@ class Handlers:
             elif SUBTREE in hints and kind == "page":
                 await self.queue.enqueue(f"{ATTACHMENTS_KIND}:{entity_id}", [FETCH])
             if kind == "book" and outcome == "created":
-                await self._reshelve()
+                # Back from the recycle bin (or visible again): on its old shelves again.
+                await self.apply.reshelve(self._enqueue_reads)
             if DEFAULT_PERMISSIONS in hints and PERMISSIONS not in hints:
                 await self._default_permissions(kind, model, read_at)
         else:
@@ -177,7 +186,7 @@ class Handlers:
             await self.queue.enqueue(f"book:{book_id}", [FETCH], reason="sort rule")
             return "book gone"
         model = m.Book.model_validate(raw)
-        outcome = await self.reconciler.write("book", model, self.summary, read_at)
+        outcome = await self.apply.write("book", model, self.summary, read_at)
         await self._book_contents(model, False, read_at)
         return f"contents read, book {outcome}"
 
@@ -211,17 +220,6 @@ class Handlers:
         async with self.store.transaction() as tx:
             await tx.set_permissions(CONTENT_TYPES[kind], model.id, perms, read_at, only_new=True)
 
-    async def _reshelve(self) -> None:
-        """A book came back (restored from the recycle bin, or visible again): BookStack
-        shows it again on the shelves that held it, without a shelf event (FACTS 2.1)."""
-        shelves = await self.store.shelves_of_returned_books()
-        if not shelves:
-            return
-        async with self.store.transaction() as tx:
-            await tx.forget_tombstones(shelves)
-            for shelf_id in sorted(shelves):
-                await self.queue.enqueue(f"shelf:{shelf_id}", [FETCH], tx=tx, reason="reshelve")
-
     async def _refresh_linkers(self, kind: str, entity_id: int, old_path: str | None) -> None:
         """A rename or move changed the item's URL: BookStack rewrote the links to it in other
         pages without an event (FACTS 2.5). The mirror still has the old URL, so the pages
@@ -250,12 +248,12 @@ class Handlers:
                 pages=len(linkers),
             )
 
-    async def _refresh_includers(self, page_id: int) -> None:
-        """Pages that include this one render it into their html (FACTS 2.5, no event): read
-        them again. Their own jobs do the same in turn, so nested includes follow, and an
-        unchanged read ends the chain."""
-        for includer in sorted(await self.store.includers([page_id])):
-            await self.queue.enqueue(f"page:{includer}", [FETCH], reason="include")
+    async def _enqueue_reads(self, kind: str, ids: list[int], reason: str) -> bool:
+        """Re-reads as jobs of their own (apply.Reread): each coalesces with any other work
+        on its entity, and their own follow-ups (an includer's includers) come with them."""
+        for entity_id in ids:
+            await self.queue.enqueue(f"{kind}:{entity_id}", [FETCH], reason=reason)
+        return True
 
     async def _permissions(self, kind: str, entity_id: int) -> bool:
         content_type = CONTENT_TYPES[kind]
@@ -263,18 +261,12 @@ class Handlers:
             # Permissions hang on their item (DESIGN 13): read the item first, then them.
             await self.queue.enqueue(f"{kind}:{entity_id}", [FETCH, PERMISSIONS])
             return False
-        path = f"/api/content-permissions/{content_type}/{entity_id}"
         try:
-            raw, read_at = await self.client.read(path)
+            return await self.apply.read_permissions(content_type, entity_id, self.summary)
         except NotFound:
             # The item itself is gone or hidden: its own read settles the mirror.
             await self.queue.enqueue(f"{kind}:{entity_id}", [FETCH])
             return False
-        perms = permissions_row(m.ContentPermissions.model_validate(raw))
-        async with self.store.transaction() as tx:
-            changed = await tx.set_permissions(content_type, entity_id, perms, read_at)
-        self.summary.permissions.add("updated" if changed else "unchanged")
-        return changed
 
     async def _place_pages(self, pages: list[Any], where: str, read_at: float) -> set[int]:
         """Pages moved with their chapter or by a sort: patch their placement from the list
@@ -393,10 +385,7 @@ class Handlers:
         except NotFound as exc:
             self._settle_if(job, EXPECT_PRESENT, "not visible yet")
             members = await self.store.role_members(entity_id) if kind == "role" else set()
-            async with self.store.transaction() as tx:
-                removed = await tx.delete(kind, entity_id, exc.sent_at)
-            if removed:
-                self.summary.kinds[kind].add("deleted")
+            removed = await self.apply.remove(kind, [entity_id], exc.sent_at, self.summary)
             if kind == "role" and ROLES_REFRESH in job.hints:
                 await self._refresh_roles(len(members))
             if kind == "user" and removed:
@@ -404,7 +393,7 @@ class Handlers:
             return f"removed {removed}"
         self._settle_if(job, EXPECT_GONE, "still there")
         model = read_model.model_validate(raw)
-        return await self.reconciler.write(kind, model, self.summary, read_at)
+        return await self.apply.write(kind, model, self.summary, read_at)
 
     async def _reowned(self, user_id: int, deleted_at: float | None) -> None:
         """Deleting a user can hand their content to another user (`migrateOwnership`, one
@@ -442,7 +431,7 @@ class Handlers:
             rows, read_at = await self.client.list_timed(ENDPOINTS[kind][0], filters=filters)
             mirror = await self.store.index(kind, ("owned_by",), ids=[r["id"] for r in rows])
             was_theirs = [r for r in rows if mirror.get(r["id"], {}).get("owned_by") == user_id]
-            for raw in await self.reconciler.take_owners(kind, was_theirs, read_at):
+            for raw in await self.apply.take_owners(kind, was_theirs, read_at):
                 await self.queue.enqueue(f"{kind}:{raw['id']}", [FETCH], reason="owner")
             taken += len(was_theirs)
         return f"{taken} item(s) handed on"

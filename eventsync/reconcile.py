@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from eventsync.bookstack import models as m
-from eventsync.bookstack.client import BookStackClient
+from eventsync.apply import (
+    AUDIT_GAP,
+    Apply,
+    Reread,
+    SyncSummary,
+    differs,
+    permissions_path,
+    racy,
+)
 from eventsync.errors import AuthError, BookStackError, ForbiddenError, NotFound, UnknownRoute
 from eventsync.events import (
     DEFAULT_PERMISSIONS,
@@ -24,17 +28,9 @@ from eventsync.events import (
     Event,
     as_id,
     from_audit,
-    parse_time,
 )
 from eventsync.logging import get_logger
-from eventsync.records import (
-    COMPLETE_FROM_LISTING,
-    ENDPOINTS,
-    LISTED_FIELDS,
-    listed,
-    permissions_row,
-    to_row,
-)
+from eventsync.records import COMPLETE_FROM_LISTING, ENDPOINTS, LISTED_FIELDS, listed
 from eventsync.store.queue import (
     AUDIT_ABSENT,
     AUDIT_FORBIDDEN,
@@ -45,19 +41,12 @@ from eventsync.store.queue import (
 from eventsync.store.sqlite import (
     CONTENT_TYPES,
     KIND_OF_CONTENT_TYPE,
-    KINDS,
     LAST_FULL_SYNC,
     SYNC_FORBIDDEN,
-    Store,
     Tx,
 )
 
 log = get_logger("eventsync.reconcile")
-
-# A row whose updated_at is this close to our last read of it may have changed again within
-# the same second after the read: BookStack's timestamps have one-second resolution, so the
-# listing could not show that change. Such rows are re-read on the next diff sync.
-RACE_WINDOW = 2.0
 
 # Ids are assigned before commit, so a lower id can become visible after a higher one
 # (FACTS 2.6): every poll re-reads this many ids behind the cursor; activity ids dedupe.
@@ -66,7 +55,7 @@ AUDIT_OVERLAP = 20
 # Sync-state keys (see store/SCHEMA.md).
 AUDIT_CURSOR = "audit_cursor"
 AUDIT_LAST_ROW = "audit_last_row"  # "id|type|time" of the row at the cursor: a cleared log
-AUDIT_GAP = "audit_gap"  # why events may have been lost, until a thorough diff sync ran
+# AUDIT_GAP (why events may have been lost) is in apply.py: the diff job clears it.
 LAST_GAP = "last_gap"  # the latest gap ever found, with its time (kept for `status`)
 AUDIT_ACCESS = "audit_access"  # its values: AUDIT_READABLE, _FORBIDDEN, _ABSENT (store.queue)
 LAST_FULL_SYNC_STARTED = "last_full_sync_started_at"
@@ -77,66 +66,6 @@ LAST_FULL_SYNC_SECONDS = "last_full_sync_seconds"
 LAST_VERIFIED = "last_verified_at"
 
 
-@dataclass
-class Tally:
-    created: int = 0
-    updated: int = 0
-    deleted: int = 0
-    unchanged: int = 0
-
-    def add(self, outcome: str) -> None:
-        if outcome == "orphan":
-            return  # of a page the mirror does not hold: not written (DESIGN 13)
-        # A stale read (the mirror already held a newer one) left the row as it was.
-        outcome = "unchanged" if outcome == "stale" else outcome
-        setattr(self, outcome, getattr(self, outcome) + 1)
-
-    def absorb(self, other: Tally) -> None:
-        for name in ("created", "updated", "deleted", "unchanged"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-
-@dataclass
-class SyncSummary:
-    kinds: dict[str, Tally] = field(default_factory=lambda: {k: Tally() for k in KINDS})
-    permissions: Tally = field(default_factory=Tally)
-    memberships_changed: int = 0
-    requests: int = 0
-    seconds: float = 0.0
-    problems: list[str] = field(default_factory=list)
-    audit_id: int | None = None
-    # Pages whose content changed or that went away, and pages read, in this sync: pages that
-    # include a changed page are read too (their rendered html embeds it).
-    changed_pages: set[int] = field(default_factory=set)
-    read_pages: set[int] = field(default_factory=set)
-    # What the token was refused (403): the mirror lacks what it could not read.
-    forbidden: list[str] = field(default_factory=list)
-
-    @property
-    def complete(self) -> bool:
-        return not self.problems
-
-    def absorb(self, other: SyncSummary) -> None:
-        """Add another run's counts (a diff sync's and the jobs' around it) to these."""
-        for kind, tally in other.kinds.items():
-            self.kinds[kind].absorb(tally)
-        self.permissions.absorb(other.permissions)
-        self.memberships_changed += other.memberships_changed
-        self.problems += other.problems
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "complete": self.complete,
-            "kinds": {k: vars(t) for k, t in self.kinds.items()},
-            "permissions": vars(self.permissions),
-            "memberships_changed": self.memberships_changed,
-            "requests": self.requests,
-            "seconds": round(self.seconds, 3),
-            "problems": self.problems,
-            "audit_id": self.audit_id,
-        }
-
-
 Progress = Callable[[int], None]
 
 
@@ -145,18 +74,16 @@ class Reconciler:
 
     def __init__(
         self,
-        client: BookStackClient,
-        store: Store,
+        apply: Apply,
         *,
         concurrency: int = 8,
-        attachment_content: bool = False,
         on_plan: Callable[[int], None] | None = None,
         on_progress: Progress | None = None,
     ) -> None:
-        self.client = client
-        self.store = store
+        self.apply = apply
+        self.client = apply.client
+        self.store = apply.store
         self.concurrency = concurrency
-        self.attachment_content = attachment_content
         self._on_plan = on_plan
         self._on_progress = on_progress
 
@@ -230,7 +157,7 @@ class Reconciler:
             await pool.close()
         await self._write_defaults(plan.defaults, listed_at, summary)
         await self._refresh_includers(summary)
-        await self._reshelve(summary)
+        await self.apply.reshelve(self._read_now(summary))
         await self._stream("attachment", summary, None, None, listed_at, verify_memberships)
         await self._ensure_whole(summary)
 
@@ -385,13 +312,13 @@ class Reconciler:
         fields = LISTED_FIELDS[kind]
         if kind in COMPLETE_FROM_LISTING:
             mirror = await self.store.index(kind, fields, ids=ids)
-            await self._write_listed(kind, rows, mirror, summary, read_at)
+            await self.apply.write_rows(kind, rows, mirror, summary, read_at)
             return
         assert pool is not None
         if kind in CONTENT_TYPES:
             # Ownership migrations are written from the listing: no read each. What they
             # patched now equals its row; what differs in more still differs.
-            await self.take_owners(kind, rows, read_at)
+            await self.apply.take_owners(kind, rows, read_at)
         mirror = await self.store.index(kind, fields, ids=ids)
         reads = 0
         for raw in rows:
@@ -402,7 +329,7 @@ class Reconciler:
                 (kind in ("role", "shelf") and verify_memberships)
                 or current is None
                 or differs(current, listed(kind, raw))
-                or _racy(current, now)
+                or racy(current, now)
             ):
                 await pool.put(self._read_job(kind, raw["id"], summary))
                 reads += 1
@@ -413,141 +340,9 @@ class Reconciler:
     async def _remove_gone(
         self, kind: str, seen: set[int], listed_at: float, summary: SyncSummary
     ) -> None:
-        gone = await self.store.ids(kind) - seen
-        if not gone:
-            return
-        async with self.store.transaction() as tx:
-            for entity_id in sorted(gone):
-                # A row read after the listing began (created meanwhile, and written by a job
-                # beside this sync) is not gone: delete() leaves it alone.
-                if await tx.delete(kind, entity_id, listed_at):
-                    summary.kinds[kind].add("deleted")
-                    if kind == "page":
-                        summary.changed_pages.add(entity_id)
-
-    async def _write_listed(
-        self,
-        kind: str,
-        rows: list[dict[str, Any]],
-        mirror: dict[int, dict[str, Any]],
-        summary: SyncSummary,
-        read_at: float,
-    ) -> None:
-        model = ENDPOINTS[kind][1]
-        if kind == "attachment":
-            # BookStack lists attachments of binned pages too: only those of mirrored pages.
-            pages = await self.store.present("page", {r.get("uploaded_to") for r in rows})
-            rows = [r for r in rows if r.get("uploaded_to") in pages]
-        # The listing shows every field the mirror keeps, except an attachment's content: a
-        # file replaced within the second of our last read shows no change but updated_at's.
-        racy = kind == "attachment" and self.attachment_content
-        now = time.time()
-        changed = [
-            r
-            for r in rows
-            if r["id"] not in mirror
-            or differs(mirror[r["id"]], listed(kind, r))
-            or (racy and _racy(mirror[r["id"]], now))
-        ]
-        summary.kinds[kind].unchanged += len(rows) - len(changed)
-        if not changed:
-            return
-        contents: dict[int, tuple[str | None, bytes | None]] = {}
-        if kind == "attachment" and self.attachment_content:
-            contents = await self._attachment_contents([r["id"] for r in changed], summary)
-            # A row whose content could not be read is left as it was: it still differs
-            # from its listing, so the next diff sync tries again.
-            changed = [r for r in changed if r["id"] in contents]
-        async with self.store.transaction() as tx:
-            for raw in changed:
-                row = to_row(kind, model.model_validate(raw))
-                if raw["id"] in contents:
-                    row["link"], row["content"] = contents[raw["id"]]
-                summary.kinds[kind].add(await tx.upsert(kind, row, read_at))
-
-    async def _attachment_contents(
-        self, ids: list[int], summary: SyncSummary
-    ) -> dict[int, tuple[str | None, bytes | None]]:
-        """(link, file bytes) of each attachment, read in parallel under the usual gate."""
-        found: dict[int, tuple[str | None, bytes | None]] = {}
-        gate = asyncio.Semaphore(self.concurrency)
-
-        async def one(attachment_id: int) -> None:
-            path = f"/api/attachments/{attachment_id}"
-            async with gate:
-                try:
-                    read = m.AttachmentRead.model_validate(await self.client.get(path))
-                except NotFound:
-                    return  # gone since the listing; the next diff removes it
-                except AuthError:
-                    raise  # no read can succeed: the sync stops, to run again later
-                except BookStackError as exc:
-                    summary.problems.append(f"{path}: {exc}")
-                    return
-            if read.external:
-                found[attachment_id] = (read.content, None)
-                return
-            try:
-                found[attachment_id] = (None, base64.b64decode(read.content or "", validate=True))
-            except (binascii.Error, ValueError):
-                summary.problems.append(f"{path}: content is not base64")
-
-        await asyncio.gather(*(one(i) for i in ids))
-        return found
-
-    async def write_listed(self, kind: str, rows: list[dict[str, Any]], read_at: float) -> Tally:
-        """Write listing rows of a kind whose listing carries everything the mirror keeps
-        (attachments, users), reading only what changed."""
-        summary = SyncSummary()
-        mirror = await self.store.index(kind, LISTED_FIELDS[kind])
-        await self._write_listed(kind, rows, mirror, summary, read_at)
-        return summary.kinds[kind]
-
-    async def take_owners(
-        self, kind: str, rows: list[dict[str, Any]], read_at: float
-    ) -> list[dict[str, Any]]:
-        """Apply the ownership migrations these listing rows show (owner_only) from the rows
-        themselves; returns the rows that differ in more and need a read."""
-        mirror = await self.store.index(
-            kind, (*LISTED_FIELDS[kind], "owned_by"), ids=[r["id"] for r in rows]
-        )
-        to_read = []
-        async with self.store.transaction() as tx:
-            for raw in rows:
-                current = mirror.get(raw["id"])
-                owner = as_id(raw.get("owned_by"))
-                # An owner the listing names differently is a change even when the listed
-                # fields match: a move's patch copies updated_at from the parent's read,
-                # which may carry a migration's change of owner (FACTS 2.5).
-                other_owner = current is not None and owner not in (None, current["owned_by"])
-                if current is None or differs(current, listed(kind, raw)) or other_owner:
-                    if current is not None and owner_only(kind, current, raw):
-                        await tx.set_owner(
-                            kind, raw["id"], raw["owned_by"], raw.get("updated_at"), read_at
-                        )
-                    else:
-                        to_read.append(raw)
-        return to_read
-
-    async def sync_attachments(self, page_id: int | None = None) -> Tally:
-        """Diff the attachments of one page (or of every page) against their listing:
-        attachments emit no events at all (FACTS 2.5). A failed listing raises and removes
-        nothing."""
-        filters = {"uploaded_to": page_id} if page_id is not None else None
-        endpoint = ENDPOINTS["attachment"][0]
-        rows, listed_at = await self.client.list_timed(endpoint, filters=filters)
-        mirror = await self.store.index("attachment", (*LISTED_FIELDS["attachment"],))
-        if page_id is not None:
-            mirror = {i: r for i, r in mirror.items() if r["uploaded_to"] == page_id}
-        summary = SyncSummary()
-        await self._write_listed("attachment", rows, mirror, summary, listed_at)
-        gone = set(mirror) - {r["id"] for r in rows}
-        if gone:
-            async with self.store.transaction() as tx:
-                for attachment_id in sorted(gone):
-                    if await tx.delete("attachment", attachment_id, listed_at):
-                        summary.kinds["attachment"].add("deleted")
-        return summary.kinds["attachment"]
+        # A row read after the listing began (created meanwhile, and written by a job beside
+        # this sync) is not gone: remove() leaves it alone.
+        await self.apply.remove(kind, await self.store.ids(kind) - seen, listed_at, summary)
 
     async def restricted_items(self) -> set[tuple[str, int]] | None:
         """(content type, id) of every item with content permissions of its own, from one
@@ -609,11 +404,7 @@ class Reconciler:
             raw, read_at = await self.client.read(f"{endpoint}/{entity_id}")
         except NotFound as exc:
             # Gone (or hidden from the sync user) since the listing: remove it.
-            async with self.store.transaction() as tx:
-                if await tx.delete(kind, entity_id, exc.sent_at):
-                    summary.kinds[kind].add("deleted")
-                    if kind == "page":
-                        summary.changed_pages.add(entity_id)
+            await self.apply.remove(kind, [entity_id], exc.sent_at, summary)
             return
         except AuthError:
             raise  # no read can succeed: the sync stops, to run again later
@@ -621,86 +412,45 @@ class Reconciler:
             summary.problems.append(f"{endpoint}/{entity_id}: {exc}")
             return
         model = read_model.model_validate(raw)
-        await self.write(kind, model, summary, read_at)
+        await self.apply.write(kind, model, summary, read_at)
+
+    def _read_now(self, summary: SyncSummary) -> Reread:
+        """Re-reads within this sync, under its concurrency: True when none of them failed."""
+
+        async def reread(kind: str, ids: list[int], reason: str) -> bool:
+            problems = len(summary.problems)
+            await self._run([self._read_job(kind, i, summary) for i in ids])
+            return len(summary.problems) == problems
+
+        return reread
 
     async def _refresh_includers(self, summary: SyncSummary) -> None:
         # Includes nest; three levels is as deep as BookStack renders them in practice, and
         # the sweep re-reads every page with includes anyway.
+        reread = self._read_now(summary)
         for _ in range(3):
-            todo = await self.store.includers(summary.changed_pages) - summary.read_pages
-            if not todo:
+            # The reads of this round collect the pages they change for the next one.
+            changed, summary.changed_pages = summary.changed_pages, set()
+            if not await self.apply.refresh_includers(changed, reread, read=summary.read_pages):
                 return
-            summary.changed_pages.clear()
-            await self._run([self._read_job("page", pid, summary) for pid in sorted(todo)])
-
-    async def _reshelve(self, summary: SyncSummary) -> None:
-        """Books that came back (restored from the recycle bin) are on their shelves again
-        without any shelf change BookStack's listing would show: re-read those shelves."""
-        shelves = await self.store.shelves_of_returned_books()
-        if not shelves:
-            return
-        problems = len(summary.problems)
-        await self._run([self._read_job("shelf", sid, summary) for sid in sorted(shelves)])
-        if len(summary.problems) == problems:
-            # Forgotten only once read: a failed read leaves them for the next diff sync.
-            async with self.store.transaction() as tx:
-                await tx.forget_tombstones(shelves)
-
-    async def write(
-        self,
-        kind: str,
-        model: Any,
-        summary: SyncSummary | None = None,
-        read_at: float | None = None,
-    ) -> str:
-        """Write one entity read at `read_at` with its relations in one transaction. A read
-        older than the one the mirror holds changes nothing ('stale')."""
-        async with self.store.transaction() as tx:
-            outcome = await tx.upsert(kind, to_row(kind, model), read_at)
-            changed = 0
-            if kind == "user" and isinstance(model, m.User):
-                # Even under a newer row from a listing (which has no roles): the membership
-                # has its own read time.
-                roles = [r.id for r in model.roles]
-                changed += await tx.set_user_roles(model.id, roles, read_at)
-            elif outcome == "stale":
-                pass
-            elif kind == "shelf":
-                changed += await tx.set_shelf_books(model.id, [b.id for b in model.books])
-            elif kind == "role":
-                users = [u.id for u in model.users]
-                changed += await tx.set_role_users(model.id, users, read_at)
-        if summary is not None:
-            summary.kinds[kind].add(outcome)
-            summary.memberships_changed += changed
-            if kind == "page":
-                summary.read_pages.add(model.id)
-                if outcome not in ("unchanged", "stale"):
-                    summary.changed_pages.add(model.id)
-        return outcome
 
     def _permission_job(
         self, content_type: str, content_id: int, owner: int | None, summary: SyncSummary
     ) -> Awaitable[None]:
         async def run() -> None:
-            path = f"/api/content-permissions/{content_type}/{content_id}"
             try:
-                raw, read_at = await self.client.read(path)
+                await self.apply.read_permissions(
+                    content_type, content_id, summary, fallback_owner=owner
+                )
             except NotFound:
                 return  # the item went away; its own deletion handles the mirror
             except AuthError:
                 raise  # no read can succeed: the sync stops, to run again later
             except BookStackError as exc:
-                summary.problems.append(f"{path}: {exc}")
+                summary.problems.append(f"{permissions_path(content_type, content_id)}: {exc}")
                 if isinstance(exc, ForbiddenError):
                     summary.forbidden.append(f"/api/content-permissions/{content_type}/{{id}}")
                 return
-            perms = permissions_row(m.ContentPermissions.model_validate(raw))
-            async with self.store.transaction() as tx:
-                changed = await tx.set_permissions(
-                    content_type, content_id, perms, read_at, fallback_owner=owner
-                )
-            summary.permissions.add("updated" if changed else "unchanged")
 
         return run()
 
@@ -788,32 +538,6 @@ class _Pool:
         while not self._queue.empty():
             leftover = self._queue.get_nowait()
             leftover.close()  # type: ignore[attr-defined]
-
-
-def owner_only(kind: str, current: dict[str, Any], raw: dict[str, Any]) -> bool:
-    """Does this listing row differ from the mirror's only by its owner (and the updated_at
-    the change moved)? That is BookStack's ownership migration on a user delete (FACTS,
-    first section): the listing row says all of it, no read is needed."""
-    if kind not in CONTENT_TYPES or "owned_by" not in current:
-        return False
-    wanted = listed(kind, raw)
-    owner = as_id(raw.get("owned_by"))
-    same_otherwise = all(current.get(k) == v for k, v in wanted.items() if k != "updated_at")
-    return owner is not None and owner != current["owned_by"] and same_otherwise
-
-
-def differs(current: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    return any(current.get(k) != v for k, v in wanted.items() if k != "updated_at") or (
-        wanted.get("updated_at") is not None and current.get("updated_at") != wanted["updated_at"]
-    )
-
-
-def _racy(current: dict[str, Any], now: float) -> bool:
-    updated = parse_time(current.get("updated_at"))
-    fetched = current.get("fetched_at")
-    if updated is None or fetched is None:
-        return False
-    return updated >= fetched - RACE_WINDOW and now - fetched < 86400
 
 
 async def note_audit_access(tx: Tx, access: str) -> None:

@@ -14,14 +14,12 @@ from typing import Any
 from aiohttp import web
 
 from eventsync.aio import wait_any
-from eventsync.bookstack.client import BookStackClient
-from eventsync.config import Settings
+from eventsync.app import App
 from eventsync.delivery import Delivery, subscription_status
-from eventsync.dispatch import Dispatcher, backoff
+from eventsync.dispatch import backoff
 from eventsync.errors import AuthError, ConfigError
 from eventsync.events import DIFF_KEY, FETCH, IGNORED, PERMISSIONS, ROUTES, THOROUGH, Event
 from eventsync.feed import FeedWatch
-from eventsync.handlers import Handlers
 from eventsync.ingest.auditlog import LAST_POLL, AuditPoller
 from eventsync.ingest.inbox import Inbox
 from eventsync.ingest.probe import Probe
@@ -40,7 +38,6 @@ from eventsync.reconcile import (
     LAST_GAP,
     LAST_VERIFIED,
     NO_AUDIT_LOG,
-    Reconciler,
     record_gap,
 )
 from eventsync.server import RUNNER_OPTIONS, build_app, check_exposure
@@ -122,29 +119,24 @@ async def status_data(store: Store, queue: JobQueue) -> dict[str, Any]:
 
 
 class Service:
-    def __init__(self, settings: Settings, client: BookStackClient, store: Store) -> None:
+    def __init__(self, app: App) -> None:
+        """Serve `app` (app.open_app builds it): the receiver, the poller, the probe and the
+        outbound side are serve's own, built here around it."""
+        settings = app.settings
         settings.require("webhook_secret")
         assert settings.webhook_secret is not None
+        self.app = app
         self.settings = settings
-        self.client = client
-        self.store = store
+        self.client = client = app.client
+        self.store = store = app.store
         self.metrics = Metrics()
         self.notifier = Notifier.from_env()
-        self.queue = JobQueue(store)
-        self.reconciler = Reconciler(
-            client,
-            store,
-            concurrency=settings.fetch_concurrency,
-            attachment_content=settings.attachment_content,
-        )
-        self.handlers = Handlers(client, store, self.queue, self.reconciler)
-        self.dispatcher = Dispatcher(
-            self.queue,
-            self.handlers,
-            concurrency=settings.fetch_concurrency,
-            on_result=self._job_result,
-        )
-        self.probe = Probe(client, store, self.queue, self.reconciler)
+        self.queue = app.queue
+        self.reconciler = app.reconciler
+        self.handlers = app.handlers
+        self.dispatcher = app.dispatcher
+        self.dispatcher.on_result = self._job_result
+        self.probe = Probe(client, store, self.queue, app.apply)
         self.inbox = Inbox(self.queue, on_commit=self._committed)
         self.poller = AuditPoller(
             client,

@@ -69,7 +69,7 @@ class PathsOnPostgres:
         self.cluster = cluster
         self.urls: dict[str, str] = {}
 
-    def url(self, database: Any) -> str:
+    def url(self, database: Any, *, touch: bool = False) -> str:
         from eventsync.store.sqlite import is_postgres_url
 
         text = str(database)
@@ -78,7 +78,8 @@ class PathsOnPostgres:
         key = os.path.abspath(text)
         if key not in self.urls:
             self.urls[key] = self.cluster.new_database()
-            # Commands that look for the file before opening it find one.
+        if touch:
+            # In this process, commands look for the file they were given before opening it.
             Path(key).parent.mkdir(parents=True, exist_ok=True)
             Path(key).touch()
         return self.urls[key]
@@ -92,7 +93,7 @@ class PathsOnPostgres:
         original = sqlite_store.Store.open.__func__  # type: ignore[attr-defined]
 
         async def open_on_postgres(cls: Any, database: Any, **kwargs: Any) -> Any:
-            return await original(cls, self.url(database), **kwargs)
+            return await original(cls, self.url(database, touch=True), **kwargs)
 
         sqlite_store.Store.open = classmethod(open_on_postgres)  # type: ignore[method-assign]
         helpers.DATABASES = self.url

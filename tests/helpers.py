@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from aiohttp import web
 
+from eventsync.app import App, open_app
 from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
 from eventsync.testing import FakeBookStack
@@ -107,19 +109,33 @@ class Receiver:
         return [b["event"] for b in self.bodies]
 
 
-def service_settings(fake: FakeBookStack, db: Any, secret: str, **extra: Any) -> Settings:
-    """Settings of a `serve` against `fake`: any port on 127.0.0.1, no throttle, a fast poll,
-    the sweep off; `extra` overrides."""
+def mirror_settings(fake: FakeBookStack, db: Any, **extra: Any) -> Settings:
+    """Settings of a mirror of `fake` in `db`, not throttled; `extra` overrides."""
     values: dict[str, Any] = {
         "bookstack_url": fake.url,
         "bookstack_token_id": fake.token_id,
         "bookstack_token_secret": fake.token_secret,
-        "webhook_secret": secret,
         "database": db,
-        "listen": "127.0.0.1:0",
         "requests_per_minute": 100_000,
+        **extra,
+    }
+    return Settings(**values)
+
+
+def app_for(fake: FakeBookStack, db: Any, **options: Any) -> AbstractAsyncContextManager[App]:
+    """The composition root (app.open_app) of a mirror of `fake` in `db`, with a client_for
+    `fake`; `options` go to App.build."""
+    return open_app(mirror_settings(fake, db), client=client_for(fake), **options)
+
+
+def service_settings(fake: FakeBookStack, db: Any, secret: str, **extra: Any) -> Settings:
+    """Settings of a `serve` against `fake`: any port on 127.0.0.1, no throttle, a fast poll,
+    the sweep off; `extra` overrides."""
+    values: dict[str, Any] = {
+        "webhook_secret": secret,
+        "listen": "127.0.0.1:0",
         "poll_interval": 0.3,
         "sweep_share": 0.0,
         **extra,
     }
-    return Settings(**values)
+    return mirror_settings(fake, db, **values)

@@ -32,6 +32,7 @@ import aiohttp
 import pytest
 from helpers import client_for, first_difference
 
+from eventsync.app import open_app, open_store
 from eventsync.config import Settings
 from eventsync.service import Service
 from eventsync.store.sqlite import Store
@@ -403,7 +404,7 @@ async def assert_equals_a_computation_from_scratch(store: Store, tmp_path: Path)
         for table in ("access_items", "access_class_roles", "access_classes"):
             conn.execute(f"DELETE FROM {table}")
         conn.execute("DELETE FROM sync_state WHERE key = 'access_built'")
-    async with await Store.open(copy):
+    async with await open_store(copy):
         pass  # opening it computes everything
     with sqlite3.connect(copy) as conn:
         assert kept == joint_permissions(conn)
@@ -435,9 +436,8 @@ async def make_service(tmp_path: Path) -> AsyncIterator[ServiceFactory]:
                 sweep_share=0.0,
                 **extra,
             )
-            client = await stack.enter_async_context(client_for(fake))
-            store = await stack.enter_async_context(await Store.open(settings.database))
-            svc = Service(settings, client, store)
+            app = await stack.enter_async_context(open_app(settings, client=client_for(fake)))
+            svc = Service(app)
             await svc.start()
             stack.push_async_callback(svc.stop)
             await asyncio.wait_for(svc.synced.wait(), 30)

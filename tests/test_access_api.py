@@ -20,13 +20,12 @@ import pytest
 from helpers import database_value
 from test_cli import Cli, assert_no_traceback, assert_one_line_error, closed_port, settings_for
 
+from eventsync.app import open_app, open_store
 from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
 from eventsync.errors import ConfigError
-from eventsync.reconcile import Reconciler
 from eventsync.server import check_exposure
 from eventsync.service import Service
-from eventsync.store.sqlite import Store
 from eventsync.testing import FakeBookStack
 from eventsync.testing.state import ADMIN_USER_ID
 
@@ -77,8 +76,8 @@ class Wiki:
 
 async def sync(fake: FakeBookStack, database: Path, token: tuple[str, str] | None = None) -> None:
     """A complete first full sync into `database`, with `token` (the admin's by default)."""
-    async with await Store.open(database) as store, client_of(fake, token) as client:
-        summary = await Reconciler(client, store).full_sync()
+    async with open_app(Settings(database=database), client=client_of(fake, token)) as app:
+        summary = await app.reconciler.full_sync()
         assert summary.complete, summary.problems
 
 
@@ -120,9 +119,9 @@ async def make_service(tmp_path: Path) -> AsyncIterator[ServiceFactory]:
                 sweep_share=0.0,
                 **extra,
             )
-            client = await stack.enter_async_context(client_of(fake, token))
-            store = await stack.enter_async_context(await Store.open(settings.database))
-            svc = Service(settings, client, store)
+            client = client_of(fake, token)
+            app = await stack.enter_async_context(open_app(settings, client=client))
+            svc = Service(app)
             await svc.start()
             stack.push_async_callback(svc.stop)
             await asyncio.wait_for(svc.synced.wait(), 30)
@@ -417,7 +416,7 @@ async def test_a_limited_sync_token_is_said_in_one_line_instead_of_wrong_answers
     await fake.set_permissions("page", hidden, fallback=DENY)
     database = tmp_path / "limited.db"
     await sync(fake, database, ("manager-token", "manager-secret"))
-    async with await Store.open(database) as store:
+    async with await open_store(database) as store:
         assert await store.get("page", hidden) is None
     env = {"EVENTSYNC_DATABASE": database_value(database)}
     for args in (
@@ -452,8 +451,8 @@ async def test_a_token_refused_what_a_sync_needs_is_said_in_one_line(
     fake.add_token(viewer, "viewer-token", "viewer-secret")
     database = tmp_path / "viewer.db"
     token = ("viewer-token", "viewer-secret")
-    async with await Store.open(database) as store, client_of(fake, token) as client:
-        summary = await Reconciler(client, store).full_sync()
+    async with open_app(Settings(database=database), client=client_of(fake, token)) as app:
+        summary = await app.reconciler.full_sync()
     assert not summary.complete
     env = {"EVENTSYNC_DATABASE": database_value(database)}
     result = await cli("who-can-see", "page", str(wiki.open_page), env=env)
@@ -467,7 +466,7 @@ async def test_the_admins_token_is_trusted_and_a_mirror_not_synced_yet_is_not(
     wiki: Wiki, cli: Cli, tmp_path: Path
 ) -> None:
     database = tmp_path / "m.db"
-    async with await Store.open(database) as store:
+    async with await open_store(database) as store:
         assert await store.access_problem() is not None
     env = {"EVENTSYNC_DATABASE": database_value(database)}
     result = await cli("who-can-see", "page", "1", env=env)
@@ -477,7 +476,7 @@ async def test_the_admins_token_is_trusted_and_a_mirror_not_synced_yet_is_not(
     role = await wiki.fake.create_role("Managers", MANAGER)
     manager = await wiki.fake.create_user("Manager", "manager@example.com", [role])
     await sync(wiki.fake, database)
-    async with await Store.open(database) as store:
+    async with await open_store(database) as store:
         assert await store.access_problem() is None
     status = await cli("status", "--json", env=env)
     assert json.loads(status.stdout)["access_unavailable"] is None
@@ -485,7 +484,7 @@ async def test_the_admins_token_is_trusted_and_a_mirror_not_synced_yet_is_not(
     # BookStack does not say whose a token is, so eventsync does not guess.
     await wiki.fake.update_user(manager, roles=[role, 2])
     await sync(wiki.fake, database)
-    async with await Store.open(database) as store:
+    async with await open_store(database) as store:
         problem = await store.access_problem()
     assert problem is not None and f"user {manager}" in problem
 

@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 from helpers import database_value
 
-from eventsync.store.sqlite import KINDS, SECTION_OF, Store
+from eventsync.app import open_store
+from eventsync.store.sqlite import KINDS, SECTION_OF
 from eventsync.testing import FakeBookStack
 from eventsync.testing.models import ALL_PERMISSIONS
 
@@ -281,7 +282,7 @@ async def test_check_reads_settings_from_every_source(
 async def test_precedence_env_over_dotenv_over_toml(cli: Cli, tmp_path: Path) -> None:
     databases = {src: tmp_path / f"from-{src}.db" for src in ("toml", "dotenv", "env")}
     for path in databases.values():
-        async with await Store.open(path):
+        async with await open_store(path):
             pass
     toml = cli.write_toml({"database": str(databases["toml"])})
     cli.write_env_file({"EVENTSYNC_DATABASE": database_value(databases["dotenv"])})
@@ -593,7 +594,7 @@ async def test_full_reconcile_then_export_status_and_dead_letters(
 
 async def test_dead_letters_list_on_an_empty_database(cli: Cli, tmp_path: Path) -> None:
     database = tmp_path / "empty.db"
-    async with await Store.open(database):
+    async with await open_store(database):
         pass
     env = {"EVENTSYNC_DATABASE": database_value(database)}  # no BookStack settings needed
     listed = await cli("dead-letters", "list", env=env)

@@ -33,11 +33,11 @@ from receivers import (
 )
 from structlog.testing import capture_logs
 
+from eventsync.app import open_app
 from eventsync.config import Settings
 from eventsync.consumer import verify
 from eventsync.delivery import RETRY_BASE, backoff, encode_row, new_secret
 from eventsync.service import Service
-from eventsync.store.sqlite import Store
 from eventsync.store.subscriptions import Subscription, Subscriptions
 from eventsync.testing import FakeBookStack
 
@@ -61,8 +61,8 @@ def settings_for(fake: FakeBookStack, db: Path, **extra: Any) -> Settings:
 
 @asynccontextmanager
 async def running(settings: Settings, fake: FakeBookStack) -> AsyncIterator[Service]:
-    async with client_for(fake) as client, await Store.open(settings.database) as store:
-        svc = Service(settings, client, store)
+    async with open_app(settings, client=client_for(fake)) as app:
+        svc = Service(app)
         await svc.start()
         try:
             await asyncio.wait_for(svc.synced.wait(), 30)

@@ -24,11 +24,11 @@ import pytest
 from test_cli import NOWHERE, Cli, assert_one_line_error, settings_for
 from test_serve import WEBHOOK_SECRET, free_port, serve_env, serving, sql_all
 
+from eventsync.app import open_store
 from eventsync.errors import UnstorableEvent
 from eventsync.events import FETCH, BadEvent, Event, from_webhook
 from eventsync.ingest.inbox import Inbox
 from eventsync.store.queue import JobQueue
-from eventsync.store.sqlite import Store
 from eventsync.testing import FakeBookStack
 
 pytestmark = pytest.mark.timeout(90)
@@ -149,7 +149,7 @@ async def test_the_group_commit_stores_every_event_but_the_one_it_cannot(tmp_pat
     ]
     order = [*valid[:10], poisoned[0], *valid[10:25], poisoned[1], *valid[25:], poisoned[2]]
     commits: list[int] = []
-    async with await Store.open(tmp_path / "m.db") as store:
+    async with await open_store(tmp_path / "m.db") as store:
         inbox = Inbox(JobQueue(store), on_commit=lambda events, _: commits.append(len(events)))
         inbox.start()
         results = await asyncio.gather(*(inbox.submit(e) for e in order), return_exceptions=True)
@@ -172,7 +172,7 @@ async def test_a_failing_commit_callback_does_not_stop_the_inbox(tmp_path: Path)
         raise RuntimeError("a bug in whatever listens")
 
     first, second = (from_webhook(json.loads(t), t) for t in distinct_bodies(2))
-    async with await Store.open(tmp_path / "m.db") as store:
+    async with await open_store(tmp_path / "m.db") as store:
         inbox = Inbox(JobQueue(store), on_commit=callback)
         inbox.start()
         assert await inbox.submit(first) == "ignored"  # auth_login
@@ -188,7 +188,7 @@ async def test_a_webhook_cannot_choose_the_entity_a_deletion_job_resolves_to(
     webhook's body is the sender's, so an "entity" in it must not."""
     body = json.loads(real_bodies()["recycle_bin_restore"])
     body["entity"] = "role:1"
-    async with await Store.open(tmp_path / "m.db") as store:
+    async with await open_store(tmp_path / "m.db") as store:
         queue = JobQueue(store)
         await queue.submit([from_webhook(body)])
         rows = await store.fetchall("SELECT key, payload FROM jobs")
@@ -418,7 +418,7 @@ def serve_settings(database: Path, listen: str) -> dict[str, str]:
 )
 async def test_bad_arguments_get_one_line(cli: Cli, tmp_path: Path, args: tuple[str, ...]) -> None:
     database = tmp_path / "mirror.db"
-    async with await Store.open(database):
+    async with await open_store(database):
         pass  # an existing, empty mirror: the argument is all that is wrong
     result = await cli(*args, env=settings_for(None, database))
     assert_one_line_error(result, args[1] if args[1].startswith("--") else "id")
@@ -460,7 +460,7 @@ def unwritable_database(tmp_path: Path) -> Iterator[Path]:
     database.parent.mkdir()
 
     async def create() -> None:
-        async with await Store.open(database):
+        async with await open_store(database):
             pass
 
     asyncio.run(create())

@@ -25,21 +25,19 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from helpers import client_for, eventually, first_difference
+from helpers import app_for, client_for, eventually, first_difference, mirror_settings
 
 import eventsync.dispatch
 import eventsync.handlers
 from eventsync import cli
+from eventsync.app import open_app
 from eventsync.bookstack.client import BookStackClient
 from eventsync.config import Settings
-from eventsync.dispatch import Dispatcher
 from eventsync.errors import EventsyncError
 from eventsync.events import EXPECT_GONE, EXPECT_PRESENT, FETCH, from_webhook
-from eventsync.handlers import Handlers
 from eventsync.ingest.auditlog import AuditPoller
-from eventsync.reconcile import AUDIT_CURSOR, Reconciler
+from eventsync.reconcile import AUDIT_CURSOR
 from eventsync.service import Service
-from eventsync.store.queue import JobQueue
 from eventsync.store.sqlite import Store, Tx
 from eventsync.testing import FakeBookStack
 
@@ -98,9 +96,8 @@ async def make_service(make_fake: FakeFactory, tmp_path: Path) -> AsyncIterator[
                 **extra,
             }
             settings = Settings(**values)
-            client = await stack.enter_async_context(client_for(fake))
-            store = await stack.enter_async_context(await Store.open(settings.database))
-            svc = Service(settings, client, store)
+            app = await stack.enter_async_context(open_app(settings, client=client_for(fake)))
+            svc = Service(app)
             await svc.start()
             stack.push_async_callback(svc.stop)
             await asyncio.wait_for(svc.synced.wait(), 30)
@@ -463,9 +460,9 @@ async def test_the_audit_cursor_moves_only_in_the_transaction_storing_its_events
     where it was, and one whose cursor cannot be stored keeps none of its events: either
     way the next poll reads the same rows again and nothing is lost."""
     fake = await make_fake()
-    async with client_for(fake) as client, await Store.open(tmp_path / "cursor.db") as store:
-        assert (await Reconciler(client, store).full_sync(set_cursor=True)).complete
-        queue = JobQueue(store)
+    async with app_for(fake, tmp_path / "cursor.db") as app:
+        client, store, queue = app.client, app.store, app.queue
+        assert (await app.reconciler.full_sync(set_cursor=True)).complete
         poller = AuditPoller(client, queue)
         before = await poller.cursor()
         await fake.update_page(3, html="<p>polled 3</p>")
@@ -518,11 +515,9 @@ async def test_poison_job_is_dead_lettered_and_retried_once_fixed(
 ) -> None:
     monkeypatch.setattr(eventsync.dispatch, "BACKOFF_BASE", 0.01)
     fake = await make_fake()
-    async with client_for(fake) as client, await Store.open(tmp_path / "poison.db") as store:
-        reconciler = Reconciler(client, store)
-        assert (await reconciler.full_sync(set_cursor=True)).complete
-        queue = JobQueue(store, max_attempts=2)
-        dispatcher = Dispatcher(queue, Handlers(client, store, queue, reconciler))
+    async with app_for(fake, tmp_path / "poison.db", max_attempts=2) as app:
+        client, store, queue, dispatcher = app.client, app.store, app.queue, app.dispatcher
+        assert (await app.reconciler.full_sync(set_cursor=True)).complete
         poller = AuditPoller(client, queue)
 
         # Every read of a role fails (500 after the client's own retries): role:4 is poison.
@@ -592,18 +587,18 @@ async def test_a_failed_job_backs_off_exponentially_with_full_jitter(
         return low if draw == "low" else high
 
     monkeypatch.setattr(random, "uniform", uniform)
-    async with (
-        BookStackClient("http://127.0.0.1:9", "id", "secret") as client,
-        await Store.open(tmp_path / "backoff.db") as store,
-    ):
-        queue = JobQueue(store, max_attempts=10)
-        handlers = Handlers(client, store, queue, Reconciler(client, store))
+    async with open_app(
+        Settings(database=tmp_path / "backoff.db"),
+        client=BookStackClient("http://127.0.0.1:9", "id", "secret"),
+        max_attempts=10,
+        last_answer=time.time,
+    ) as app:
+        store, queue, dispatcher = app.store, app.queue, app.dispatcher
 
         async def flaky(job: Any) -> str:
             raise EventsyncError("a failure that may pass")
 
-        monkeypatch.setattr(handlers, "run", flaky)
-        dispatcher = Dispatcher(queue, handlers, last_answer=time.time)
+        monkeypatch.setattr(app.handlers, "run", flaky)
         await queue.enqueue("page:3", [FETCH])
         bounds = [eventsync.dispatch.BACKOFF_BASE * 2**n for n in range(4)]
         for attempt, bound in enumerate(bounds):
@@ -645,11 +640,10 @@ async def test_a_permanent_refusal_is_dead_lettered_at_once_with_bookstacks_mess
     the queue carries on."""
     monkeypatch.setattr(eventsync.dispatch, "BACKOFF_BASE", 0.01)
     fake = await make_fake()
-    async with client_for(fake) as client, await Store.open(tmp_path / "refused.db") as store:
-        reconciler = Reconciler(client, store)
-        assert (await reconciler.full_sync(set_cursor=True)).complete
-        queue = JobQueue(store)  # 8 attempts for what may pass; none for what cannot
-        dispatcher = Dispatcher(queue, Handlers(client, store, queue, reconciler))
+    # The queue's 8 attempts for what may pass; none for what cannot.
+    async with app_for(fake, tmp_path / "refused.db") as app:
+        client, store, queue, dispatcher = app.client, app.store, app.queue, app.dispatcher
+        assert (await app.reconciler.full_sync(set_cursor=True)).complete
         fake.faults.error_routes = {path: (status, message)}
         await fake.update_page(3, html="<p>refused</p>")
         await fake.set_permissions("page", 3, fallback=NO_VIEW)
@@ -676,11 +670,9 @@ async def test_an_outage_dead_letters_nothing_and_the_jobs_finish_after_it(
     monkeypatch.setattr(eventsync.dispatch, "BACKOFF_BASE", 0.01)
     monkeypatch.setattr(eventsync.dispatch, "BACKOFF_CAP", 0.05)
     fake = await make_fake()
-    async with client_for(fake) as client, await Store.open(tmp_path / "outage.db") as store:
-        reconciler = Reconciler(client, store)
-        assert (await reconciler.full_sync(set_cursor=True)).complete
-        queue = JobQueue(store, max_attempts=2)
-        dispatcher = Dispatcher(queue, Handlers(client, store, queue, reconciler), up_window=0.2)
+    async with app_for(fake, tmp_path / "outage.db", max_attempts=2, up_window=0.2) as app:
+        client, store, queue, dispatcher = app.client, app.store, app.queue, app.dispatcher
+        assert (await app.reconciler.full_sync(set_cursor=True)).complete
         for page in (3, 4, 5):
             await fake.update_page(page, html=f"<p>during the outage {page}</p>")
         await AuditPoller(client, queue).poll_once()
@@ -807,11 +799,9 @@ async def test_an_early_webhook_that_never_settles_is_rechecked_a_bounded_number
     truth (written, not failed: no dead letter)."""
     monkeypatch.setattr(eventsync.handlers, "SETTLE_DELAYS", (0.01, 0.01, 0.01))
     fake = await make_fake()
-    async with client_for(fake) as client, await Store.open(tmp_path / "settle.db") as store:
-        reconciler = Reconciler(client, store)
-        assert (await reconciler.full_sync(set_cursor=True)).complete
-        queue = JobQueue(store)
-        dispatcher = Dispatcher(queue, Handlers(client, store, queue, reconciler))
+    async with app_for(fake, tmp_path / "settle.db") as app:
+        store, queue, dispatcher = app.store, app.queue, app.dispatcher
+        assert (await app.reconciler.full_sync(set_cursor=True)).complete
         fake.reset_requests()
         await queue.enqueue(key, [FETCH, hint])
         assert await dispatcher.drain(5)
@@ -833,10 +823,9 @@ async def test_rapid_updates_to_one_page_coalesce_into_one_job(
 ) -> None:
     fake = await make_fake()
     fake.add_webhook(f"{fake.url}/webhook-sink")  # bodies are recorded in webhook_deliveries
-    async with client_for(fake) as client, await Store.open(tmp_path / "coalesce.db") as store:
-        reconciler = Reconciler(client, store)
-        assert (await reconciler.full_sync(set_cursor=True)).complete
-        queue = JobQueue(store)
+    async with app_for(fake, tmp_path / "coalesce.db") as app:
+        client, store, queue = app.client, app.store, app.queue
+        assert (await app.reconciler.full_sync(set_cursor=True)).complete
         for i in range(20):
             await fake.update_page(9, html=f"<p>rapid {i}</p>")
         await fake.drain_webhooks()
@@ -850,7 +839,7 @@ async def test_rapid_updates_to_one_page_coalesce_into_one_job(
         assert [(r[0], r[1]) for r in jobs] == [("page:9", 20)]
 
         fake.reset_requests()
-        assert await Dispatcher(queue, Handlers(client, store, queue, reconciler)).drain(10)
+        assert await app.dispatcher.drain(10)
         assert reads_of(fake, "/api/pages/9") == 1
         assert (await store.export())["pages"] == fake.truth()["pages"]
 
@@ -862,12 +851,11 @@ async def test_events_for_a_running_job_wait_for_it_and_run_it_once_more(
     arrive meanwhile (an edit and a permission change) merge into it, with their hints, and
     it runs exactly once more after it finished."""
     fake = await make_fake()
-    async with client_for(fake) as client, await Store.open(tmp_path / "inflight.db") as store:
-        reconciler = Reconciler(client, store)
-        assert (await reconciler.full_sync(set_cursor=True)).complete
-        queue = JobQueue(store)
+    settings = mirror_settings(fake, tmp_path / "inflight.db", fetch_concurrency=4)
+    async with open_app(settings, client=client_for(fake)) as app:
+        client, store, queue, dispatcher = app.client, app.store, app.queue, app.dispatcher
+        assert (await app.reconciler.full_sync(set_cursor=True)).complete
         poller = AuditPoller(client, queue)
-        dispatcher = Dispatcher(queue, Handlers(client, store, queue, reconciler), concurrency=4)
         entered, release = asyncio.Event(), asyncio.Event()
         read = client.read
 

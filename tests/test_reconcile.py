@@ -24,12 +24,14 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from helpers import client_for, first_difference
+from helpers import client_for, first_difference, mirror_settings
 
 import eventsync.testing.server as fake_server
+from eventsync.app import open_app
+from eventsync.apply import SyncSummary
 from eventsync.bookstack.client import BookStackClient
 from eventsync.bookstack.ratelimit import default_burst
-from eventsync.reconcile import AUDIT_CURSOR, LAST_FULL_SYNC, Reconciler, SyncSummary
+from eventsync.reconcile import AUDIT_CURSOR, LAST_FULL_SYNC, Reconciler
 from eventsync.store.sqlite import SECTION_OF, Store
 from eventsync.testing import FakeBookStack
 from eventsync.testing.models import Entity, Page
@@ -140,18 +142,15 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[RigFactory]:
             max_attempts: int = 2,
             **client_options: Any,
         ) -> Rig:
-            client = await stack.enter_async_context(
-                client_for(
-                    fake,
-                    requests_per_minute=requests_per_minute,
-                    max_attempts=max_attempts,
-                    **client_options,
-                )
+            client = client_for(
+                fake,
+                requests_per_minute=requests_per_minute,
+                max_attempts=max_attempts,
+                **client_options,
             )
-            store = await stack.enter_async_context(
-                await Store.open(tmp_path / f"mirror-{next(count)}.db")
-            )
-            return Rig(fake, client, store, Reconciler(client, store))
+            settings = mirror_settings(fake, tmp_path / f"mirror-{next(count)}.db")
+            app = await stack.enter_async_context(open_app(settings, client=client))
+            return Rig(fake, app.client, app.store, app.reconciler)
 
         yield make
 
@@ -162,7 +161,7 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[RigFactory]:
 def ticking_clock() -> Clock:
     """A BookStack clock a week in the past, one second further on every reading: whatever
     a mutation touches gets a new `updated_at`, and none is close enough to the time of our
-    reads to count as racy (reconcile.RACE_WINDOW), so the read sets below are exact."""
+    reads to count as racy (apply.RACE_WINDOW), so the read sets below are exact."""
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=7)
     ticks = itertools.count()
     return lambda: start + timedelta(seconds=next(ticks))
@@ -370,7 +369,7 @@ async def test_second_sync_with_nothing_changed_reads_no_bodies(
     make_fake: FakeFactory, make_rig: RigFactory, verify_memberships: bool
 ) -> None:
     # A clock in the past: no item is close enough to the time it was read to count as racy
-    # (reconcile.RACE_WINDOW), which would have it re-read on purpose.
+    # (apply.RACE_WINDOW), which would have it re-read on purpose.
     fake = await make_fake(pages=510, attachments=20, users=8, seed=2, clock=ticking_clock())
     rig = await make_rig(fake)
     assert (await rig.sync()).complete

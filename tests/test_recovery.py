@@ -15,18 +15,23 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import client_for, database_value, eventually, first_difference, service_settings
+from helpers import (
+    app_for,
+    client_for,
+    database_value,
+    eventually,
+    first_difference,
+    mirror_settings,
+    service_settings,
+)
 from structlog.testing import capture_logs
 
 from eventsync import cli
-from eventsync.bookstack.client import BookStackClient
+from eventsync.app import make_client, open_app, open_store
 from eventsync.config import Settings
 from eventsync.events import DIFF_KEY, THOROUGH
 from eventsync.ingest.auditlog import AuditPoller
-from eventsync.reconcile import Reconciler
 from eventsync.service import Service
-from eventsync.store.queue import JobQueue
-from eventsync.store.sqlite import Store
 from eventsync.testing import FakeBookStack
 from eventsync.testing.models import ALL_PERMISSIONS
 from eventsync.testing.state import ADMIN_ROLE_ID, ADMIN_USER_ID, GUEST_USER_ID
@@ -50,21 +55,11 @@ async def running(
     synced: bool = True,
     **client_options: Any,
 ) -> AsyncIterator[Service]:
-    async with (
-        BookStackClient(
-            settings.base_url,
-            settings.bookstack_token_id or "",
-            settings.bookstack_token_secret.get_secret_value()
-            if settings.bookstack_token_secret
-            else "",
-            requests_per_minute=RPM,
-            backoff_base=0.01,
-            backoff_cap=0.05,
-            **client_options,
-        ) as client,
-        await Store.open(settings.database) as store,
-    ):
-        svc = Service(settings, client, store)
+    client = make_client(
+        settings, requests_per_minute=RPM, backoff_base=0.01, backoff_cap=0.05, **client_options
+    )
+    async with open_app(settings, client=client) as app:
+        svc = Service(app)
         await svc.start()
         try:
             if synced:
@@ -84,7 +79,7 @@ async def converged(svc: Service, fake: FakeBookStack) -> bool:
 
 def an_hour_behind() -> datetime:
     """BookStack's clock an hour behind ours: no row is "changed within the second of its
-    read" (reconcile.RACE_WINDOW), so a plain listing diff re-reads only what its listings
+    read" (apply.RACE_WINDOW), so a plain listing diff re-reads only what its listings
     show changed, and what only a gap's thorough diff can find stays unfound without it."""
     return datetime.now(UTC) - timedelta(hours=1)
 
@@ -211,7 +206,7 @@ async def test_downtime_longer_than_the_audit_log_covers_is_a_gap(tmp_path: Path
             await svc.poller.poll_once()
             assert await converged(svc, fake)
         # The last successful poll was an hour ago; meanwhile, changes no listing shows.
-        async with await Store.open(settings.database) as store, store.transaction() as tx:
+        async with await open_store(settings.database) as store, store.transaction() as tx:
             await tx.set_state("audit_last_poll_at", time.time() - 3600)
         await swap_roles_keeping_counts(fake, silently=True)
         with capture_logs() as entries:
@@ -243,9 +238,9 @@ async def test_an_audit_log_cleared_or_pruned_past_the_cursor_is_a_gap(
     log is read from its start."""
     async with FakeBookStack(requests_per_minute=RPM) as fake:
         fake.seed(pages=20, books=2, seed=5)
-        async with client_for(fake) as client, await Store.open(tmp_path / "m.db") as store:
-            assert (await Reconciler(client, store).full_sync(set_cursor=True)).complete
-            queue = JobQueue(store)
+        async with app_for(fake, tmp_path / "m.db") as app:
+            client, store, queue = app.client, app.store, app.queue
+            assert (await app.reconciler.full_sync(set_cursor=True)).complete
             poller = AuditPoller(client, queue)
             for page in (1, 2, 3):
                 await fake.update_page(page, html=f"<p>read {page}</p>")
@@ -281,9 +276,9 @@ async def test_an_activity_committed_after_a_later_one_is_read_by_the_overlap(
     activity id."""
     async with FakeBookStack(requests_per_minute=RPM) as fake:
         fake.seed(pages=20, books=2, seed=5)
-        async with client_for(fake) as client, await Store.open(tmp_path / "m.db") as store:
-            assert (await Reconciler(client, store).full_sync(set_cursor=True)).complete
-            queue = JobQueue(store)
+        async with app_for(fake, tmp_path / "m.db") as app:
+            client, store, queue = app.client, app.store, app.queue
+            assert (await app.reconciler.full_sync(set_cursor=True)).complete
             poller = AuditPoller(client, queue)
             await fake.update_page(3, html="<p>its transaction commits late</p>")
             late = fake.state.activities[-1]
@@ -475,7 +470,7 @@ async def test_outage_of_eventsync_during_200_changes_then_reconcile(
         settings = cli.load_settings()
         args = cli.build_parser().parse_args(["reconcile"])
         assert await cli.cmd_reconcile(settings, args) == cli.EXIT_OK
-        async with await Store.open(tmp_path / "m.db") as store:
+        async with await open_store(tmp_path / "m.db") as store:
             mirror = await store.export()
         assert mirror == fake.truth(), first_difference(mirror, fake.truth())
         # Caught up from the audit log (one read per changed item), then one listing of each
@@ -524,7 +519,7 @@ async def test_reconcile_after_a_gap_diffs_everything_thoroughly(
             await fake.update_page(4, html="<p>after the clear</p>")
             said = "diff sync of everything (gap: audit log highest id"
         else:
-            async with await Store.open(settings.database) as store, store.transaction() as tx:
+            async with await open_store(settings.database) as store, store.transaction() as tx:
                 await tx.set_state("audit_last_poll_at", time.time() - 3600)
             said = "longer than EVENTSYNC_MAX_DOWNTIME"
         for name in list(os.environ):
@@ -541,7 +536,7 @@ async def test_reconcile_after_a_gap_diffs_everything_thoroughly(
         args = cli.build_parser().parse_args(["reconcile"])
         assert await cli.cmd_reconcile(cli.load_settings(), args) == cli.EXIT_OK
         assert said in capsys.readouterr().err
-        async with await Store.open(tmp_path / "m.db") as store:
+        async with await open_store(tmp_path / "m.db") as store:
             mirror = await store.export()
         assert mirror == fake.truth(), first_difference(mirror, fake.truth())
 
@@ -550,15 +545,9 @@ async def test_diff_sync_refreshes_pages_that_include_a_changed_page(tmp_path: P
     async with FakeBookStack(requests_per_minute=RPM) as fake:
         fake.seed(pages=40, books=4, shelves=2, seed=11)
         target = await _included_page(fake)
-        async with (
-            BookStackClient(
-                fake.url, fake.token_id, fake.token_secret, requests_per_minute=RPM
-            ) as client,
-            await Store.open(tmp_path / "m.db") as store,
-        ):
-            from eventsync.reconcile import Reconciler
-
-            reconciler = Reconciler(client, store)
+        settings = mirror_settings(fake, tmp_path / "m.db", requests_per_minute=RPM)
+        async with open_app(settings) as app:
+            store, reconciler = app.store, app.reconciler
             assert (await reconciler.full_sync()).complete
             # Changed while eventsync is down: the includers' own rows do not move at all.
             await fake.update_page(target, html="<p>new words inside an include</p>")
@@ -588,15 +577,9 @@ async def test_periodic_diff_of_an_unchanged_wiki_makes_listing_requests_only(
 
     async with FakeBookStack(requests_per_minute=RPM, clock=an_hour_ago) as fake:
         fake.seed(pages=120, books=5, seed=12)
-        async with (
-            BookStackClient(
-                fake.url, fake.token_id, fake.token_secret, requests_per_minute=RPM
-            ) as client,
-            await Store.open(tmp_path / "m.db") as store,
-        ):
-            from eventsync.reconcile import Reconciler
-
-            reconciler = Reconciler(client, store)
+        settings = mirror_settings(fake, tmp_path / "m.db", requests_per_minute=RPM)
+        async with open_app(settings) as app:
+            reconciler = app.reconciler
             assert (await reconciler.full_sync()).complete
             fake.reset_requests()
             summary = await reconciler.full_sync(
@@ -644,7 +627,7 @@ async def test_kill_9_during_a_diff_sync_then_reconcile_converges(tmp_path: Path
         await eventually(lambda: asyncio.to_thread(_pages_written, tmp_path / "m.db"), timeout=30)
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
-        async with await Store.open(tmp_path / "m.db") as store:
+        async with await open_store(tmp_path / "m.db") as store:
             partial = await store.export()
             assert 0 < len(partial["pages"]) < 300
             assert await store.get_state("last_full_sync_at") is None
@@ -653,7 +636,7 @@ async def test_kill_9_during_a_diff_sync_then_reconcile_converges(tmp_path: Path
         proc = await reconcile()
         out, err = await proc.communicate()
         assert proc.returncode == 0, out.decode() + err.decode()
-        async with await Store.open(tmp_path / "m.db") as store:
+        async with await open_store(tmp_path / "m.db") as store:
             mirror = await store.export()
         assert mirror == fake.truth(), first_difference(mirror, fake.truth())
 
@@ -713,11 +696,9 @@ async def test_attachments_are_diffed_and_their_content_kept_when_asked(tmp_path
         page = fake.truth()["pages"][0]["id"]
         spec = await fake.create_attachment(page, "spec.pdf", content=b"%PDF-1.7", extension="pdf")
         link = await fake.create_attachment(page, "home", link="https://example.org/home")
-        async with (
-            client_for(fake) as client,
-            await Store.open(tmp_path / "m.db") as store,
-        ):
-            reconciler = Reconciler(client, store, attachment_content=True)
+        settings = mirror_settings(fake, tmp_path / "m.db", attachment_content=True)
+        async with open_app(settings, client=client_for(fake)) as app:
+            store, reconciler = app.store, app.reconciler
 
             async def stored(attachment_id: int) -> tuple[Any, Any]:
                 row = await store.get("attachment", attachment_id)
@@ -733,7 +714,7 @@ async def test_attachments_are_diffed_and_their_content_kept_when_asked(tmp_path
             await fake.update_attachment(spec, content=b"%PDF-2.0")
             await fake.delete_attachment(link)
             fake.reset_requests()
-            assert (await reconciler.sync_attachments()).updated == 1
+            assert (await app.apply.sync_attachments()).updated == 1
             assert await stored(spec) == (None, b"%PDF-2.0")
             assert await store.get("attachment", link) is None
             assert fake.request_counts() == {"/api/attachments": 1, "/api/attachments/{id}": 1}

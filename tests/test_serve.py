@@ -29,7 +29,7 @@ import aiohttp
 import pytest
 from helpers import database_value, eventually, first_difference
 
-from eventsync.store.sqlite import Store
+from eventsync.app import open_store
 from eventsync.testing import FakeBookStack
 from eventsync.testing.models import ALL_PERMISSIONS
 
@@ -568,7 +568,7 @@ async def test_changes_command_prints_ndjson_and_follows(tmp_path: Path) -> None
 
 async def test_dead_letters_commands_on_an_empty_database(tmp_path: Path) -> None:
     db = tmp_path / "empty.db"
-    async with await Store.open(db):
+    async with await open_store(db):
         pass
     env = base_env(db)  # no BookStack settings: these commands need only the database
     listed = await run_cli("dead-letters", "list", env=env, cwd=tmp_path)

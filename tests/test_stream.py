@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 from helpers import client_for, eventually, service_settings
 
+from eventsync.app import open_app, open_store
 from eventsync.config import Settings
 from eventsync.consumer import FeedError, SignatureError, changes, verify
 from eventsync.delivery import encode_row, new_secret, sign
@@ -51,8 +52,8 @@ def settings_for(fake: FakeBookStack, db: Path, **extra: Any) -> Settings:
 async def running(
     settings: Settings, fake: FakeBookStack, prepare: Callable[[Service], None] | None = None
 ) -> AsyncIterator[Service]:
-    async with client_for(fake) as client, await Store.open(settings.database) as store:
-        svc = Service(settings, client, store)
+    async with open_app(settings, client=client_for(fake)) as app:
+        svc = Service(app)
         if prepare is not None:
             prepare(svc)
         await svc.start()
@@ -188,7 +189,7 @@ async def test_commits_wake_the_stream_at_once_and_other_writers_within_the_poll
             await events.next()
             # Another connection (as `eventsync reconcile` in another process would):
             # its commit notifies nobody here; the fallback poll finds it.
-            async with await Store.open(svc.settings.database) as other:
+            async with await open_store(svc.settings.database) as other:
                 async with other.transaction() as tx:
                     await tx.change("upsert", "page", 4242)
                 written = time.monotonic()

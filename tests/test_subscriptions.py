@@ -24,8 +24,8 @@ import pytest
 from helpers import database_value, eventually
 from receivers import SLOW, Receiver, without_state
 
+from eventsync.app import open_store
 from eventsync.delivery import encode_row, new_secret
-from eventsync.store.sqlite import Store
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -84,7 +84,7 @@ def rows(database: Path, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
 
 
 async def database_with_changes(path: Path, count: int) -> None:
-    async with await Store.open(path) as store, store.transaction() as tx:
+    async with await open_store(path) as store, store.transaction() as tx:
         for i in range(count):
             await tx.change("upsert", "page", 1000 + i)
 
@@ -306,7 +306,7 @@ async def test_kill_9_of_serve_mid_delivery_loses_nothing(tmp_path: Path) -> Non
 async def feed_rows(db: Path) -> list[dict[str, Any]]:
     from eventsync.store.subscriptions import Subscriptions
 
-    async with await Store.open(db) as store:
+    async with await open_store(db) as store:
         return await Subscriptions(store).rows(0, None)
 
 

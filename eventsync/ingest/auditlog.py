@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from eventsync.aio import wait_any
+from eventsync.apply import AUDIT_GAP
 from eventsync.bookstack.client import BookStackClient
 from eventsync.errors import AuthError, BookStackError, ForbiddenError, UnknownRoute
 from eventsync.events import DIFF_KEY, FETCH, THOROUGH, Event, from_audit
@@ -16,7 +17,6 @@ from eventsync.reconcile import (
     AUDIT_ACCESS,
     AUDIT_CURSOR,
     AUDIT_FORBIDDEN,
-    AUDIT_GAP,
     AUDIT_LAST_ROW,
     AUDIT_OVERLAP,
     NO_AUDIT_LOG,

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from eventsync.apply import Apply, differs
 from eventsync.bookstack.client import SEARCH_COUNT, BookStackClient
 from eventsync.errors import AuthError, BookStackError
 from eventsync.events import ALL_ATTACHMENTS_KEY, DIFF_KEY, FETCH, PERMISSIONS
 from eventsync.logging import get_logger
-from eventsync.reconcile import Reconciler, differs
 from eventsync.records import ENDPOINTS, LISTED_FIELDS, listed
 from eventsync.store.queue import JobQueue
 from eventsync.store.sqlite import KIND_OF_CONTENT_TYPE, Store
@@ -56,7 +56,7 @@ class Probe:
         client: BookStackClient,
         store: Store,
         queue: JobQueue,
-        reconciler: Reconciler,
+        apply: Apply,
         *,
         kinds: Sequence[str] = PROBED,
         count: int = PROBE_COUNT,
@@ -65,7 +65,7 @@ class Probe:
         self.client = client
         self.store = store
         self.queue = queue
-        self.reconciler = reconciler
+        self.apply = apply
         self.kinds = tuple(kinds)
         self.count = count
         self._attachment_total: int | None = None  # the attachments listing's last total
@@ -146,7 +146,7 @@ class Probe:
             return
         pending = await self.queue.pending_keys(kind)
         # An ownership migration is written from the row itself; the rest is read.
-        moved = await self.reconciler.take_owners(kind, moved, sent_at)
+        moved = await self.apply.take_owners(kind, moved, sent_at)
         for row in moved:
             key = f"{kind}:{row['id']}"
             if key in pending:
@@ -176,7 +176,7 @@ class Probe:
         # total is compared with the last probe's, not with the mirror.
         previous, self._attachment_total = self._attachment_total, total
         if moved:
-            tally = await self.reconciler.write_listed("attachment", moved, sent_at)
+            tally = await self.apply.write_listed("attachment", moved, sent_at)
             result.attachments += tally.created + tally.updated
         if previous is not None and total != previous + created:
             # One went away (or more came than the newest rows show): diff them all.

@@ -35,6 +35,7 @@ import aiohttp
 from aiohttp import web
 
 from eventsync import answers
+from eventsync.app import open_store
 from eventsync.logging import configure_logging
 from eventsync.store.sqlite import Store
 from eventsync.testing import FakeBookStack
@@ -139,7 +140,7 @@ def first_computation_child(db: str) -> None:
 
     async def run() -> None:
         cpu, wall = time.process_time(), time.monotonic()
-        store = await Store.open(db)
+        store = await open_store(db)
         cpu, wall = time.process_time() - cpu, time.monotonic() - wall
         await store.close()
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -336,7 +337,7 @@ async def run(args: argparse.Namespace) -> int:
             f"complete {summary['complete']}, {summary['requests']} requests, "
             f"CPU {sync['cpu']:.1f} s, wall {sync['wall']:.1f} s, peak RSS {sync['rss_mb']:.0f} MB"
         )
-        async with await Store.open(db) as store:
+        async with await open_store(db) as store:
             counts = {
                 r[0]: r[1]
                 for r in await store.fetchall(
@@ -362,7 +363,7 @@ async def run(args: argparse.Namespace) -> int:
             f"  equals what the sync kept incrementally: {'OK' if same else 'NO'}"
         )
 
-        async with await Store.open(db) as store:
+        async with await open_store(db) as store:
             done = await changes(store, rng, five)
             print("\nsingle changes (one transaction each, commit included):")
             slowest = 0.0

@@ -30,14 +30,13 @@ import aiohttp
 import aiosqlite
 from aiohttp import web
 
-from eventsync.bookstack.client import BookStackClient
+from eventsync.app import open_app, open_store
 from eventsync.config import Settings
 from eventsync.delivery import Delivery, new_secret
 from eventsync.feed import FeedWatch
 from eventsync.logging import configure_logging
 from eventsync.metrics import Metrics
 from eventsync.service import Service
-from eventsync.store.sqlite import Store
 from eventsync.store.subscriptions import Subscriptions
 from eventsync.testing import FakeBookStack
 
@@ -85,7 +84,7 @@ def percentile(values: list[float], p: float) -> float:
 
 
 async def fill(db: Path, rows: int) -> None:
-    async with await Store.open(db) as store:
+    async with await open_store(db) as store:
         done = 0
         while done < rows:
             async with store.transaction() as tx:
@@ -113,7 +112,7 @@ async def fill(db: Path, rows: int) -> None:
 
 
 async def throughput(db: Path, receiver_url: str, batch: int, subscribers: int) -> dict[str, Any]:
-    async with await Store.open(db) as store:
+    async with await open_store(db) as store:
         subs = Subscriptions(store)
         for old in await subs.all():
             await subs.remove(old.id)
@@ -190,13 +189,11 @@ async def latency(args: argparse.Namespace, folder: Path) -> tuple[list[float], 
             subscriptions_allow_private=True,
         )
         async with (
-            BookStackClient(
-                fake.url, fake.token_id, fake.token_secret, requests_per_minute=RPM
-            ) as client,
-            await Store.open(db) as store,
+            open_app(settings) as app,
             aiosqlite.connect(db) as reader,
         ):
-            svc = Service(settings, client, store)
+            store = app.store
+            svc = Service(app)
             await svc.start()
             try:
                 await asyncio.wait_for(svc.synced.wait(), 60)

@@ -22,12 +22,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from eventsync.bookstack.client import BookStackClient
+from eventsync.app import open_app
 from eventsync.config import Settings
 from eventsync.events import DIFF_KEY, FETCH
 from eventsync.logging import configure_logging
 from eventsync.service import Service
-from eventsync.store.sqlite import Store
 from eventsync.testing import FakeBookStack
 
 SECRET = "bench-economy-secret-0123456789"
@@ -180,13 +179,9 @@ async def run(args: argparse.Namespace) -> None:
             sweep_share=0.0,
             reconcile_interval=86_400,
         )
-        async with (
-            BookStackClient(
-                fake.url, fake.token_id, fake.token_secret, requests_per_minute=RPM
-            ) as client,
-            await Store.open(db) as store,
-        ):
-            svc = Service(settings, client, store)
+        async with open_app(settings) as app:
+            store = app.store
+            svc = Service(app)
             await svc.start()
             try:
                 await asyncio.wait_for(svc.synced.wait(), 60)

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import aiosqlite
 
-from eventsync.bookstack.client import BookStackClient
+from eventsync.app import open_app
 from eventsync.config import Settings
 from eventsync.logging import configure_logging
 from eventsync.service import Service
-from eventsync.store.sqlite import Store
 from eventsync.testing import FakeBookStack
 
 SECRET = "bench-freshness-secret-0123456789"
@@ -80,13 +79,11 @@ async def run(args: argparse.Namespace) -> None:
             sweep_share=0.0,
         )
         async with (
-            BookStackClient(
-                fake.url, fake.token_id, fake.token_secret, requests_per_minute=RPM
-            ) as client,
-            await Store.open(db) as store,
+            open_app(settings) as app,
             aiosqlite.connect(db) as feed,
         ):
-            svc = Service(settings, client, store)
+            store = app.store
+            svc = Service(app)
             await svc.start()
             try:
                 await asyncio.wait_for(svc.synced.wait(), 60)

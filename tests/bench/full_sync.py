@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from eventsync.bookstack.client import BookStackClient
+from eventsync.app import open_app
+from eventsync.config import Settings
 from eventsync.logging import configure_logging
-from eventsync.reconcile import Reconciler
 from eventsync.records import COMPLETE_FROM_LISTING, ENDPOINTS
-from eventsync.store.sqlite import SECTION_OF, Store
+from eventsync.store.sqlite import SECTION_OF
 from eventsync.testing import FakeBookStack
 
 PAGE_SIZE = 500  # BookStack's maximum `count` per listing request
@@ -187,7 +187,16 @@ async def run(args: argparse.Namespace) -> int:
             summary, wall, rss_mb = await first_sync(fake, db, workdir, args)
             counts = fake.request_counts()
             statuses = collections.Counter(r.status for r in fake.requests)
-            async with await Store.open(db) as store:
+            settings = Settings(
+                bookstack_url=fake.url,
+                bookstack_token_id=fake.token_id,
+                bookstack_token_secret=fake.token_secret,
+                database=db,
+                requests_per_minute=args.rpm,
+                fetch_concurrency=args.concurrency,
+            )
+            async with open_app(settings) as app:
+                store = app.store
                 difference = first_difference(await store.export(), truth)
 
                 # The second sync runs in-process: only its request count is measured. It is
@@ -195,12 +204,7 @@ async def run(args: argparse.Namespace) -> int:
                 # items the search newly finds restricted; the CLI asks for every restricted
                 # item's on purpose (events about permissions may have been lost).
                 fake.reset_requests()
-                async with BookStackClient(
-                    fake.url, fake.token_id, fake.token_secret, requests_per_minute=args.rpm
-                ) as client:
-                    again = await Reconciler(
-                        client, store, concurrency=args.concurrency
-                    ).full_sync()
+                again = await app.reconciler.full_sync()
                 second = fake.request_counts()
                 difference_after = first_difference(await store.export(), fake.truth())
 

@@ -364,18 +364,18 @@ def report(
 async def profile_inbox(events: int, pages: int) -> None:
     """The path of one accepted webhook without HTTP: parse, Inbox.submit, group commit
     (JobQueue.record per event). Where does the time go?"""
+    from eventsync.app import open_store
     from eventsync.events import from_webhook
     from eventsync.ingest.inbox import Inbox
     from eventsync.logging import configure_logging
     from eventsync.store.queue import JobQueue
-    from eventsync.store.sqlite import Store
 
     configure_logging("json", "warning")
     async with FakeBookStack() as fake:
         fake.seed(pages=pages, books=max(1, pages // 20), seed=1)
         bodies = await page_bodies(fake)
     workdir = Path(tempfile.mkdtemp(prefix="eventsync-intake-profile-"))
-    async with await Store.open(workdir / "p.db") as store:
+    async with await open_store(workdir / "p.db") as store:
         queue = JobQueue(store)
         inbox = Inbox(queue)
         inbox.start()

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import aiohttp
 
-from eventsync.bookstack.client import BookStackClient
+from eventsync.app import open_app
 from eventsync.config import Settings
 from eventsync.logging import configure_logging
 from eventsync.service import Service
-from eventsync.store.sqlite import Store
 from eventsync.testing import FakeBookStack
 
 SECRET = "bench-revoked-secret-0123456789"
@@ -50,13 +49,10 @@ async def run(args: argparse.Namespace) -> None:
             sweep_share=0.0,
         )
         async with (
-            BookStackClient(
-                fake.url, fake.token_id, fake.token_secret, requests_per_minute=RPM
-            ) as client,
-            await Store.open(db) as store,
+            open_app(settings) as app,
             aiohttp.ClientSession() as http,
         ):
-            svc = Service(settings, client, store)
+            svc = Service(app)
             await svc.start()
             try:
                 await asyncio.wait_for(svc.synced.wait(), 60)
