@@ -279,6 +279,7 @@ async def test_check_reads_settings_from_every_source(
     assert fake.url in result.stdout
 
 
+@pytest.mark.sqlite_only("which source won is read off which file was created")
 async def test_precedence_env_over_dotenv_over_toml(cli: Cli, tmp_path: Path) -> None:
     databases = {src: tmp_path / f"from-{src}.db" for src in ("toml", "dotenv", "env")}
     for path in databases.values():
@@ -604,6 +605,7 @@ async def test_dead_letters_list_on_an_empty_database(cli: Cli, tmp_path: Path) 
     assert_no_traceback(listed)
 
 
+@pytest.mark.sqlite_only("a PostgreSQL mirror is created by the first to connect")
 @pytest.mark.parametrize(
     "command", [("export",), ("status",), ("status", "--json"), ("dead-letters", "list")]
 )

@@ -32,6 +32,7 @@ from eventsync.config import Settings
 from eventsync.events import DIFF_KEY, THOROUGH
 from eventsync.ingest.auditlog import AuditPoller
 from eventsync.service import Service
+from eventsync.store.sqlite import StoreError
 from eventsync.testing import FakeBookStack
 from eventsync.testing.models import ALL_PERMISSIONS
 from eventsync.testing.state import ADMIN_ROLE_ID, ADMIN_USER_ID, GUEST_USER_ID
@@ -624,7 +625,7 @@ async def test_kill_9_during_a_diff_sync_then_reconcile_converges(tmp_path: Path
 
         proc = await reconcile()
         # Kill it once part of the mirror is written, without any chance to clean up.
-        await eventually(lambda: asyncio.to_thread(_pages_written, tmp_path / "m.db"), timeout=30)
+        await eventually(lambda: _pages_written(tmp_path / "m.db"), timeout=30)
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
         async with await open_store(tmp_path / "m.db") as store:
@@ -641,15 +642,13 @@ async def test_kill_9_during_a_diff_sync_then_reconcile_converges(tmp_path: Path
         assert mirror == fake.truth(), first_difference(mirror, fake.truth())
 
 
-def _pages_written(db: Path) -> bool:
-    import sqlite3
-
-    if not db.exists():
-        return False
+async def _pages_written(db: Path) -> bool:
+    if database_value(db) == str(db) and not await asyncio.to_thread(db.exists):
+        return False  # a SQLite file the sync has not created yet
     try:
-        with sqlite3.connect(db) as conn:
-            return conn.execute("SELECT count(*) FROM pages").fetchone()[0] > 50
-    except sqlite3.Error:
+        async with await open_store(database_value(db)) as store:
+            return (await store.counts())["page"] > 50
+    except StoreError:
         return False
 
 
