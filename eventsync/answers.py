@@ -9,7 +9,7 @@ from aiohttp import web
 
 from eventsync import access as rules
 from eventsync.errors import EventsyncError
-from eventsync.store.sqlite import Store
+from eventsync.store.base import Store
 
 # KIND as the commands and routes take it (eventsync's kinds; BookStack's `bookshelf` too).
 CONTENT_TYPE_OF_KIND = {

@@ -16,8 +16,8 @@ from eventsync.config import Settings
 from eventsync.dispatch import UP_WINDOW, Dispatcher
 from eventsync.handlers import Handlers
 from eventsync.reconcile import Progress, Reconciler
+from eventsync.store.mirror import Store, StoreError
 from eventsync.store.queue import JobQueue
-from eventsync.store.sqlite import Store, StoreError
 
 
 async def open_store(database: str | os.PathLike[str], schema: str = "eventsync") -> Store:

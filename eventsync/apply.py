@@ -18,7 +18,7 @@ from eventsync.bookstack.client import BookStackClient
 from eventsync.errors import AuthError, BookStackError, NotFound
 from eventsync.events import as_id, parse_time
 from eventsync.records import ENDPOINTS, LISTED_FIELDS, listed, permissions_row, to_row
-from eventsync.store.sqlite import CONTENT_TYPES, KINDS, Store
+from eventsync.store.base import CONTENT_TYPES, KINDS, Store
 
 # A row whose updated_at is this close to our last read of it may have changed again within
 # the same second after the read: BookStack's timestamps have one-second resolution, so the

@@ -38,7 +38,7 @@ from eventsync.errors import (
     UnknownRoute,
 )
 from eventsync.logging import configure_logging, get_logger, redact
-from eventsync.store.sqlite import KINDS, Store, StoreError, is_postgres_url
+from eventsync.store.base import KINDS, Store, StoreError, is_postgres_url
 
 EXIT_OK = 0
 EXIT_INCONSISTENT = 1

@@ -35,7 +35,7 @@ from eventsync.errors import AddressRefused, UsageError
 from eventsync.feed import FeedWatch
 from eventsync.logging import get_logger
 from eventsync.metrics import Metrics
-from eventsync.store.sqlite import Store
+from eventsync.store.base import Store
 from eventsync.store.states import FEED_ENTITIES
 from eventsync.store.subscriptions import PAUSED_FAILING, Subscription, Subscriptions
 

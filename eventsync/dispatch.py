@@ -13,7 +13,7 @@ from eventsync.aio import wait_any
 from eventsync.errors import AuthError, BookStackError, EventsyncError, PermanentError, RetryLater
 from eventsync.handlers import Handlers, Settle
 from eventsync.logging import get_logger
-from eventsync.store.queue import LEASE_TTL, Job, JobQueue
+from eventsync.store.base import LEASE_TTL, Job, JobQueue
 
 log = get_logger("eventsync.dispatch")
 

@@ -7,7 +7,7 @@ import contextlib
 
 from eventsync.aio import wait_any
 from eventsync.logging import get_logger
-from eventsync.store.sqlite import Store
+from eventsync.store.base import Store
 
 log = get_logger("eventsync.feed")
 

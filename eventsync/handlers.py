@@ -30,8 +30,7 @@ from eventsync.events import (
 )
 from eventsync.logging import get_logger
 from eventsync.records import ENDPOINTS, listed, to_row
-from eventsync.store.queue import Job, JobQueue
-from eventsync.store.sqlite import CONTENT_TYPES, KIND_OF_CONTENT_TYPE, PLACEMENT
+from eventsync.store.base import CONTENT_TYPES, KIND_OF_CONTENT_TYPE, PLACEMENT, Job, JobQueue
 
 # How far before a user delete the listings of what changed are read from (see _owners).
 OWNER_WINDOW = 15 * 3600.0 + 2

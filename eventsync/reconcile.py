@@ -31,17 +31,14 @@ from eventsync.events import (
 )
 from eventsync.logging import get_logger
 from eventsync.records import COMPLETE_FROM_LISTING, ENDPOINTS, LISTED_FIELDS, listed
-from eventsync.store.queue import (
+from eventsync.store.base import (
     AUDIT_ABSENT,
     AUDIT_FORBIDDEN,
     AUDIT_READABLE,
-    NO_AUDIT_LOG,
-    record_covered_sync,
-)
-from eventsync.store.sqlite import (
     CONTENT_TYPES,
     KIND_OF_CONTENT_TYPE,
     LAST_FULL_SYNC,
+    NO_AUDIT_LOG,
     SYNC_FORBIDDEN,
     Tx,
 )
@@ -225,7 +222,7 @@ class Reconciler:
         safe = {FETCH, DEFAULT_PERMISSIONS, MOVE, SORT, SUBTREE}
         safe |= {PERMISSIONS} if all_permissions else set()
         covered = [e for e in events if e.activity_id is not None and e.hints <= safe]
-        await tx.run(lambda conn: record_covered_sync(conn, covered, time.time()))
+        await tx.record_covered(covered, time.time())
         top = max(events, key=lambda e: e.activity_id or 0, default=None)
         if top is not None and top.activity_id is not None:
             await tx.set_state(AUDIT_LAST_ROW, audit_signature(top))

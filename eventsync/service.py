@@ -41,8 +41,7 @@ from eventsync.reconcile import (
     record_gap,
 )
 from eventsync.server import RUNNER_OPTIONS, build_app, check_exposure
-from eventsync.store.queue import Job, JobQueue
-from eventsync.store.sqlite import CONTENT_TYPES, KINDS, Store
+from eventsync.store.base import CONTENT_TYPES, KINDS, Job, JobQueue, Store
 
 log = get_logger("eventsync.service")
 
@@ -609,7 +608,7 @@ class Service:
     async def readiness(self) -> tuple[bool, list[str]]:
         reasons = []
         try:
-            await self.store.fetchone("SELECT 1")
+            await self.store.ping()
         except Exception as exc:
             reasons.append(f"database: {exc}")
         if self.client.token.rejected is not None:

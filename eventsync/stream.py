@@ -12,7 +12,7 @@ from eventsync.delivery import encode_row, parse_kinds
 from eventsync.errors import UsageError
 from eventsync.feed import FeedWatch
 from eventsync.metrics import Metrics
-from eventsync.store.sqlite import Store
+from eventsync.store.base import Store
 from eventsync.store.subscriptions import Subscriptions
 
 # Rows read and written at a time while catching up.

@@ -70,7 +70,7 @@ class PathsOnPostgres:
         self.urls: dict[str, str] = {}
 
     def url(self, database: Any, *, touch: bool = False) -> str:
-        from eventsync.store.sqlite import is_postgres_url
+        from eventsync.store.base import is_postgres_url
 
         text = str(database)
         if is_postgres_url(text) or text == ":memory:":
@@ -88,7 +88,7 @@ class PathsOnPostgres:
     def installed(self) -> Iterator[None]:
         import helpers
 
-        from eventsync.store import sqlite as sqlite_store
+        from eventsync.store import mirror as sqlite_store
 
         original = sqlite_store.Store.open.__func__  # type: ignore[attr-defined]
 

@@ -35,7 +35,7 @@ from helpers import client_for, first_difference
 from eventsync.app import open_app, open_store
 from eventsync.config import Settings
 from eventsync.service import Service
-from eventsync.store.sqlite import Store
+from eventsync.store.mirror import Store
 from eventsync.testing import FakeBookStack
 from eventsync.testing.models import Entity, Page, Perm
 from eventsync.testing.state import ADMIN_ROLE_ID, ADMIN_USER_ID

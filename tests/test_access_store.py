@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from eventsync import access as rules
-from eventsync.store.sqlite import Store, Tx
+from eventsync.store.mirror import Store, Tx
 
 T0 = 1_700_000_000.0
 VIEW_ALL = [f"{t}-view-all" for t in rules.CONTENT_TYPES]

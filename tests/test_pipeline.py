@@ -38,7 +38,7 @@ from eventsync.events import EXPECT_GONE, EXPECT_PRESENT, FETCH, from_webhook
 from eventsync.ingest.auditlog import AuditPoller
 from eventsync.reconcile import AUDIT_CURSOR
 from eventsync.service import Service
-from eventsync.store.sqlite import Store, Tx
+from eventsync.store.mirror import Store, Tx
 from eventsync.testing import FakeBookStack
 
 # Every test runs on a SQLite file, then on PostgreSQL.

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from eventsync.events import Event
+from eventsync.store.mirror import Store
 from eventsync.store.queue import JobQueue
-from eventsync.store.sqlite import Store
 from eventsync.testing.postgres import PostgresCluster
 
 Opener = Callable[..., Awaitable[Store]]

@@ -32,7 +32,7 @@ from eventsync.apply import SyncSummary
 from eventsync.bookstack.client import BookStackClient
 from eventsync.bookstack.ratelimit import default_burst
 from eventsync.reconcile import AUDIT_CURSOR, LAST_FULL_SYNC, Reconciler
-from eventsync.store.sqlite import SECTION_OF, Store
+from eventsync.store.mirror import SECTION_OF, Store
 from eventsync.testing import FakeBookStack
 from eventsync.testing.models import Entity, Page
 from eventsync.testing.state import ADMIN_USER_ID

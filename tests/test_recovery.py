@@ -32,7 +32,7 @@ from eventsync.config import Settings
 from eventsync.events import DIFF_KEY, THOROUGH
 from eventsync.ingest.auditlog import AuditPoller
 from eventsync.service import Service
-from eventsync.store.sqlite import StoreError
+from eventsync.store.base import StoreError
 from eventsync.testing import FakeBookStack
 from eventsync.testing.models import ALL_PERMISSIONS
 from eventsync.testing.state import ADMIN_ROLE_ID, ADMIN_USER_ID, GUEST_USER_ID

@@ -19,8 +19,9 @@ import pytest
 from eventsync.events import Event
 from eventsync.records import ENDPOINTS, to_row
 from eventsync.store import queue as queue_module
-from eventsync.store.queue import LEASE_TTL, JobQueue
-from eventsync.store.sqlite import Store
+from eventsync.store.base import LEASE_TTL
+from eventsync.store.mirror import Store
+from eventsync.store.queue import JobQueue
 
 StoreFactory = Callable[[], Awaitable[Store]]
 

@@ -25,7 +25,7 @@ from eventsync.config import Settings
 from eventsync.consumer import FeedError, SignatureError, changes, verify
 from eventsync.delivery import encode_row, new_secret, sign
 from eventsync.service import Service
-from eventsync.store.sqlite import Store
+from eventsync.store.mirror import Store
 from eventsync.store.subscriptions import Subscriptions
 from eventsync.testing import FakeBookStack
 

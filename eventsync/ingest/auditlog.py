@@ -24,7 +24,7 @@ from eventsync.reconcile import (
     note_audit_access,
     record_gap,
 )
-from eventsync.store.queue import JobQueue
+from eventsync.store.base import JobQueue
 
 log = get_logger("eventsync.auditlog")
 
@@ -132,7 +132,7 @@ class AuditPoller:
             await record_gap(tx, reason)
             # Ids restart: forget old activity ids so new rows with the same ids are not
             # taken for duplicates; read the new log from its start; diff-sync the rest.
-            await tx.execute("UPDATE events SET activity_id = NULL WHERE activity_id IS NOT NULL")
+            await self.queue.forget_activity_ids(tx)
             await tx.set_state(AUDIT_CURSOR, 0)
             await tx.delete_state(LAST_ROW)
             await self.queue.enqueue(DIFF_KEY, [FETCH], payload=THOROUGH, tx=tx, reason="gap")

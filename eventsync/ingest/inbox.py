@@ -10,7 +10,7 @@ from collections.abc import Callable
 from eventsync.errors import UnstorableEvent
 from eventsync.events import Event
 from eventsync.logging import get_logger
-from eventsync.store.queue import JobQueue
+from eventsync.store.base import JobQueue
 
 log = get_logger("eventsync.inbox")
 

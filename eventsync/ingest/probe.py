@@ -24,8 +24,7 @@ from eventsync.errors import AuthError, BookStackError
 from eventsync.events import ALL_ATTACHMENTS_KEY, DIFF_KEY, FETCH, PERMISSIONS
 from eventsync.logging import get_logger
 from eventsync.records import ENDPOINTS, LISTED_FIELDS, listed
-from eventsync.store.queue import JobQueue
-from eventsync.store.sqlite import KIND_OF_CONTENT_TYPE, Store
+from eventsync.store.base import KIND_OF_CONTENT_TYPE, JobQueue, Store
 
 log = get_logger("eventsync.probe")
 

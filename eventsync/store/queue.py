@@ -9,13 +9,18 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from eventsync.errors import UnstorableEvent
 from eventsync.events import DEFAULT_PERMISSIONS, FETCH, Event, parse_time
-from eventsync.store.sqlite import PLACEMENT, TABLES, Store, Tx, announce
+from eventsync.store.base import (
+    LEASE_TTL,
+    NO_AUDIT_LOG,
+    PLACEMENT,
+    Job,
+)
+from eventsync.store.mirror import TABLES, Store, Tx, announce
 
 # A webhook and the audit row of the same change carry the same type and item and times one
 # second apart at most (triggered_at is taken right after the row is saved); 2 s leaves room.
@@ -25,40 +30,8 @@ PAIR_WINDOW = 2.0
 # its clock and ours matters), and both are whole seconds, so a change in the event's own
 # second may or may not be in our read.
 COVER_MARGIN = 1.0
-# `audit_access` in sync_state (SCHEMA.md): is there an audit log to read? Without one,
-# webhooks and diff syncs carry the mirror and nothing can confirm a webhook. "No access" (a
-# 403) is the token's role; "no API" (an HTML 404) a BookStack before v23.08: told apart, as
-# the fixes differ.
-AUDIT_READABLE = "1"
-AUDIT_FORBIDDEN = "0"
-AUDIT_ABSENT = "absent"
-NO_AUDIT_LOG = frozenset({AUDIT_FORBIDDEN, AUDIT_ABSENT})
 
 
-@dataclass
-class Job:
-    key: str
-    hints: frozenset[str]
-    version: int
-    attempts: int
-    first_seen: float
-    newest_event: float | None
-    payload: dict[str, Any] = field(default_factory=dict)
-    last_error: str | None = None
-    last_event: str | None = None  # the latest event type merged in
-    sources: str | None = None  # "audit,webhook": where its events came from
-
-    @property
-    def kind(self) -> str:
-        return self.key.split(":", 1)[0]
-
-    @property
-    def entity_id(self) -> int:
-        return int(self.key.split(":", 1)[1])
-
-
-# A running worker renews its leases well within this; one not renewed for this long died.
-LEASE_TTL = 120.0
 
 
 # One per process: it tells this process from an earlier one that had the same pid (a
@@ -352,6 +325,11 @@ class JobQueue:
                 "AND received_at < ?",
                 (older_than,),
             )
+
+    async def forget_activity_ids(self, tx: Tx) -> None:
+        """The audit log was cleared and its ids restart: old ids must not mark new rows as
+        duplicates."""
+        await tx.execute("UPDATE events SET activity_id = NULL WHERE activity_id IS NOT NULL")
 
     async def prune_events(self, older_than: float, keep_activities_from: int = 0) -> int:
         """Events are kept only for pairing and inspection; jobs carry what matters. Audit

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from eventsync.store.sqlite import Store
+from eventsync.store.mirror import Store
 
 # The columns a Subscription is read from, in its field order.
 _COLUMNS = (

@@ -37,7 +37,7 @@ from aiohttp import web
 from eventsync import answers
 from eventsync.app import open_store
 from eventsync.logging import configure_logging
-from eventsync.store.sqlite import Store
+from eventsync.store.mirror import Store
 from eventsync.testing import FakeBookStack
 
 GOAL_FIRST = 2.0  # first computation CPU / full sync CPU

@@ -31,7 +31,7 @@ from eventsync.app import open_app
 from eventsync.config import Settings
 from eventsync.logging import configure_logging
 from eventsync.records import COMPLETE_FROM_LISTING, ENDPOINTS
-from eventsync.store.sqlite import SECTION_OF
+from eventsync.store.mirror import SECTION_OF
 from eventsync.testing import FakeBookStack
 
 PAGE_SIZE = 500  # BookStack's maximum `count` per listing request

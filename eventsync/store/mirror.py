@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import sqlite3
 import time
@@ -20,10 +19,20 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from eventsync.access import token_problem
-from eventsync.errors import EventsyncError
 from eventsync.store import access as access_sql
 from eventsync.store.access import AccessCache, AccessChanges
+from eventsync.store.base import (
+    CONTENT_TYPES,
+    KIND_OF_CONTENT_TYPE,
+    LAST_FULL_SYNC,
+    PLACEMENT,
+    SYNC_FORBIDDEN,
+    StoreError,
+    is_postgres_url,
+)
+from eventsync.store.postgres import driver as pg_driver
 from eventsync.store.postgres.driver import DEFAULT_SCHEMA
+from eventsync.store.sqlite import driver as sqlite_driver
 from eventsync.store.states import change_state
 
 T = TypeVar("T")
@@ -33,10 +42,6 @@ INCLUDE = re.compile(r"\{\{@(\d+)(?:#[^}]*)?\}\}")
 # BookStack's page permalink: /link/123 (CrossLinkParser).
 PERMALINK = re.compile(r"/link/(\d+)(?!\d)")
 
-KINDS = ("shelf", "book", "chapter", "page", "attachment", "user", "role")
-# BookStack's name for each kind in content-permission URLs and audit-log morph types.
-CONTENT_TYPES = {"shelf": "bookshelf", "book": "book", "chapter": "chapter", "page": "page"}
-KIND_OF_CONTENT_TYPE = {v: k for k, v in CONTENT_TYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -159,12 +164,6 @@ TABLES: dict[str, Table] = {
     ),
 }
 
-# Columns a move or sort patches from the parent's listing (FACTS 2.2: changeBook refreshes
-# the slug and saves; a sort sets priority and chapter).
-PLACEMENT: dict[str, tuple[str, ...]] = {
-    "page": ("book_id", "chapter_id", "slug", "priority", "updated_at"),
-    "chapter": ("book_id", "slug", "priority", "updated_at"),
-}
 # A stored read time this far ahead of our clock is not trusted to be newer than anything:
 # the clock was stepped back (NTP, a restored VM), and every correct write would be refused.
 FUTURE_SLACK = 60.0
@@ -179,10 +178,6 @@ def newer(stored: float | None, read_at: float) -> bool:
 SECTION_OF: dict[str, str] = {kind: table.name for kind, table in TABLES.items()}
 
 SCHEMA_VERSION_KEY = "user_version"
-# sync_state: when the last complete full sync finished (written by the reconciler).
-LAST_FULL_SYNC = "last_full_sync_at"
-# sync_state: "<time> <routes>" the token was refused in the last full sync (absent: none).
-SYNC_FORBIDDEN = "sync_forbidden"
 
 # The export document (DESIGN.md): section → (table, fields in order). Fields that are not
 # columns are relations filled in by Store.export; BOOL_FIELDS are stored as 0/1.
@@ -266,10 +261,6 @@ _RESTRICTED = (
 )
 
 
-class StoreError(EventsyncError):
-    """The mirror database cannot be used."""
-
-
 def _q(column: str) -> str:
     return f'"{column}"'
 
@@ -279,22 +270,12 @@ def _now_iso() -> str:
 
 
 def _migrations(backend: str) -> list[tuple[int, str]]:
-    package = "eventsync.store" if backend == "sqlite" else f"eventsync.store.{backend}"
-    folder = resources.files(package) / "migrations"
+    folder = resources.files(f"eventsync.store.{backend}") / "migrations"
     found = []
     for entry in folder.iterdir():
         if entry.name.endswith(".sql"):
             found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
     return sorted(found)
-
-
-def _create_private_file(path: Path) -> None:
-    """Create the database file readable by its owner only, before SQLite opens it."""
-    if path.is_dir():
-        raise StoreError(f"database path {path} is a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    os.close(fd)
 
 
 class Store:
@@ -332,16 +313,18 @@ class Store:
         if is_postgres_url(str(database)):
             return await cls._open_postgres(str(database), schema or DEFAULT_SCHEMA)
         path = Path(database)
-        if str(path) != ":memory:":
-            _create_private_file(path)
         try:
-            db = await aiosqlite.connect(str(path), isolation_level=None)
+            db = await sqlite_driver.connect(path)
+        except IsADirectoryError:
+            raise StoreError(f"database path {path} is a directory") from None
+        except OSError:
+            raise  # said in one line naming the file by app.open_store
         except Exception as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from None
-        db.row_factory = aiosqlite.Row
         store = cls(db, path)
         try:
-            await store._setup()
+            await sqlite_driver.migrate(db, _migrations("sqlite"))
+            await store._setup_access()
         except aiosqlite.DatabaseError as exc:
             await db.close()
             raise StoreError(f"cannot use database {path}: {exc}") from None
@@ -349,8 +332,7 @@ class Store:
 
     @classmethod
     async def _open_postgres(cls, url: str, schema: str) -> Store:
-        from eventsync.store.postgres import driver
-
+        driver = pg_driver
         try:
             db: Any = await driver.Connection.connect(url, schema)
         except Exception as exc:
@@ -369,22 +351,6 @@ class Store:
             ) from None
         return store
 
-    async def _setup(self) -> None:
-        db = self._db
-        await db.execute("PRAGMA busy_timeout = 30000")
-        await db.execute("PRAGMA journal_mode = WAL")
-        # NORMAL in WAL mode is durable against process crashes (kill -9); only an OS crash
-        # can lose the last commits, and the audit log replays those.
-        await db.execute("PRAGMA synchronous = NORMAL")
-        await db.execute("PRAGMA foreign_keys = ON")
-        async with self._write() as tx:
-            current = (await (await tx.execute("PRAGMA user_version")).fetchone())[0]
-            for version, sql in _migrations("sqlite"):
-                if version > current:
-                    await tx.executescript_in_tx(sql)
-                    await tx.execute(f"PRAGMA user_version = {int(version)}")
-        await self._setup_access()
-
     async def _setup_access(self) -> None:
         async with self._write() as tx:
             if await tx.get_state(access_sql.BUILT) is None:
@@ -392,6 +358,10 @@ class Store:
                 # one): its change feed has no rows for it, readers start from the tables.
                 tx.access.everything = True
                 tx.access.emit = False
+
+    async def ping(self) -> None:
+        """Raise if the database does not answer (readiness)."""
+        await self.fetchone("SELECT 1")
 
     @property
     def announces(self) -> bool:
@@ -905,11 +875,6 @@ class Tx:
         """Run `fn` on the database thread inside this transaction, in one hop."""
         return await _on_db_thread(self._db, fn)
 
-    async def executescript_in_tx(self, script: str) -> None:
-        # executescript() would COMMIT first; run statement by statement to stay atomic.
-        for statement in _split_sql(script):
-            await self._db.execute(statement)
-
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
         async with self._db.execute(sql, params) as cur:
             return list(await cur.fetchall())
@@ -940,6 +905,12 @@ class Tx:
             )
 
         await self.run(record)
+
+    async def record_covered(self, events: Sequence[Any], now: float) -> None:
+        """Mark audit rows as covered by the diff sync that read their entities after them."""
+        from eventsync.store.queue import record_covered_sync
+
+        await self.run(lambda conn: record_covered_sync(conn, events, now))
 
     async def set_state(self, key: str, value: str | int | float) -> None:
         await self._db.execute(
@@ -1644,42 +1615,27 @@ def _view_rows(head: Sequence[Any], roles: Sequence[Sequence[Any]]) -> tuple[Any
     return (None if inheriting else bool(fallback_view), tuple((r[0], r[1]) for r in roles))
 
 
-async def _on_db_thread(db: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
-    if not isinstance(db, aiosqlite.Connection):
-        return await db.run(fn)  # type: ignore[no-any-return]  # PostgreSQL: driver.Connection
-    # aiosqlite runs every call on its connection's own thread; _execute/_conn are how it does
-    # so itself. Using them for a whole batch avoids one thread hop per statement.
-    return await db._execute(fn, db._conn)  # type: ignore[no-any-return]
+async def _on_db_thread(db: Any, fn: Callable[[Any], T]) -> T:
+    """Run `fn` on the connection's own thread, in one hop however many statements it makes."""
+    if isinstance(db, aiosqlite.Connection):
+        return await sqlite_driver.run(db, fn)
+    return await db.run(fn)  # type: ignore[no-any-return]  # postgres.driver.Connection
 
 
 def _begin_write(conn: Any) -> None:
     if isinstance(conn, sqlite3.Connection):
-        conn.execute("BEGIN IMMEDIATE")
+        sqlite_driver.begin_write(conn)
     else:
-        from eventsync.store.postgres.driver import begin_write
-
-        begin_write(conn)
+        pg_driver.begin_write(conn)
 
 
 def announce(conn: Any, topic: str) -> None:
     """Tell listeners in other processes that `topic` ("changes", "jobs") has news, at commit.
     SQLite has no such channel: its readers in other processes poll."""
     if not isinstance(conn, sqlite3.Connection):
-        from eventsync.store.postgres.driver import notify
-
-        notify(conn, topic)
-
-
-def is_postgres_url(value: str) -> bool:
-    return value.split("://", 1)[0].lower() in ("postgresql", "postgres") and "://" in value
+        pg_driver.notify(conn, topic)
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
-
-
-def _split_sql(script: str) -> list[str]:
-    """Split a migration into statements (our migrations keep ';' and '--' out of literals)."""
-    lines = [ln.split("--", 1)[0] for ln in script.splitlines()]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

@@ -1,0 +1,1 @@
+"""The mirror in SQLite: the connection and the migrations (the embedded default)."""
