@@ -28,6 +28,7 @@ from helpers import database_value
 from eventsync.app import open_store
 from eventsync.store.base import KINDS
 from eventsync.store.mirror import SECTION_OF
+from eventsync.store.postgres.driver import redacted
 from eventsync.testing import FakeBookStack
 from eventsync.testing.models import ALL_PERMISSIONS
 
@@ -557,7 +558,7 @@ async def test_full_reconcile_then_export_status_and_dead_letters(
     status_json = await cli("status", "--json", env=env)
     assert status_json.code == 0, str(status_json)
     data = json.loads(status_json.stdout)
-    assert data["database"] == str(database)
+    assert data["database"] == redacted(database_value(database))  # no password shown
     assert data["audit_cursor"] == last_activity
     assert data["queue_depth"] == 0
     assert data["dead_letters"] == 0
