@@ -38,6 +38,7 @@ from eventsync.errors import (
 )
 from eventsync.logging import configure_logging, get_logger, redact
 from eventsync.reconcile import Reconciler, SyncSummary
+from eventsync.store.serve_lock import ServeLock
 from eventsync.store.sqlite import KINDS, Store, StoreError
 
 EXIT_OK = 0
@@ -435,13 +436,17 @@ async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         )
         return await cmd_demo(settings, args)
     settings.require("webhook_secret")
-    # Before any start-up work: a port in use or a host that does not resolve is a setting
-    # to fix, not something to find after the database is open and the sync has begun.
-    check_exposure(settings.listen_host, settings.read_token)
-    check_listen(settings.listen_host, settings.listen_port)
-    async with make_client(settings) as client, await open_store(settings.database) as store:
-        service = Service(settings, client, store)
-        return await service.run_until_stopped()
+    # One serve per SQLite file, and said first: a second serve with the same settings would
+    # otherwise be told that its port is in use, which names the wrong problem.
+    with ServeLock(settings.database):
+        # Before any start-up work: a port in use or a host that does not resolve is a
+        # setting to fix, not something to find after the database is open and the sync
+        # has begun.
+        check_exposure(settings.listen_host, settings.read_token)
+        check_listen(settings.listen_host, settings.listen_port)
+        async with make_client(settings) as client, await open_store(settings.database) as store:
+            service = Service(settings, client, store)
+            return await service.run_until_stopped()
 
 
 async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
