@@ -38,7 +38,7 @@ from eventsync.errors import (
 )
 from eventsync.logging import configure_logging, get_logger, redact
 from eventsync.reconcile import Reconciler, SyncSummary
-from eventsync.store.serve_lock import ServeLock
+from eventsync.store.serve_lock import ServeLock, serving
 from eventsync.store.sqlite import KINDS, Store, StoreError
 
 EXIT_OK = 0
@@ -272,6 +272,18 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
     async with await _open_existing(settings) as store:
         data = await status_data(store, JobQueue(store))
+    # Who runs the leader's loops: the one serve on a SQLite file (the OS holds its lock).
+    holder = serving(settings.database)
+    data["leader"] = (
+        None
+        if holder is None
+        else {
+            "replica": holder.replica,
+            "since": holder.since,
+            "alive": True,
+            "heartbeat_age": None,
+        }
+    )
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
@@ -282,6 +294,7 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             f"API token:       REJECTED by BookStack since {since} (revoked, rotated or "
             f"expired?): {why}; serve holds its requests and resumes once the token works"
         )
+    print(f"leader:          {_leader_line(data['leader'])}")
     print(f"audit cursor:    {data['audit_cursor']}")
     access = {
         "readable": "yes",
@@ -329,6 +342,14 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             line += f"; last error: {s['last_error']}"
         print(f"{'subscriptions:' if i == 0 else '':17}{line}")
     return EXIT_OK
+
+
+def _leader_line(leader: dict[str, Any] | None) -> str:
+    if leader is None:
+        return "none (no serve running)"
+    if leader["alive"]:
+        return f"{leader['replica']} since {leader['since']}"
+    return f"none right now (last: {leader['replica']}, {leader['heartbeat_age']:.0f} s ago)"
 
 
 # ---- check ---------------------------------------------------------------------------------------
@@ -425,6 +446,7 @@ async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from eventsync.leadership import AlwaysLeader
     from eventsync.server import check_exposure, check_listen
     from eventsync.service import Service
 
@@ -438,14 +460,17 @@ async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     settings.require("webhook_secret")
     # One serve per SQLite file, and said first: a second serve with the same settings would
     # otherwise be told that its port is in use, which names the wrong problem.
-    with ServeLock(settings.database):
+    with ServeLock(settings.database) as lock:
         # Before any start-up work: a port in use or a host that does not resolve is a
         # setting to fix, not something to find after the database is open and the sync
         # has begun.
         check_exposure(settings.listen_host, settings.read_token)
         check_listen(settings.listen_host, settings.listen_port)
         async with make_client(settings) as client, await open_store(settings.database) as store:
-            service = Service(settings, client, store)
+            # The one serve on the file leads, named as the lock names it for `status`.
+            assert lock.holder is not None
+            leadership = AlwaysLeader(lock.holder.replica, lock.holder.since)
+            service = Service(settings, client, store, leadership=leadership)
             return await service.run_until_stopped()
 
 

@@ -17,23 +17,29 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from helpers import client_for, eventually, service_settings
 from psycopg import sql
 
 from eventsync.bookstack.ratelimit import RateLimiter
 from eventsync.leadership import LeaderTasks
+from eventsync.service import Service
 from eventsync.store.postgres import coordination
 from eventsync.store.postgres.coordination import (
     MIGRATION,
     UNAVAILABLE_WAIT,
     CoordinationError,
+    Coordinator,
     PostgresBudget,
     PostgresLeadership,
     read_leader,
 )
+from eventsync.store.sqlite import Store
+from eventsync.testing import FakeBookStack
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -417,3 +423,90 @@ async def test_a_request_cancelled_while_it_takes_leaves_the_budget_usable(url: 
         async with PostgresBudget(url, per_minute=60, burst=1) as other:
             assert 0 < await asyncio.wait_for(other.take(), 2) <= 1.0
         assert 0 < await asyncio.wait_for(budget.take(), 2) <= 1.0
+
+
+# ---- serve: the leader's loops follow the lead -------------------------------------------------
+
+SECRET = "coordination-test-secret-0123456789"
+
+
+def audit_reads(svc: Service) -> int:
+    return sum(
+        n for (route, _), n in svc.client.stats.by_route.items() if route == "/api/audit-log"
+    )
+
+
+@asynccontextmanager
+async def replica(fake: FakeBookStack, db: Path, url: str, name: str) -> AsyncIterator[Service]:
+    settings = service_settings(fake, db, SECRET)
+    async with (
+        Coordinator(url, requests_per_minute=100_000, burst=10, replica=name) as coordinated,
+        client_for(fake, limiter=RateLimiter(100_000, budget=coordinated.budget)) as client,
+        await Store.open(db) as store,
+    ):
+        svc = Service(settings, client, store, leadership=coordinated.leadership)
+        await svc.start()
+        try:
+            yield svc
+        finally:
+            await svc.stop()
+
+
+async def test_only_the_leader_polls_and_another_replica_takes_over_within_seconds(
+    url: str, tmp_path: Path
+) -> None:
+    # Two replicas on one mirror (a SQLite file stands in for the PostgreSQL store, which is
+    # not here yet) and one lead, in the database at `url`; started together on an empty
+    # mirror.
+    db = tmp_path / "mirror.db"
+    async with FakeBookStack(requests_per_minute=100_000) as fake:
+        fake.seed(pages=10, books=2, seed=3)
+        fake.faults.latency = 0.005  # an initial sync that takes a while
+        async with (
+            replica(fake, db, url, "a:1") as a,
+            replica(fake, db, url, "b:2") as b,
+        ):
+            await within(5, lambda: a.leadership.is_leader or b.leadership.is_leader, "a lead")
+            first, second = (a, b) if a.leadership.is_leader else (b, a)
+            # One initial sync, the leader's; the follower is synced by its sync point.
+            await asyncio.wait_for(first.synced.wait(), 30)
+            await asyncio.wait_for(second.synced.wait(), 5)
+            await within(10, lambda: audit_reads(first) >= 3, "the leader polls")
+            await asyncio.sleep(1.5)
+            assert second.client.stats.requests == 0  # no sync, no poll, no probe, no sweep
+            assert not second.leader_tasks.tasks and second.leader_tasks.terms == 0
+            status = await second.status()
+            assert status["replica"] == second.leadership.replica
+            assert status["leader"]["replica"] == first.leadership.replica
+
+            assert isinstance(first.leadership, PostgresLeadership)
+            await terminate(url, first.leadership.backend_pid)
+            await within(1, lambda: not first.leader_tasks.tasks, "its leader loops stop")
+            await asyncio.sleep(0.5)
+            polled = audit_reads(first)
+            await within(8, lambda: audit_reads(second) >= 3, "the other polls, taking over")
+            assert audit_reads(first) == polled  # the first no longer does
+            for _ in range(30):  # the first one's next bid reads who leads now
+                if (await first.status())["leader"]["replica"] == second.leadership.replica:
+                    break
+                await asyncio.sleep(0.1)
+            named = (await first.status())["leader"]
+            assert named["replica"] == second.leadership.replica and named["alive"], named
+
+            # The new leader's poll finds what changed (no webhooks here), the queue is
+            # worked, and the mirror converges. No sync from scratch: its term begins with
+            # the start-up listing diff, which reads no unchanged page.
+            fake.faults.latency = 0.0
+            await fake.update_page(fake.truth()["pages"][0]["id"], html="<p>after</p>")
+
+            async def converged() -> bool:
+                return await second.store.export() == fake.truth()
+
+            await eventually(converged, timeout=15, what="the mirror converges")
+            page_reads = sum(
+                n
+                for (route, _), n in second.client.stats.by_route.items()
+                if route == "/api/pages/{id}"
+            )
+            assert page_reads <= 2, page_reads
+            assert await a.healthy() and await b.healthy()

@@ -691,9 +691,18 @@ async def test_a_second_serve_on_the_same_file_is_refused_and_kill_9_blocks_no_r
             # the port.
             again = await run_cli("serve", env=env, cwd=tmp_path)
             assert again.code == 2 and f"pid {first.proc.pid}" in again.stderr, again.stderr
-            # Every other command works beside it.
+            # Every other command works beside it, and `status` names it as the leader, as
+            # serve's own /status does.
             status = await run_cli("status", "--json", env=env, cwd=tmp_path)
             assert status.code == 0, status.stderr
+            leader = json.loads(status.stdout)["leader"]
+            assert leader["replica"] == f"{socket.gethostname()}:{first.proc.pid}"
+            assert leader["alive"] and leader["since"] in lines[0]
+            async with aiohttp.ClientSession() as session:
+                served = await first.status(session)
+            assert served["leader"] == leader and served["replica"] == leader["replica"]
+            text = await run_cli("status", env=env, cwd=tmp_path)
+            assert f"leader:          {leader['replica']} since {leader['since']}" in text.stdout
             assert (await export(env, tmp_path)) == fake.truth()
             changes = await run_cli("changes", env=env, cwd=tmp_path)
             assert changes.code == 0 and changes.stdout, changes.stderr
@@ -701,6 +710,8 @@ async def test_a_second_serve_on_the_same_file_is_refused_and_kill_9_blocks_no_r
             assert first.proc.returncode is None
             # kill -9: no clean-up at all, and a restart on the same file starts at once.
             await first.kill()
+            status = await run_cli("status", "--json", env=env, cwd=tmp_path)
+            assert json.loads(status.stdout)["leader"] is None
             restarted = await start_serve(env, tmp_path, "restarted")
             try:
                 began = time.monotonic()
