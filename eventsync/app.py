@@ -12,10 +12,13 @@ from typing import Any, TypedDict, Unpack
 
 from eventsync.apply import Apply
 from eventsync.bookstack.client import BookStackClient
+from eventsync.bookstack.ratelimit import RateLimiter, default_burst
 from eventsync.config import Settings
 from eventsync.dispatch import UP_WINDOW, Dispatcher
 from eventsync.handlers import Handlers
+from eventsync.leadership import AlwaysLeader, Leadership
 from eventsync.reconcile import Progress, Reconciler
+from eventsync.store.base import is_postgres_url
 from eventsync.store.mirror import Store, StoreError
 from eventsync.store.queue import JobQueue
 
@@ -144,13 +147,70 @@ async def open_app(
     the settings describe (tests: a fake BookStack's, with short back-offs), and is closed
     with the rest."""
     async with AsyncExitStack() as stack:
-        # The client first: a missing BookStack setting fails before the database file is
-        # created. Closed in reverse: jobs still in flight are put back while the store is
-        # open, then the store, then the client.
-        client = await stack.enter_async_context(client or make_client(settings))
-        store = await stack.enter_async_context(
-            await open_store(settings.database, settings.database_schema)
-        )
+        if client is None and is_postgres_url(settings.database):
+            # Every process on one PostgreSQL mirror (replicas, `reconcile` from another host)
+            # takes its requests from the one budget of the deployment: BookStack limits per
+            # client address. The store first: it migrates the budget's table.
+            settings.require("bookstack_url", "bookstack_token_id", "bookstack_token_secret")
+            store = await stack.enter_async_context(
+                await open_store(settings.database, settings.database_schema)
+            )
+            budget = await stack.enter_async_context(shared_budget(settings))
+            limiter = RateLimiter(settings.requests_per_minute, burst=budget.burst, budget=budget)
+            client = await stack.enter_async_context(make_client(settings, limiter=limiter))
+        else:
+            # The client first: a missing BookStack setting fails before the database file is
+            # created. Closed in reverse: jobs still in flight are put back while the store is
+            # open, then the store, then the client.
+            client = await stack.enter_async_context(client or make_client(settings))
+            store = await stack.enter_async_context(
+                await open_store(settings.database, settings.database_schema)
+            )
         app = App.build(settings, client, store, **options)
         stack.push_async_callback(app.dispatcher.close)
         yield app
+
+
+@asynccontextmanager
+async def shared_budget(settings: Settings) -> AsyncIterator[Any]:
+    """The deployment's request budget, kept in the PostgreSQL mirror."""
+    from eventsync.store.postgres.coordination import PostgresBudget
+
+    burst = default_burst(settings.requests_per_minute)
+    budget = PostgresBudget(
+        settings.database,
+        schema=settings.database_schema,
+        per_minute=settings.requests_per_minute,
+        burst=burst,
+    )
+    budget.burst = burst
+    await budget.start()
+    try:
+        yield budget
+    finally:
+        await budget.close()
+
+
+@asynccontextmanager
+async def open_serve(
+    settings: Settings, holder: Any = None
+) -> AsyncIterator[tuple[App, Leadership]]:
+    """What `serve` runs: the graph and this replica's leadership. On a SQLite file the one
+    serve leads (`holder`: the file's serve lock, which cli holds); on PostgreSQL the
+    replicas elect one."""
+    if not is_postgres_url(settings.database):
+        from eventsync.store.serve_lock import Holder
+
+        holder = holder or Holder.this_process()
+        async with open_app(settings) as app:
+            yield app, AlwaysLeader(holder.replica, holder.since)
+        return
+    from eventsync.store.postgres.coordination import PostgresLeadership
+
+    async with open_app(settings) as app:
+        leadership = PostgresLeadership(settings.database, schema=settings.database_schema)
+        await leadership.start()
+        try:
+            yield app, leadership
+        finally:
+            await leadership.close()

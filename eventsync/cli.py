@@ -24,7 +24,7 @@ from eventsync.answers import (
     ensure_answerable,
     who_can_see,
 )
-from eventsync.app import make_client, open_app, open_local, open_store
+from eventsync.app import make_client, open_app, open_local, open_serve, open_store
 from eventsync.apply import SyncSummary
 from eventsync.config import Settings, load_settings
 from eventsync.errors import (
@@ -39,6 +39,7 @@ from eventsync.errors import (
 )
 from eventsync.logging import configure_logging, get_logger, redact
 from eventsync.store.base import KINDS, Store, StoreError, is_postgres_url
+from eventsync.store.serve_lock import ServeLock, serving
 
 EXIT_OK = 0
 EXIT_INCONSISTENT = 1
@@ -238,6 +239,26 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     _must_exist(settings)
     async with open_local(settings) as local:
         data = await status_data(local.store, local.queue)
+    if is_postgres_url(settings.database):
+        # Who leads the replicas, from the row the leader keeps.
+        from eventsync.store.postgres.coordination import connect, read_leader
+
+        conn = await connect(settings.database, settings.database_schema, "status")
+        async with conn:
+            data["leader"] = await read_leader(conn)
+    else:
+        # Who runs the leader's loops: the one serve on a SQLite file (the OS holds its lock).
+        holder = serving(Path(settings.database))
+        data["leader"] = (
+            None
+            if holder is None
+            else {
+                "replica": holder.replica,
+                "since": holder.since,
+                "alive": True,
+                "heartbeat_age": None,
+            }
+        )
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
@@ -248,6 +269,7 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             f"API token:       REJECTED by BookStack since {since} (revoked, rotated or "
             f"expired?): {why}; serve holds its requests and resumes once the token works"
         )
+    print(f"leader:          {_leader_line(data['leader'])}")
     print(f"audit cursor:    {data['audit_cursor']}")
     access = {
         "readable": "yes",
@@ -295,6 +317,14 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             line += f"; last error: {s['last_error']}"
         print(f"{'subscriptions:' if i == 0 else '':17}{line}")
     return EXIT_OK
+
+
+def _leader_line(leader: dict[str, Any] | None) -> str:
+    if leader is None:
+        return "none (no serve running)"
+    if leader["alive"]:
+        return f"{leader['replica']} since {leader['since']}"
+    return f"none right now (last: {leader['replica']}, {leader['heartbeat_age']:.0f} s ago)"
 
 
 # ---- check ---------------------------------------------------------------------------------------
@@ -402,12 +432,20 @@ async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         )
         return await cmd_demo(settings, args)
     settings.require("webhook_secret")
-    # Before any start-up work: a port in use or a host that does not resolve is a setting
-    # to fix, not something to find after the database is open and the sync has begun.
-    check_exposure(settings.listen_host, settings.read_token)
-    check_listen(settings.listen_host, settings.listen_port)
-    async with open_app(settings) as app:
-        return await Service(app).run_until_stopped()
+    # One serve per SQLite file, and said first: a second serve with the same settings would
+    # otherwise be told that its port is in use, which names the wrong problem. On PostgreSQL
+    # any number of replicas may serve one mirror.
+    replicas = is_postgres_url(settings.database)
+    lock = contextlib.nullcontext(None) if replicas else ServeLock(Path(settings.database))
+    with lock as held:
+        # Before any start-up work: a port in use or a host that does not resolve is a
+        # setting to fix, not something to find after the database is open and the sync
+        # has begun.
+        check_exposure(settings.listen_host, settings.read_token)
+        check_listen(settings.listen_host, settings.listen_port)
+        holder = None if held is None else held.holder
+        async with open_serve(settings, holder) as (app, leadership):
+            return await Service(app, leadership=leadership).run_until_stopped()
 
 
 async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:

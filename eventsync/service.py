@@ -24,6 +24,7 @@ from eventsync.ingest.auditlog import LAST_POLL, AuditPoller
 from eventsync.ingest.inbox import Inbox
 from eventsync.ingest.probe import Probe
 from eventsync.ingest.webhook import WebhookReceiver
+from eventsync.leadership import AlwaysLeader, Leadership, LeaderTasks
 from eventsync.logging import get_logger
 from eventsync.metrics import Metrics
 from eventsync.notify import Notifier, watchdog_loop
@@ -61,6 +62,7 @@ def _sweep_key(item: tuple[str, list[str]]) -> str:
 EVENT_RETENTION = 86400.0  # events are kept a day, for pairing and inspection
 LONG_LIVED = frozenset(
     {
+        "leader",  # runs the poller, the periodic reconcile and housekeeping while leading
         "audit poller",
         "dispatcher",
         "periodic reconcile",
@@ -118,9 +120,10 @@ async def status_data(store: Store, queue: JobQueue) -> dict[str, Any]:
 
 
 class Service:
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, *, leadership: Leadership | None = None) -> None:
         """Serve `app` (app.open_app builds it): the receiver, the poller, the probe and the
-        outbound side are serve's own, built here around it."""
+        outbound side are serve's own, built here around it. `leadership` says when this
+        replica runs the leader's loops (AlwaysLeader: the one serve on a SQLite file)."""
         settings = app.settings
         settings.require("webhook_secret")
         assert settings.webhook_secret is not None
@@ -163,6 +166,24 @@ class Service:
             retry_max=settings.subscription_retry_max,
             pause_after=settings.subscription_pause_after,
             batch_size=settings.subscription_batch_size,
+        )
+        # One replica at a time (the leader) reads BookStack for what webhooks do not say: the
+        # audit log and its probe, the diffs, the sweep, gaps. Every replica takes webhooks and
+        # works the queue. SQLite's one serve always leads.
+        self.leadership: Leadership = leadership or AlwaysLeader()
+        self.leader_tasks = LeaderTasks(
+            self.leadership,
+            self.stop_event,
+            {
+                "initial sync": self._initial_sync,
+                "audit poller": lambda: self.poller.run(self.stop_event, ready=self.synced),
+                "periodic reconcile": lambda: self._resilient(self._periodic_reconcile),
+                "silent-change probe": lambda: self._resilient(self._probe_loop),
+                "housekeeping": self._housekeeping,
+                "sweep": lambda: self._resilient(self._sweep),
+            },
+            # The poller commits what it has read; the rest is cancelled as before.
+            graceful={"audit poller"},
         )
         self.port: int | None = None
         # Client counters already reported to Prometheus (its counters only go up by deltas).
@@ -216,13 +237,9 @@ class Service:
         sockets = getattr(site._server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self.settings.listen_port
         log.info("listening", address=f"{self.settings.listen_host}:{self.port}")
-        self._spawn(self._initial_sync(), "initial sync")
-        self._spawn(self.poller.run(self.stop_event, ready=self.synced), "audit poller")
+        self._spawn(self.leader_tasks.run(), "leader")
+        self._spawn(self._await_sync_point(), "sync point")
         self._spawn(self.dispatcher.run(self.stop_event), "dispatcher")
-        self._spawn(self._resilient(self._periodic_reconcile), "periodic reconcile")
-        self._spawn(self._resilient(self._probe_loop), "silent-change probe")
-        self._spawn(self._housekeeping(), "housekeeping")
-        self._spawn(self._resilient(self._sweep), "sweep")
         self._spawn(self._resilient(self._watch_token), "token watch")
         self._spawn(self._resilient(lambda: self.feed.run(self.stop_event)), "feed watch")
         self._spawn(self._resilient(lambda: self.delivery.run(self.stop_event)), "delivery")
@@ -272,7 +289,7 @@ class Service:
             await self._runner.cleanup()  # no new webhooks from here on
         await self.inbox.close()
         for task in self._tasks:
-            if task.get_name() in ("dispatcher", "audit poller"):
+            if task.get_name() in ("dispatcher", "leader"):  # the leader's: the audit poller
                 try:
                     await asyncio.wait_for(asyncio.shield(task), timeout=12.0)
                 except TimeoutError:
@@ -301,14 +318,26 @@ class Service:
 
     # ---- background work --------------------------------------------------------------------
 
+    async def _has_sync_point(self) -> bool:
+        return await self.store.get_state(LAST_FULL_SYNC) is not None and (
+            await self.store.get_state(AUDIT_CURSOR) is not None
+            or await self.store.get_state(AUDIT_ACCESS) in NO_AUDIT_LOG
+        )
+
+    async def _await_sync_point(self) -> None:
+        """Synced once there is a sync point, whichever replica made it: a follower runs no
+        initial sync of its own, the leader's (here or in another process) is its sync."""
+        while not self.synced.is_set() and not self.stop_event.is_set():
+            if await self._has_sync_point():
+                self.synced.set()
+                return
+            await wait_any(self.synced, self.stop_event, timeout=1.0)
+
     async def _initial_sync(self) -> None:
         """No sync point yet: a full sync first (webhooks are accepted and queued meanwhile)."""
         attempt = 0
         while not self.stop_event.is_set():
-            if await self.store.get_state(LAST_FULL_SYNC) is not None and (
-                await self.store.get_state(AUDIT_CURSOR) is not None
-                or await self.store.get_state(AUDIT_ACCESS) in NO_AUDIT_LOG
-            ):
+            if await self._has_sync_point():
                 self.synced.set()
                 return
             self.notifier.status("initial full sync")
@@ -583,6 +612,8 @@ class Service:
         data["in_flight"] = self.dispatcher.in_flight
         data["api_requests"] = self.client.stats.requests
         data["synced"] = self.synced.is_set()
+        data["replica"] = self.leadership.replica  # which one answered (behind a balancer)
+        data["leader"] = await self.leadership.leader()
         return data
 
     async def _status_line(self) -> str:
@@ -590,7 +621,8 @@ class Service:
         phase = "caught up" if self.synced.is_set() else "syncing"
         if self.client.token.rejected is not None:
             phase = "BookStack rejects the API token"
-        return f"{phase}; cursor {cursor}; queue {await self.queue.depth()}"
+        role = "" if self.leadership.is_leader else "; following the leader"
+        return f"{phase}; cursor {cursor}; queue {await self.queue.depth()}{role}"
 
     async def healthy(self) -> bool:
         """For the watchdog: the loop runs (we are here) and the writer commits."""
@@ -603,7 +635,8 @@ class Service:
             return False
         # Tasks that end by design (the initial sync; the sweep when its share is 0) may be
         # done; the rest run for as long as the service does.
-        return all(not t.done() for t in self._tasks if t.get_name() in LONG_LIVED)
+        tasks = [*self._tasks, *self.leader_tasks.tasks.values()]
+        return all(not t.done() for t in tasks if t.get_name() in LONG_LIVED)
 
     async def readiness(self) -> tuple[bool, list[str]]:
         reasons = []

@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from eventsync.bookstack.client import BookStackClient, ClientStats, route_template
 from eventsync.bookstack.models import AuditLogEntry, ContentPermissions, Page, Role, Shelf
-from eventsync.bookstack.ratelimit import RateLimiter, default_burst
+from eventsync.bookstack.ratelimit import LocalBudget, RateLimiter, default_burst
 from eventsync.bookstack.token import TokenState
 from eventsync.errors import (
     AuthError,
@@ -833,3 +833,64 @@ def test_models_normalise_bookstack_quirks() -> None:
          "user": None}
     )  # fmt: skip
     assert entry.loggable_id is None
+
+
+class RecordingBudget:
+    """A SharedBudget that answers from a script and records what it is told."""
+
+    def __init__(self, clock: FakeClock, answers: list[float]) -> None:
+        self.clock = clock
+        self.answers = answers
+        self.calls: list[tuple[Any, ...]] = []
+
+    async def take(self) -> float:
+        self.calls.append(("take", self.clock.now))
+        return self.answers.pop(0) if self.answers else 0.0
+
+    async def pause(self, seconds: float) -> None:
+        self.calls.append(("pause", self.clock.now, seconds))
+
+    async def lower(self, per_minute: float, burst: int) -> None:
+        self.calls.append(("lower", per_minute, burst))
+
+
+async def test_limiter_takes_its_tokens_from_the_budget_and_passes_on_what_it_learns() -> None:
+    clock = FakeClock()
+    budget = RecordingBudget(clock, [0.0, 2.5, 0.0])
+    limiter = RateLimiter(150, clock=clock, sleep=clock.sleep, budget=budget)
+    assert await limiter.acquire() == 0.0
+    # The budget says wait (another replica took the token): waited, then asked again.
+    assert await limiter.acquire() == pytest.approx(2.5)
+    assert [c[0] for c in budget.calls] == ["take", "take", "take"]
+
+    # A 429 pauses this process at once; the budget (every other replica) hears of it with
+    # the next acquire, before that one waits out the pause.
+    budget.calls.clear()
+    limiter.pause_until(clock.now + 30)
+    limiter.update_from_headers(5, 60)  # and BookStack allows only 60 a minute
+    assert await limiter.acquire() == pytest.approx(30.0)
+    assert budget.calls[0] == ("pause", 1002.5, pytest.approx(30.0))
+    assert budget.calls[1] == ("lower", limiter.per_minute, limiter.burst)
+    assert limiter.burst + limiter.per_minute <= 60
+    # After the pause (this process slept it out), a token from the budget; told once only.
+    assert [c[0] for c in budget.calls[2:]] == ["take"]
+    await limiter.acquire()
+    assert [c[0] for c in budget.calls[2:]] == ["take", "take"]
+
+
+async def test_local_budget_refills_pauses_and_lowers() -> None:
+    clock = FakeClock()
+    budget = LocalBudget(60, 2, clock=clock)
+    assert [await budget.take() for _ in range(3)] == [0.0, 0.0, pytest.approx(1.0)]
+    clock.now += 0.5
+    assert await budget.take() == pytest.approx(0.5)  # the half token earned is kept
+    await budget.pause(10)
+    await budget.pause(3)  # never shortens
+    assert await budget.take() == pytest.approx(10.0)
+    clock.now += 10
+    assert await budget.take() == 0.0  # refilled meanwhile, up to the burst
+    await budget.lower(30, 1)
+    await budget.lower(120, 5)  # never raised
+    assert (budget.per_minute, budget.burst) == (30, 1)
+    assert await budget.take() == 0.0
+    assert await budget.take() == pytest.approx(2.0)

@@ -102,7 +102,6 @@ async def test_two_replicas_never_lease_the_same_job(open_store: Opener) -> None
     everything = taken[0] + taken[1]
     assert sorted(everything) == sorted(f"page:{n}" for n in range(60))
     assert len(set(everything)) == 60, "a job was leased twice"
-    assert taken[0] and taken[1], "one replica took every job"
 
 
 async def test_commits_in_one_process_wake_listeners_in_another(open_store: Opener) -> None:

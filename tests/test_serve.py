@@ -662,3 +662,66 @@ async def test_edit_of_an_included_page_refreshes_the_including_page(tmp_path: P
             mirror = await export(env, tmp_path)
             assert mirror == fake.truth(), first_difference(mirror, fake.truth())
             assert await serve.terminate() == 0
+
+
+# ---- one serve per SQLite file ------------------------------------------------------------------
+
+
+async def test_a_second_serve_on_the_same_file_is_refused_and_kill_9_blocks_no_restart(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "mirror.db"
+    async with FakeBookStack(requests_per_minute=RPM) as fake:
+        fake.seed(pages=10, books=2, seed=5)
+        env = serve_env(fake, db, free_port())
+        first = await start_serve(env, tmp_path, "first")
+        try:
+            await first.wait_ready()
+            # The same file on another port: refused at once, in one line naming the first.
+            second = await run_cli(
+                "serve", env={**env, "EVENTSYNC_LISTEN": f"127.0.0.1:{free_port()}"}, cwd=tmp_path
+            )
+            assert second.code == 2, second.stdout + second.stderr
+            assert second.stdout == ""
+            lines = second.stderr.splitlines()
+            assert len(lines) == 1, second.stderr
+            assert str(db) in lines[0]
+            assert f"pid {first.proc.pid} on host {socket.gethostname()} since " in lines[0]
+            # With the same settings (the same port too) it is still the serve it names, not
+            # the port.
+            again = await run_cli("serve", env=env, cwd=tmp_path)
+            assert again.code == 2 and f"pid {first.proc.pid}" in again.stderr, again.stderr
+            # Every other command works beside it, and `status` names it as the leader, as
+            # serve's own /status does.
+            status = await run_cli("status", "--json", env=env, cwd=tmp_path)
+            assert status.code == 0, status.stderr
+            leader = json.loads(status.stdout)["leader"]
+            assert leader["replica"] == f"{socket.gethostname()}:{first.proc.pid}"
+            assert leader["alive"] and leader["since"] in lines[0]
+            async with aiohttp.ClientSession() as session:
+                served = await first.status(session)
+            assert served["leader"] == leader and served["replica"] == leader["replica"]
+            text = await run_cli("status", env=env, cwd=tmp_path)
+            assert f"leader:          {leader['replica']} since {leader['since']}" in text.stdout
+            assert (await export(env, tmp_path)) == fake.truth()
+            changes = await run_cli("changes", env=env, cwd=tmp_path)
+            assert changes.code == 0 and changes.stdout, changes.stderr
+            # The first one never noticed.
+            assert first.proc.returncode is None
+            # kill -9: no clean-up at all, and a restart on the same file starts at once.
+            await first.kill()
+            status = await run_cli("status", "--json", env=env, cwd=tmp_path)
+            assert json.loads(status.stdout)["leader"] is None
+            restarted = await start_serve(env, tmp_path, "restarted")
+            try:
+                began = time.monotonic()
+                await restarted.wait_ready()
+                assert time.monotonic() - began < 15, "the restart waited for something"
+                assert "in use by another eventsync serve" not in restarted.output()
+                assert await restarted.terminate() == 0
+            finally:
+                await restarted.kill()
+                restarted.close_files()
+        finally:
+            await first.kill()
+            first.close_files()

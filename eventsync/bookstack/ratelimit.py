@@ -1,4 +1,10 @@
-"""Token-bucket rate limiter shared by every task that talks to one BookStack source."""
+"""Token-bucket rate limiter shared by every task that talks to one BookStack source.
+
+The bucket itself is a `SharedBudget`: `LocalBudget` in this process (SQLite: one serve), or one
+row that every replica takes from (PostgreSQL: store/postgres/coordination.py), so that the whole
+deployment keeps within EVENTSYNC_REQUESTS_PER_MINUTE: BookStack counts per client address, and a
+budget per process would multiply with the replica count.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import structlog
 
@@ -30,12 +37,78 @@ def default_burst(per_minute: float) -> int:
     return max(1, min(10, int(per_minute / 6)))
 
 
+class SharedBudget(Protocol):
+    """The token bucket a RateLimiter takes its tokens from.
+
+    Every method is safe to call from several tasks. A budget that cannot reach where it is
+    kept answers `take` with a wait, and drops a `pause` or `lower` with a warning: requests
+    then wait rather than overshoot, and no request fails because of the budget.
+    """
+
+    async def take(self) -> float:
+        """Take one request's token: 0.0 when taken. Otherwise take nothing and return the
+        seconds to wait before asking again (a pause, or the time until the next token)."""
+        ...
+
+    async def pause(self, seconds: float) -> None:
+        """Give out no token for `seconds` from now; never shortens a pause."""
+        ...
+
+    async def lower(self, per_minute: float, burst: int) -> None:
+        """From now on refill at most `per_minute` a minute and save up at most `burst`
+        (BookStack's limit is below the configured one); never raises either."""
+        ...
+
+
+class LocalBudget:
+    """The bucket in this process: `per_minute` tokens a minute, at most `burst` saved up."""
+
+    def __init__(
+        self, per_minute: float, burst: int, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.per_minute = float(per_minute)
+        self.burst = burst
+        self.clock = clock
+        self._tokens = float(burst)
+        self._updated = clock()
+        self._paused_until = -math.inf
+
+    def _refill(self, now: float) -> None:
+        elapsed = now - self._updated
+        if elapsed > 0:
+            self._tokens = min(float(self.burst), self._tokens + elapsed * self.per_minute / 60)
+        self._updated = now
+
+    async def take(self) -> float:
+        now = self.clock()
+        self._refill(now)
+        if now < self._paused_until:
+            return self._paused_until - now
+        if self._tokens >= 1.0 - _EPSILON:
+            self._tokens = max(0.0, self._tokens - 1.0)
+            return 0.0
+        return (1.0 - self._tokens) * 60 / self.per_minute
+
+    async def pause(self, seconds: float) -> None:
+        self._paused_until = max(self._paused_until, self.clock() + seconds)
+
+    async def lower(self, per_minute: float, burst: int) -> None:
+        # Account the tokens earned at the old rate before switching to the new one.
+        self._refill(self.clock())
+        self.per_minute = min(self.per_minute, float(per_minute))
+        self.burst = min(self.burst, burst)
+        self._tokens = min(self._tokens, float(self.burst))
+
+
 class RateLimiter:
-    """Async token bucket: `per_minute` tokens a minute, at most `burst` saved up.
+    """Async rate limiter: `per_minute` requests a minute, at most `burst` saved up.
 
     One instance per BookStack source, shared by every task using it. Waiters are served in
     arrival order: `asyncio.Lock` wakes its waiters FIFO and does not let a newcomer barge
-    past them, and the task holding the lock is the only one sleeping for a token.
+    past them, and the task holding the lock is the only one waiting for a token. The tokens
+    come from `budget` (LocalBudget unless given one that replicas share); what the limiter
+    learns (a 429's pause, BookStack's lower limit) it applies here at once and passes on to
+    the budget with the next `acquire`.
     """
 
     def __init__(
@@ -45,6 +118,7 @@ class RateLimiter:
         burst: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        budget: SharedBudget | None = None,
     ) -> None:
         if not per_minute > 0 or math.isinf(per_minute):
             raise ValueError(f"per_minute must be a positive number, not {per_minute!r}")
@@ -55,9 +129,11 @@ class RateLimiter:
         self._sleep = sleep
         self._configured_per_minute = float(per_minute)
         self.per_minute = float(per_minute)
-        self._tokens = float(self.burst)
-        self._updated = clock()
+        self.budget: SharedBudget = budget or LocalBudget(self.per_minute, self.burst, clock=clock)
         self._paused_until = -math.inf
+        # What the budget has not been told yet: a pause's deadline, a lower rate and burst.
+        self._pending_pause: float | None = None
+        self._pending_lower: tuple[float, int] | None = None
         # When a response showed the first hit of a server window (remaining == limit - 1);
         # that window resets at most WINDOW_SECONDS later.
         self._window_seen_at: float | None = None
@@ -70,30 +146,27 @@ class RateLimiter:
         """The monotonic time before which nobody may send (-inf when not paused)."""
         return self._paused_until
 
-    def _refill(self, now: float) -> None:
-        elapsed = now - self._updated
-        if elapsed > 0:
-            self._tokens = min(float(self.burst), self._tokens + elapsed * self.per_minute / 60)
-        self._updated = now
-
     async def acquire(self) -> float:
         """Wait for a token (and for any pause to end); return the seconds waited."""
         start = self.clock()
-        # Queuing behind a task that is sleeping for a token is waiting on the limiter too.
+        # Before queuing: the task that got a 429 comes straight back here, and the other
+        # replicas must hear of the pause now, not once this task's turn comes.
+        await self._tell_budget()
+        # Queuing behind a task that is waiting for a token is waiting on the limiter too.
         waited = self._lock.locked()
         async with self._lock:
             while True:
                 now = self.clock()
-                self._refill(now)
                 if now < self._paused_until:
+                    # This process knows of the pause already; no need to ask the budget.
                     delay = self._paused_until - now
-                elif self._tokens >= 1.0 - _EPSILON:
-                    self._tokens = max(0.0, self._tokens - 1.0)
-                    break
                 else:
-                    delay = (1.0 - self._tokens) * 60 / self.per_minute
+                    delay = await self.budget.take()
+                    if delay <= 0:
+                        break
                 waited = True
                 await self._sleep(delay)
+                await self._tell_budget()
         if not waited:
             return 0.0
         seconds = max(0.0, self.clock() - start)
@@ -101,14 +174,24 @@ class RateLimiter:
         self.waited_seconds += seconds
         return seconds
 
+    async def _tell_budget(self) -> None:
+        pause, self._pending_pause = self._pending_pause, None
+        lower, self._pending_lower = self._pending_lower, None
+        if pause is not None and (seconds := pause - self.clock()) > 0:
+            await self.budget.pause(seconds)
+        if lower is not None:
+            await self.budget.lower(*lower)
+
     def pause_until(self, deadline: float) -> None:
         """Block every `acquire` until the monotonic time `deadline` (never shortens a pause).
 
         A 429 means the server's window is spent for all of us, not only for the task that
-        happened to receive it, so the whole source waits.
+        happened to receive it, so the whole source waits: every task of this process at
+        once, the other replicas from the next `acquire` on.
         """
         if deadline > self._paused_until:
             self._paused_until = deadline
+            self._pending_pause = deadline
 
     def update_from_headers(
         self, remaining: int | None, limit: int | None, *, reset_at: float | None = None
@@ -124,7 +207,7 @@ class RateLimiter:
         """
         now = self.clock()
         if limit is not None and limit > 0:
-            self._fit_limit(limit, now)
+            self._fit_limit(limit)
             if remaining is not None and remaining == limit - 1:
                 self._window_seen_at = now
         if remaining is None or remaining > 0 or self._paused_until > now:
@@ -137,13 +220,11 @@ class RateLimiter:
         log.warning("bookstack.ratelimit_exhausted", wait=round(max(0.0, reset_at - now), 3))
         self.pause_until(reset_at)
 
-    def _fit_limit(self, limit: int, now: float) -> None:
+    def _fit_limit(self, limit: int) -> None:
         burst = min(self.burst, default_burst(limit))
         per_minute = min(self._configured_per_minute, float(max(1, limit - burst)))
         if per_minute >= self.per_minute and burst >= self.burst:
             return
-        # Account the tokens earned at the old rate before switching to the new one.
-        self._refill(now)
         log.warning(
             "bookstack.ratelimit_lowered",
             server_limit=limit,
@@ -152,4 +233,4 @@ class RateLimiter:
         )
         self.per_minute = min(self.per_minute, per_minute)
         self.burst = burst
-        self._tokens = min(self._tokens, float(burst))
+        self._pending_lower = (self.per_minute, self.burst)

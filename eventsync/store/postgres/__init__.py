@@ -1,2 +1,3 @@
-"""The mirror in PostgreSQL: the connection, the dialect, the migrations and the coordination
-of replicas (leadership, the shared request budget)."""
+"""The mirror in PostgreSQL: the connection and the dialect (driver.py, dialect.py), the
+migrations, and the coordination of replicas (coordination.py: leadership, the shared request
+budget)."""
