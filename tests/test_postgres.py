@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import psycopg
 import pytest
 
 from eventsync.events import Event
@@ -171,3 +173,39 @@ async def test_a_held_write_blocks_only_writers(open_store: Opener) -> None:
     await holder
     await asyncio.wait_for(blocked, 5)
     assert [r["entity_id"] for r in await other.changes(0)] == [1, 2]
+
+
+async def test_the_documented_privileges_are_enough(
+    postgres_cluster: PostgresCluster, postgres_url: str
+) -> None:
+    """README: a user with CONNECT alone runs in a schema made for it; a reader with USAGE and
+    SELECT reads the mirror."""
+    database = postgres_url.rsplit("/", 1)[1]
+    suffix = secrets.token_hex(3)
+    writer, reader = f"writer_{suffix}", f"reader_{suffix}"
+    postgres_cluster.psql(
+        f"CREATE ROLE {writer} LOGIN PASSWORD 'w-{suffix}'; "
+        f"CREATE ROLE {reader} LOGIN PASSWORD 'r-{suffix}'"
+    )
+    postgres_cluster.psql(
+        f'REVOKE ALL ON DATABASE "{database}" FROM PUBLIC; '
+        f'GRANT CONNECT ON DATABASE "{database}" TO {writer}, {reader}; '
+        f"CREATE SCHEMA mirror AUTHORIZATION {writer}",
+        database,
+    )
+    netloc = postgres_url.split("@", 1)[1]
+    writer_url = f"postgresql://{writer}:w-{suffix}@{netloc}"
+    async with await Store.open(writer_url, schema="mirror") as s, s.transaction() as tx:
+        await tx.upsert("user", {"id": 5, "name": "Written", "slug": "written"})
+    postgres_cluster.psql(
+        f"GRANT USAGE ON SCHEMA mirror TO {reader}; "
+        f"GRANT SELECT ON ALL TABLES IN SCHEMA mirror TO {reader}",
+        database,
+    )
+    async with await psycopg.AsyncConnection.connect(
+        f"postgresql://{reader}:r-{suffix}@{netloc}"
+    ) as conn:
+        rows = await (await conn.execute("SELECT name FROM mirror.users")).fetchall()
+        assert rows == [("Written",)]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            await conn.execute("DELETE FROM mirror.users")

@@ -50,7 +50,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def base_env(database: Path) -> dict[str, str]:
+def base_env(database: Path | str) -> dict[str, str]:
     # No EVENTSYNC_* from the developer's shell, no systemd socket: only what the test sets.
     env = {
         k: v
@@ -64,7 +64,7 @@ def base_env(database: Path) -> dict[str, str]:
 
 def serve_env(
     fake: FakeBookStack,
-    database: Path,
+    database: Path | str,
     port: int,
     *,
     token: tuple[str, str] | None = None,

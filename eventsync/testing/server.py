@@ -70,6 +70,8 @@ class RequestRecord:
     status: int
     query: dict[str, str]
     token_id: str | None = None
+    # When it arrived (time.monotonic): tests hold request rates to the budget with it.
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass

@@ -259,7 +259,11 @@ async def migrate(db: Connection, migrations: Sequence[tuple[int, str]]) -> None
         raw = conn._conn
         raw.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
         try:
-            raw.execute(f'CREATE SCHEMA IF NOT EXISTS "{db.schema}"')
+            # Only when missing: an operator may create the schema for a user that may not
+            # create schemas (CREATE on the database), and IF NOT EXISTS still asks for that.
+            found = raw.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (db.schema,))
+            if found.fetchone() is None:
+                raw.execute(f'CREATE SCHEMA "{db.schema}"')
             raw.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 "version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
