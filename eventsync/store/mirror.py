@@ -428,19 +428,7 @@ class Store:
     async def run_tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` in one write transaction on the database thread: a single hop between
         threads however many statements it makes (the hot path of webhook intake)."""
-
-        def in_tx(conn: sqlite3.Connection) -> T:
-            _begin_write(conn)
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
-
-        async with self._lock:
-            return await _on_db_thread(self._db, in_tx)
+        return await self._run_in_tx(fn, _begin_write)
 
     async def run_local_tx(self, fn: Callable[[Any], T]) -> T:
         """Run `fn` in a transaction that writes nothing the feed or the rules order (leases):
@@ -448,9 +436,11 @@ class Store:
         where row locks order it. On SQLite it is an ordinary write transaction."""
         if self.dialect == "sqlite":
             return await self.run_tx(fn)
+        return await self._run_in_tx(fn, lambda conn: conn.execute("BEGIN"))
 
+    async def _run_in_tx(self, fn: Callable[[Any], T], begin: Callable[[Any], object]) -> T:
         def in_tx(conn: Any) -> T:
-            conn.execute("BEGIN")
+            begin(conn)
             try:
                 result = fn(conn)
             except BaseException:
