@@ -225,6 +225,28 @@ async def test_leases_of_dead_workers_are_released(
     assert await JobQueue(store).recover() == 3
 
 
+async def test_a_job_reruns_only_for_what_was_merged_while_it_ran(
+    make_store: StoreFactory,
+) -> None:
+    store = await make_store()
+    queue = JobQueue(store)
+    await queue.enqueue("page:2", ["fetch", "permissions"])
+    (job,) = await queue.lease(5)
+    assert job.hints == {"fetch", "permissions"}
+    # A link rewrite of the page arrives while the permission read runs: one more fetch, not a
+    # second permission read.
+    await queue.enqueue("page:2", ["fetch"], reason="link rewrite")
+    assert not await queue.done(job)
+    (again,) = await queue.lease(5)
+    assert again.hints == {"fetch"}
+    # A failure redoes everything merged so far: nothing served is assumed.
+    await queue.enqueue("page:2", ["permissions"])
+    assert await queue.retry(again, "boom", delay=0.0)
+    (third,) = await queue.lease(5)
+    assert third.hints == {"fetch", "permissions"}
+    assert await queue.done(third)
+
+
 async def test_dead_letters_keep_merged_events_and_clear_once_the_key_syncs(
     make_store: StoreFactory,
 ) -> None:

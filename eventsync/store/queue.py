@@ -122,7 +122,8 @@ class JobQueue:
             n = 0
             for owner in dead:
                 cur = await tx.execute(
-                    "UPDATE jobs SET leased_by = NULL, leased_at = NULL WHERE leased_by = ?",
+                    "UPDATE jobs SET leased_by = NULL, leased_at = NULL, pending_hints = NULL "
+                    "WHERE leased_by = ?",
                     (owner,),
                 )
                 n += cur.rowcount
@@ -148,7 +149,7 @@ class JobQueue:
             def skip_locked(conn: Any) -> list[Any]:
                 return list(conn.execute(LEASE, (worker, now, now, limit)).fetchall())
 
-            rows = sorted(await self.store.run_local_tx(skip_locked), key=lambda r: r[10])
+            rows = sorted(await self.store.run_local_tx(skip_locked), key=lambda r: (r[10], r[4]))
         else:
             async with self.store.transaction() as tx:
                 rows = await tx.fetchall(
@@ -191,9 +192,11 @@ class JobQueue:
         )
         if cur.rowcount:
             return True
+        # Events merged while it ran: it runs again for what they added, not for what this
+        # run did.
         await tx.execute(
-            "UPDATE jobs SET leased_by = NULL, leased_at = NULL, attempts = 0, last_error = NULL "
-            "WHERE key = ?",
+            "UPDATE jobs SET leased_by = NULL, leased_at = NULL, attempts = 0, last_error = NULL, "
+            "hints = coalesce(pending_hints, hints), pending_hints = NULL WHERE key = ?",
             (job.key,),
         )
         return False
@@ -231,7 +234,7 @@ class JobQueue:
                 return False
             await tx.execute(
                 "UPDATE jobs SET leased_by = NULL, leased_at = NULL, attempts = ?, "
-                "last_error = ?, not_before = ? WHERE key = ?",
+                "last_error = ?, not_before = ?, pending_hints = NULL WHERE key = ?",
                 (attempts, error[:2000], time.time() + delay, job.key),
             )
         return True
@@ -250,7 +253,7 @@ class JobQueue:
         async with self.store.transaction() as tx:
             for job in jobs:
                 await tx.execute(
-                    "UPDATE jobs SET leased_by = NULL, leased_at = NULL "
+                    "UPDATE jobs SET leased_by = NULL, leased_at = NULL, pending_hints = NULL "
                     "WHERE key = ? AND leased_by = ?",
                     (job.key, self.worker_id),
                 )
@@ -584,9 +587,18 @@ def merge_job_sync(
     source) behind it, kept for the job's log line."""
     event_type, source = origin or (None, None)
     announce(conn, "jobs")
-    row = conn.execute("SELECT hints, payload, sources FROM jobs WHERE key = ?", (key,)).fetchone()
+    row = conn.execute(
+        "SELECT hints, payload, sources, leased_by, pending_hints FROM jobs WHERE key = ?", (key,)
+    ).fetchone()
     if row:
         merged = sorted(set(json.loads(row[0])) | set(hints))
+        # While a worker runs the job, what it has not seen is kept apart: a rerun after it
+        # succeeds needs only that (done()); after a failure it redoes everything anyway.
+        pending = (
+            None
+            if row[3] is None
+            else json.dumps(sorted(set(json.loads(row[4] or "[]")) | set(hints)))
+        )
         data = {**json.loads(row[1] or "{}"), **(payload or {})}
         sources = ",".join(
             sorted({*filter(None, (row[2] or "").split(",")), *filter(None, [source])})
@@ -597,7 +609,8 @@ def merge_job_sync(
             "newest_event = CASE WHEN coalesce(newest_event, 0) >= coalesce(?, 0) "
             "THEN coalesce(newest_event, 0) ELSE coalesce(?, 0) END, "
             "not_before = CASE WHEN not_before <= ? THEN not_before ELSE ? END, payload = ?, "
-            "last_event = coalesce(?, last_event), sources = ? WHERE key = ?",
+            "last_event = coalesce(?, last_event), sources = ?, "
+            "pending_hints = coalesce(?, pending_hints) WHERE key = ?",
             (
                 json.dumps(merged),
                 event_time,
@@ -607,6 +620,7 @@ def merge_job_sync(
                 json.dumps(data) if data else None,
                 event_type,
                 sources or None,
+                pending,
                 key,
             ),
         )

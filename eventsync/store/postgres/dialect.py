@@ -55,7 +55,7 @@ def translate(sql: str) -> str:
 LEASE = (
     "UPDATE jobs SET leased_by = ?, leased_at = ? WHERE key IN ("
     "SELECT key FROM jobs WHERE leased_by IS NULL AND not_before <= ? "
-    "ORDER BY not_before LIMIT ? FOR UPDATE SKIP LOCKED) "
+    "ORDER BY not_before, first_seen LIMIT ? FOR UPDATE SKIP LOCKED) "
     "RETURNING key, hints, version, attempts, first_seen, newest_event, payload, "
     "last_error, last_event, sources, not_before"
 )
