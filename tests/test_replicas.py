@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -17,7 +18,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 from helpers import eventually, first_difference
-from test_serve import WEBHOOK_SECRET, Serve, export, free_port, serve_env, serving
+from test_serve import (
+    WEBHOOK_SECRET,
+    Serve,
+    export,
+    free_port,
+    run_cli,
+    serve_env,
+    serving,
+)
 
 from eventsync.testing import FakeBookStack
 
@@ -153,6 +162,12 @@ async def test_two_replicas_lose_nothing_when_the_leader_is_killed_mid_burst(
                 # (its process is gone) and polls the audit log for what reached nobody.
                 assert await leader_of([follower]) is follower
                 await converges(follower.env, tmp_path, fake, timeout=60.0)
+                # `status` from outside the replicas names the same leader.
+                result = await run_cli("status", "--json", env=follower.env, cwd=tmp_path)
+                assert result.code == 0, result.stderr
+                named = json.loads(result.stdout)["leader"]
+                assert named["replica"] == (await status_of(follower))["replica"], named
+                assert named["alive"] is True
 
                 # Restarted, the killed replica follows (the lead stays where it is).
                 index = serves.index(leader)
