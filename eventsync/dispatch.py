@@ -156,11 +156,18 @@ class Dispatcher:
             # wake up in time to renew the leases of anything still finishing.
             await wait_any(self._token.working, stop, timeout=MAINTAIN_EVERY)
             return
+        # Cleared before looking, so a job that ends or an event committed from here on
+        # still wakes the wait below.
+        self._wake.clear()
+        if len(self._running) >= self.concurrency:
+            # Every slot is taken: nothing can be leased until one frees, and its end sets
+            # _wake. (Waiting on due jobs here would return at once and spin the loop.)
+            await wait_any(self._wake, stop, timeout=IDLE_WAIT)
+            return
         due = await self.queue.next_due()
         timeout = IDLE_WAIT if due is None else max(0.0, min(IDLE_WAIT, due - time.time()))
-        if timeout <= 0 and len(self._running) < self.concurrency:
+        if timeout <= 0:
             return
-        self._wake.clear()
         await wait_any(self._wake, stop, timeout=timeout)
 
     async def _process(self, job: Job) -> None:

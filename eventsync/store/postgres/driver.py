@@ -98,8 +98,17 @@ class SyncConnection:
     def __init__(self, conn: psycopg.Connection[Row], schema: str) -> None:
         self._conn = conn
         self.schema = schema
+        # Topics announced in the open transaction: one NOTIFY each, sent with the COMMIT
+        # (a group commit of 50 webhooks announces "jobs" once, not 50 times).
+        self.announced: set[str] = set()
 
     def execute(self, sql: str, params: Sequence[Any] | None = ()) -> Cursor:
+        if sql == "COMMIT" and self.announced:
+            topics, self.announced = sorted(self.announced), set()
+            for topic in topics:
+                self._conn.execute("SELECT pg_notify(%s, '')", (channel(self.schema, topic),))
+        elif sql == "ROLLBACK":
+            self.announced.clear()
         cur = self._conn.cursor()
         cur.execute(translate(sql), _params(params))
         return Cursor(cur)
@@ -289,9 +298,13 @@ def channel(schema: str, topic: str) -> str:
 
 
 def notify(conn: SyncConnection, topic: str) -> None:
-    """Announce `topic` to every listener once this transaction commits (PostgreSQL delivers
-    a transaction's notifications at its commit, and folds repeats into one)."""
-    conn.execute("SELECT pg_notify(?, '')", (channel(conn.schema, topic),))
+    """Announce `topic` to every listener once this transaction commits (sent with the
+    COMMIT; PostgreSQL delivers a transaction's notifications when it commits)."""
+    if conn._conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        # Outside a transaction there is no COMMIT to send it with.
+        conn._conn.execute("SELECT pg_notify(%s, '')", (channel(conn.schema, topic),))
+        return
+    conn.announced.add(topic)
 
 
 class Listener:
