@@ -1064,3 +1064,42 @@ async def test_webhook_ids_that_are_not_ids_are_rejected_not_500(
             )
             assert 400 <= status < 500, f"{name}: {status} {answer}"
             assert await _snapshot(svc.store) == before, f"{name} changed the database"
+
+
+async def test_a_dispatcher_with_every_slot_busy_waits_rather_than_spins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More due jobs than worker slots: the loop waits for a slot to free. Looking for due
+    jobs again and again meanwhile costs a core and a query per turn."""
+    async with open_app(
+        Settings(database=tmp_path / "busy.db", fetch_concurrency=2),
+        client=BookStackClient("http://127.0.0.1:9", "id", "secret"),
+        last_answer=time.time,
+    ) as app:
+        release = asyncio.Event()
+
+        async def slow(job: Any) -> str:
+            await release.wait()
+            return "updated"
+
+        monkeypatch.setattr(app.handlers, "run", slow)
+        looks = 0
+        next_due = app.queue.next_due
+
+        async def counted() -> float | None:
+            nonlocal looks
+            looks += 1
+            return await next_due()
+
+        monkeypatch.setattr(app.queue, "next_due", counted)
+        for n in range(10):
+            await app.queue.enqueue(f"page:{n}", [FETCH])
+        stop = asyncio.Event()
+        running = asyncio.create_task(app.dispatcher.run(stop, grace=1.0))
+        await asyncio.sleep(1.0)  # two jobs run, eight wait: nothing to do but wait
+        assert app.dispatcher.in_flight == 2
+        assert looks <= 5, f"looked for due jobs {looks} times in a second with no free slot"
+        release.set()
+        assert await app.dispatcher.drain(10)
+        stop.set()
+        await running
