@@ -8,6 +8,7 @@ probed kind and poll, are counted in and also shown apart). Goal <= 1.05. A crea
 one read: its content permissions are BookStack's default and written without a read.
 
     .venv/bin/python tests/bench/economy.py [--changes 500] [--spacing 0.02]
+        [--backend sqlite|postgres] [--database URL]
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import backend
 
 from eventsync.app import open_app
 from eventsync.config import Settings
@@ -162,15 +165,18 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float) -> bo
 
 async def run(args: argparse.Namespace) -> None:
     configure_logging("json", "warning")
-    db = Path(tempfile.mkdtemp(prefix="eventsync-economy-")) / "economy.db"
-    async with FakeBookStack(requests_per_minute=RPM) as fake:
+    workdir = Path(tempfile.mkdtemp(prefix="eventsync-economy-"))
+    async with (
+        backend.database(args, workdir, "economy") as db,
+        FakeBookStack(requests_per_minute=RPM) as fake,
+    ):
         fake.seed(pages=args.pages, books=args.pages // 20, users=10, roles=4, seed=args.seed)
         settings = Settings(
             bookstack_url=fake.url,
             bookstack_token_id=fake.token_id,
             bookstack_token_secret=fake.token_secret,
             webhook_secret=SECRET,
-            database=db,
+            **db.settings(),
             listen="127.0.0.1:0",
             requests_per_minute=RPM,
             poll_interval=args.poll_interval,
@@ -210,6 +216,7 @@ async def run(args: argparse.Namespace) -> None:
                 fake.requests[:] = counted
             finally:
                 await svc.stop()
+    print(f"backend: {db.description}")
     report(fake, changes, sync_requests, took, settled, events, mirror, truth, args)
     print("after one periodic diff sync (not counted above):")
     print_differences(after_diff, truth)
@@ -293,7 +300,9 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=400)
     parser.add_argument("--poll-interval", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=7)
+    backend.add_arguments(parser)
     args = parser.parse_args()
+    backend.check_arguments(parser, args)
     if not 1 <= args.changes <= 5000:
         parser.error("--changes must be between 1 and 5000")
     asyncio.run(run(args))

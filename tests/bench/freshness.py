@@ -1,11 +1,13 @@
 """Freshness: from a change in BookStack (its webhook sent at once, as BookStack does) to
 the change visible in the mirror's change feed. An in-process Service and fake BookStack;
-the feed is read through a separate SQLite connection, as a downstream indexer would.
+the feed is read through a separate database connection (SQLite or PostgreSQL, as the
+mirror's), as a downstream indexer would.
 
 Reports p50/p95/p99/max over single changes spaced apart, overall and per kind.
 Goal: p50 <= 0.3 s.
 
     .venv/bin/python tests/bench/freshness.py [--changes 200] [--spacing 0.1]
+        [--backend sqlite|postgres] [--database URL]
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiosqlite
+import backend
 
 from eventsync.app import open_app
 from eventsync.config import Settings
@@ -40,17 +42,16 @@ def percentile(values: list[float], p: float) -> float:
 
 
 async def visible(
-    feed: aiosqlite.Connection, after: int, entity: str, entity_id: int, poll: float
+    feed: backend.Reader, after: int, entity: str, entity_id: int, poll: float
 ) -> float | None:
     """Wait for a feed row about the entity after `after`; returns when it was seen."""
     deadline = time.perf_counter() + TIMEOUT
     while time.perf_counter() < deadline:
-        async with feed.execute(
+        row = await feed.fetchone(
             "SELECT seq FROM changes WHERE seq > ? AND entity = ? AND entity_id = ? "
             "ORDER BY seq LIMIT 1",
             (after, entity, entity_id),
-        ) as cur:
-            row = await cur.fetchone()
+        )
         if row is not None:
             return time.perf_counter()
         await asyncio.sleep(poll)
@@ -59,18 +60,21 @@ async def visible(
 
 async def run(args: argparse.Namespace) -> None:
     configure_logging("json", "warning")
-    db = Path(tempfile.mkdtemp(prefix="eventsync-freshness-")) / "freshness.db"
+    workdir = Path(tempfile.mkdtemp(prefix="eventsync-freshness-"))
     rng = random.Random(args.seed)
     lags: dict[str, list[float]] = collections.defaultdict(list)
     missed: collections.Counter[str] = collections.Counter()
-    async with FakeBookStack(requests_per_minute=RPM) as fake:
+    async with (
+        backend.database(args, workdir, "freshness") as db,
+        FakeBookStack(requests_per_minute=RPM) as fake,
+    ):
         fake.seed(pages=args.pages, books=max(1, args.pages // 20), seed=args.seed)
         settings = Settings(
             bookstack_url=fake.url,
             bookstack_token_id=fake.token_id,
             bookstack_token_secret=fake.token_secret,
             webhook_secret=SECRET,
-            database=db,
+            **db.settings(),
             listen="127.0.0.1:0",
             requests_per_minute=RPM,
             poll_interval=args.poll_interval,
@@ -80,7 +84,7 @@ async def run(args: argparse.Namespace) -> None:
         )
         async with (
             open_app(settings) as app,
-            aiosqlite.connect(db) as feed,
+            db.reader() as feed,
         ):
             store = app.store
             svc = Service(app)
@@ -122,6 +126,7 @@ async def run(args: argparse.Namespace) -> None:
                     await asyncio.sleep(args.spacing)
             finally:
                 await svc.stop()
+    print(f"backend: {db.description}")
     report(lags, missed, args)
 
 
@@ -165,7 +170,9 @@ def main() -> None:
     parser.add_argument(
         "--api-latency", type=float, default=0.0, help="seconds the fake adds to each API call"
     )
+    backend.add_arguments(parser)
     args = parser.parse_args()
+    backend.check_arguments(parser, args)
     if not 1 <= args.changes <= 2000:
         parser.error("--changes must be between 1 and 2000")
     asyncio.run(run(args))

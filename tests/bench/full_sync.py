@@ -11,6 +11,7 @@ time bound, RSS <= 150 MB. The second sync must read no page bodies: listings, p
 which a full sync always re-reads (their membership changes move no timestamp).
 
     .venv/bin/python tests/bench/full_sync.py [--pages 2000] [--books 60] [--rpm 5900]
+        [--backend sqlite|postgres] [--database URL]
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import backend
 
 from eventsync.app import open_app
 from eventsync.config import Settings
@@ -123,7 +126,7 @@ def verdict(ok: bool) -> str:
 
 
 async def first_sync(
-    fake: FakeBookStack, db: Path, workdir: Path, args: argparse.Namespace
+    fake: FakeBookStack, db: backend.Database, workdir: Path, args: argparse.Namespace
 ) -> tuple[dict[str, Any], float, float]:
     """`eventsync reconcile --full --json` in its own process, so its peak RSS is its own and
     not the fake's (which holds the whole wiki and its request log in this process)."""
@@ -133,7 +136,7 @@ async def first_sync(
         EVENTSYNC_BOOKSTACK_URL=fake.url,
         EVENTSYNC_BOOKSTACK_TOKEN_ID=fake.token_id,
         EVENTSYNC_BOOKSTACK_TOKEN_SECRET=fake.token_secret,
-        EVENTSYNC_DATABASE=str(db),
+        **db.env(),
         EVENTSYNC_REQUESTS_PER_MINUTE=str(args.rpm),
         EVENTSYNC_FETCH_CONCURRENCY=str(args.concurrency),
         EVENTSYNC_LOG_FORMAT="json",
@@ -170,8 +173,10 @@ async def run(args: argparse.Namespace) -> int:
     configure_logging("json", "warning")
     with tempfile.TemporaryDirectory(prefix="eventsync-full-sync-") as tmp:
         workdir = Path(tmp)
-        db = workdir / "full_sync.db"
-        async with FakeBookStack(requests_per_minute=args.server_rpm) as fake:
+        async with (
+            backend.database(args, workdir, "full_sync") as db,
+            FakeBookStack(requests_per_minute=args.server_rpm) as fake,
+        ):
             fake.seed(
                 pages=args.pages,
                 books=args.books,
@@ -191,7 +196,7 @@ async def run(args: argparse.Namespace) -> int:
                 bookstack_url=fake.url,
                 bookstack_token_id=fake.token_id,
                 bookstack_token_secret=fake.token_secret,
-                database=db,
+                **db.settings(),
                 requests_per_minute=args.rpm,
                 fetch_concurrency=args.concurrency,
             )
@@ -208,6 +213,7 @@ async def run(args: argparse.Namespace) -> int:
                 second = fake.request_counts()
                 difference_after = first_difference(await store.export(), fake.truth())
 
+    print(f"backend: {db.description}")
     print(
         f"wiki: {len(truth['pages'])} pages, {len(truth['chapters'])} chapters, "
         f"{len(truth['books'])} books, {len(truth['shelves'])} shelves, "
@@ -308,7 +314,9 @@ def main() -> None:
         "--latency", type=float, default=0.0, help="seconds the fake adds to each API call"
     )
     parser.add_argument("--seed", type=int, default=1)
+    backend.add_arguments(parser)
     args = parser.parse_args()
+    backend.check_arguments(parser, args)
     if not 1 <= args.books <= args.pages <= 50_000:
         parser.error("need 1 <= --books <= --pages <= 50,000")
     if not 0 < args.rpm <= 100_000:
