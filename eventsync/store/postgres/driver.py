@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import psycopg
-from psycopg import ClientCursor
 
 from eventsync.store.postgres.dialect import translate
 
@@ -65,7 +64,7 @@ def _params(params: Sequence[Any] | None) -> tuple[Any, ...]:
 class Cursor:
     """The cursor the store's synchronous code sees on the database thread."""
 
-    def __init__(self, cur: ClientCursor[Row]) -> None:
+    def __init__(self, cur: psycopg.Cursor[Row]) -> None:
         self._cur = cur
 
     @property
@@ -194,7 +193,9 @@ class Connection:
         loop = asyncio.get_running_loop()
 
         def connect() -> psycopg.Connection[Row]:
-            conn = psycopg.connect(base, cursor_factory=ClientCursor, **kwargs)
+            # Server-side binding: psycopg prepares a statement once it has run a few times,
+            # so the intake's and the diff's repeated statements are not planned anew.
+            conn = psycopg.connect(base, **kwargs)
             conn.row_factory = _row_factory  # type: ignore[assignment]
             return conn  # type: ignore[return-value]
 
