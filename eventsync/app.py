@@ -177,18 +177,13 @@ async def shared_budget(settings: Settings) -> AsyncIterator[Any]:
     from eventsync.store.postgres.coordination import PostgresBudget
 
     burst = default_burst(settings.requests_per_minute)
-    budget = PostgresBudget(
+    async with PostgresBudget(
         settings.database,
         schema=settings.database_schema,
         per_minute=settings.requests_per_minute,
         burst=burst,
-    )
-    budget.burst = burst
-    await budget.start()
-    try:
+    ) as budget:
         yield budget
-    finally:
-        await budget.close()
 
 
 @asynccontextmanager
@@ -207,10 +202,7 @@ async def open_serve(
         return
     from eventsync.store.postgres.coordination import PostgresLeadership
 
-    async with open_app(settings) as app:
-        leadership = PostgresLeadership(settings.database, schema=settings.database_schema)
-        await leadership.start()
-        try:
-            yield app, leadership
-        finally:
-            await leadership.close()
+    async with open_app(settings) as app, PostgresLeadership(
+        settings.database, schema=settings.database_schema
+    ) as leadership:
+        yield app, leadership

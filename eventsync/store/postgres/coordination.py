@@ -11,6 +11,7 @@ diff, sweep) is idempotent. The timings below still keep two replicas from leadi
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import os
@@ -20,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -248,7 +249,29 @@ class _LeadLost(EventsyncError):
     """This replica can no longer show that it holds the lead."""
 
 
-class PostgresLeadership:
+class _StartStop(abc.ABC):
+    """`async with` for what has start() and close() (each opens a connection of its own)."""
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class PostgresLeadership(_StartStop):
     """This replica's bid for the lead: `async with`, or `start()` and `close()`.
 
     A follower tries the advisory lock every `retry_interval` on a connection of its own. The
@@ -328,18 +351,6 @@ class PostgresLeadership:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self._step_down("closed")
-
-    async def __aenter__(self) -> PostgresLeadership:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # ---- the bid ----------------------------------------------------------------------------
 
@@ -429,7 +440,7 @@ class PostgresLeadership:
 _T = TypeVar("_T")
 
 
-class PostgresBudget:
+class PostgresBudget(_StartStop):
     """The deployment's request budget (a `SharedBudget`, bookstack/ratelimit.py): one token
     bucket row that every replica takes from, under the row's lock, by the database's clock.
 
@@ -477,18 +488,6 @@ class PostgresBudget:
             await asyncio.wait(set(self._ops), timeout=BUDGET_TIMEOUT)
         conn, self._conn = self._conn, None
         await _close_quietly(conn)
-
-    async def __aenter__(self) -> PostgresBudget:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # ---- SharedBudget -----------------------------------------------------------------------
 
