@@ -4,6 +4,7 @@ naming, tombstones, leases of dead workers, and dead letters (DESIGN guarantees 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -489,3 +490,28 @@ async def test_default_permissions_in_bulk_follow_the_rules_of_one(
     assert states[1] is not None and states[1]["inheriting"] is True, states
     async with store.transaction() as tx:
         assert await tx.set_default_permissions("page", [(1, 7), (3, 9)], T0 + 20) == 0
+
+
+async def test_reads_beside_writes_never_find_the_database_locked(tmp_path: Path) -> None:
+    """Reads and write transactions of one process interleave on its connection while another
+    process commits. A read split over several hops would leave its snapshot open under
+    another task's BEGIN IMMEDIATE, which SQLite then refuses at once: "database is locked"."""
+    path = tmp_path / "shared.db"
+    async with await Store.open(path) as mine, await Store.open(path) as other:
+        async with mine.transaction() as tx:
+            for n in range(1, 60):
+                await tx.upsert("user", {"id": n, "name": f"U{n}", "slug": f"u{n}"})
+        stop = time.monotonic() + 2.0
+
+        async def read() -> None:
+            while time.monotonic() < stop:
+                assert len(await mine.fetchall("SELECT id, name FROM users")) >= 59
+
+        async def write(store: Store, base: int) -> None:
+            n = 0
+            while time.monotonic() < stop:
+                n += 1
+                async with store.transaction() as tx:
+                    await tx.set_state(f"writer-{base}", n)
+
+        await asyncio.gather(read(), read(), write(mine, 1), write(other, 2))

@@ -459,12 +459,11 @@ class Store:
     # ---- reads ----------------------------------------------------------------------------
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
-        async with self._db.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+        return await _on_db_thread(self._db, lambda conn: _read_all(conn, sql, params))
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
-        async with self._db.execute(sql, params) as cur:
-            return await cur.fetchone()
+        rows = await _on_db_thread(self._db, lambda conn: _read_all(conn, sql, params, 1))
+        return rows[0] if rows else None
 
     async def get_state(self, key: str) -> str | None:
         row = await self.fetchone("SELECT value FROM sync_state WHERE key = ?", (key,))
@@ -866,8 +865,7 @@ class Tx:
         return await _on_db_thread(self._db, fn)
 
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
-        async with self._db.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+        return await _on_db_thread(self._db, lambda conn: _read_all(conn, sql, params))
 
     fetchall = _rows
 
@@ -1610,6 +1608,18 @@ async def _on_db_thread(db: Any, fn: Callable[[Any], T]) -> T:
     if isinstance(db, aiosqlite.Connection):
         return await sqlite_driver.run(db, fn)
     return await db.run(fn)  # type: ignore[no-any-return]  # postgres.driver.Connection
+
+
+def _read_all(conn: Any, sql: str, params: Sequence[Any], limit: int | None = None) -> list[Any]:
+    """A whole read in one hop on the database thread. Split over hops (execute, then fetch,
+    then close), a half-read SELECT would keep its WAL snapshot open while another task's
+    BEGIN IMMEDIATE ran between them; once another process had committed, SQLite refuses that
+    upgrade at once ("database is locked", SQLITE_BUSY_SNAPSHOT: no busy wait can help)."""
+    cur = conn.execute(sql, params)
+    try:
+        return list(cur.fetchall() if limit is None else cur.fetchmany(limit))
+    finally:
+        cur.close()
 
 
 def _begin_write(conn: Any) -> None:

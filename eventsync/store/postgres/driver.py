@@ -85,6 +85,12 @@ class Cursor:
     def fetchall(self) -> list[Row]:
         return self._cur.fetchall() if self._cur.description else []
 
+    def fetchmany(self, size: int) -> list[Row]:
+        return self._cur.fetchmany(size) if self._cur.description else []
+
+    def close(self) -> None:
+        self._cur.close()
+
     def __iter__(self) -> Iterator[Row]:
         return iter(self.fetchall())
 
