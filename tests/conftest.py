@@ -36,15 +36,6 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def database(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
-    """EVENTSYNC_DATABASE for a fresh mirror on each backend."""
-    if backend == "sqlite":
-        return str(tmp_path / "mirror.db")
-    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
-    return cluster.new_database()
-
-
-@pytest.fixture
 def new_database(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Callable[[], str]:

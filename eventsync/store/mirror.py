@@ -306,6 +306,7 @@ class Store:
         self._url: str | None = None
         self._schema = DEFAULT_SCHEMA
         self._listener: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()  # set while the listener's connection is up
 
     @classmethod
     async def open(cls, database: Path | str, *, schema: str | None = None) -> Store:
@@ -332,22 +333,21 @@ class Store:
 
     @classmethod
     async def _open_postgres(cls, url: str, schema: str) -> Store:
-        driver = pg_driver
         try:
-            db: Any = await driver.Connection.connect(url, schema)
+            db: Any = await pg_driver.Connection.connect(url, schema)
         except Exception as exc:
             raise StoreError(
-                f"cannot connect to PostgreSQL at {driver.redacted(url)}: {_first_line(exc)}"
+                f"cannot connect to PostgreSQL at {pg_driver.redacted(url)}: {_first_line(exc)}"
             ) from None
-        store = cls(db, Path(), location=driver.redacted(url), dialect="postgresql")
+        store = cls(db, Path(), location=pg_driver.redacted(url), dialect="postgresql")
         store._url, store._schema = url, schema
         try:
-            await driver.migrate(db, _migrations("postgres"))
+            await pg_driver.migrate(db, _migrations("postgres"))
             await store._setup_access()
         except Exception as exc:
             await db.close()
             raise StoreError(
-                f"cannot use PostgreSQL at {driver.redacted(url)}: {_first_line(exc)}"
+                f"cannot use PostgreSQL at {pg_driver.redacted(url)}: {_first_line(exc)}"
             ) from None
         return store
 
@@ -375,9 +375,7 @@ class Store:
         if self._url is None:
             return
         if self._listener is None:
-            from eventsync.store.postgres.driver import Listener
-
-            listener = Listener(
+            listener = pg_driver.Listener(
                 self._url,
                 self._schema,
                 {"changes": self.on_feed_commit, "jobs": self.on_jobs},

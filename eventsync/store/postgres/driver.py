@@ -75,10 +75,6 @@ class Cursor:
     def description(self) -> Any:
         return self._cur.description
 
-    @property
-    def lastrowid(self) -> None:
-        return None  # PostgreSQL has none; the store's statements use RETURNING
-
     def fetchone(self) -> Row | None:
         return self._cur.fetchone() if self._cur.description else None
 
@@ -132,7 +128,6 @@ class _Result:
     def __init__(self, rows: list[Row], rowcount: int) -> None:
         self._rows = rows
         self.rowcount = rowcount
-        self.lastrowid = None
 
     async def fetchone(self) -> Row | None:
         return self._rows[0] if self._rows else None
@@ -227,9 +222,6 @@ class Connection:
             return _Result([], cur.rowcount)
 
         return await self.run(work)
-
-    def begin_write(self, conn: SyncConnection | None = None) -> Callable[[SyncConnection], None]:
-        return begin_write
 
     async def close(self) -> None:
         if self._closed.is_set():
